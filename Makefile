@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYX    := $(wildcard *.pyx)
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test check lint build clean system-deps bench
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+# Compiled extensions, rebuilt when any .pyx changes.
+$(VENV)/.built: $(STAMP) $(PYX) setup.py
+	$(PY) setup.py --quiet build_ext --inplace
+	touch $@
+
+build: $(VENV)/.built
+
+system-deps:
+	scripts/system-deps
+
+test: system-deps build
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+check: lint test
+
+run: system-deps build
+	$(PY) -m devstack run
+
+bench: build
+	$(PY) bench/crypto.py
+
+clean:
+	rm -rf build *.c *.so $(VENV)/.built

@@ -1,0 +1,63 @@
+# cython: language_level=3, embedsignature=True
+"""Names and numbers fixed by the wire contract (docs/contract.md).
+
+Everything here is a plain constant: configuration names and their defaults, the split sizes, the
+compiled-in resource key string, the name rules and the role sets.
+"""
+
+# Configuration (environment variables) and their defaults.
+ENV_RESOURCE_API_URL = "RESOURCE_API_URL"
+ENV_LOADER_HOST = "LOADER_HOST"
+ENV_LOADER_PORT = "LOADER_PORT"
+ENV_MODEL_CACHE_DIR = "MODEL_CACHE_DIR"
+ENV_IMAGES_PATH = "IMAGES_PATH"
+ENV_UNLOCK_IMAGES = "UNLOCK_IMAGES"
+ENV_DOCKER_HOST = "DOCKER_HOST"
+ENV_LOG_LEVEL = "LOG_LEVEL"
+
+DEFAULT_RESOURCE_API_URL = "https://api.azaion.com"
+DEFAULT_LOADER_HOST = "127.0.0.1"
+DEFAULT_LOADER_PORT = 8080
+DEFAULT_MODEL_CACHE_DIR = "/var/lib/azaion/models"
+DEFAULT_IMAGES_PATH = "/opt/azaion/images.enc"
+DEFAULT_UNLOCK_IMAGES = ""
+DEFAULT_LOG_LEVEL = "INFO"
+
+# The binary split: the small part is min(SPLIT_SMALL_MAX, floor(0.3 * len(blob))) bytes.
+SPLIT_SMALL_MAX = 3072
+SPLIT_SMALL_NUMERATOR = 3
+SPLIT_SMALL_DENOMINATOR = 10
+SMALL_SUFFIX = ".small"
+BIG_SUFFIX = ".big"
+
+# Key strings and suffixes of contract section 1. The resource key string is compiled in on purpose:
+# it is never read from configuration.
+RESOURCE_KEY_STRING = "azaion-loader/resource-key/v1"
+HARDWARE_HASH_PREFIX = "Azaion_"
+HARDWARE_HASH_SUFFIX = "_%$$$)0_"
+API_KEY_SUFFIX = "-#%@AzaionKey@%#---"
+
+AES_BLOCK = 16
+IV_SIZE = 16
+KEY_SIZE = 32
+
+# Streaming granularity: large enough to amortise per-call overhead, small enough to keep memory flat.
+CHUNK_SIZE = 1024 * 1024
+
+# Names of resources and folders (contract section 2).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+
+# The root folder of the Resource API holds cdn.yaml.
+CDN_CONFIG_NAME = "cdn.yaml"
+
+# Roles (contract section 3). Any other role text is kept as it is.
+ROLE_OPERATOR = "Operator"
+ROLE_VALIDATOR = "Validator"
+ROLE_COMPANION_PC = "CompanionPC"
+ROLE_ADMIN = "Admin"
+ROLE_RESOURCE_UPLOADER = "ResourceUploader"
+ROLE_API_ADMIN = "ApiAdmin"
+KNOWN_ROLES = (ROLE_OPERATOR, ROLE_VALIDATOR, ROLE_COMPANION_PC, ROLE_ADMIN, ROLE_RESOURCE_UPLOADER,
+               ROLE_API_ADMIN)
+UPLOAD_ROLES = frozenset((ROLE_ADMIN, ROLE_RESOURCE_UPLOADER, ROLE_API_ADMIN))

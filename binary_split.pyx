@@ -1,1 +1,340 @@
 # cython: language_level=3, embedsignature=True
+"""The binary split: models stored as a small part (Resource API) and a big part (CDN), and the
+Docker image archive unlocked with a key fragment (contract sections 2 and 5).
+"""
+
+import hashlib
+import logging
+import os
+import re
+import threading
+from itertools import chain
+
+import security
+from cdn_manager import CdnConfig, CdnManager, storage_error
+from constants import (BIG_SUFFIX, BUCKET_PATTERN, CHUNK_SIZE, NAME_PATTERN, SMALL_SUFFIX, SPLIT_SMALL_DENOMINATOR,
+                       SPLIT_SMALL_MAX, SPLIT_SMALL_NUMERATOR)
+from errors import (BadRequest, DecryptionError, EngineError, Forbidden, LoaderError, NotFound, PayloadTooLarge,
+                    StorageError)
+from unlock_state import DECRYPTING, DOWNLOADING_KEY, LOADING_IMAGES
+
+log = logging.getLogger("loader.split")
+
+# Uploads are staged in a folder of the cache that no bucket can be named like (it starts with a dot).
+STAGING = ".staging"
+
+_NAME = re.compile(NAME_PATTERN)
+_BUCKET = re.compile(BUCKET_PATTERN)
+# Below this blob length the small part is 30 % of the blob; from it on, exactly SPLIT_SMALL_MAX bytes.
+_SPLIT_FULL = -(-SPLIT_SMALL_MAX * SPLIT_SMALL_DENOMINATOR // SPLIT_SMALL_NUMERATOR)
+
+
+def validate_name(name):
+    if not isinstance(name, str) or not _NAME.match(name) or name.endswith("\n"):
+        raise BadRequest("invalid resource name: use 1-128 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+def validate_folder(folder):
+    if (not isinstance(folder, str) or not _NAME.match(folder) or not _BUCKET.match(folder)
+            or ".." in folder or folder.endswith("\n")):
+        raise BadRequest("invalid folder: use 3-63 lowercase letters, digits, '.' or '-' (an S3 bucket name)")
+    return folder
+
+
+def small_size(blob_length):
+    """Bytes of the blob that go to the Resource API: min(3072, floor(0.3 * len))."""
+    return min(SPLIT_SMALL_MAX, blob_length * SPLIT_SMALL_NUMERATOR // SPLIT_SMALL_DENOMINATOR)
+
+
+def _tail_ok(key, tail):
+    """True when the last block of a blob carries valid padding under ``key``.
+
+    CBC lets the last block be decrypted alone with the block before it as IV: a cheap check that
+    catches a wrong key or a damaged tail before a single byte is streamed.
+    """
+    try:
+        security.decrypt(key, tail)
+        return True
+    except DecryptionError:
+        return False
+
+
+def _read_tail(path, n=32):
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - n))
+        return f.read()
+
+
+def _tail_decrypts(path, small):
+    """The cached big part, after ``small``, ends in a valid last block under the resource key."""
+    tail = (small + _read_tail(path))[-32:]
+    if len(tail) < 32:
+        return True  # too short to have a block before the last one: the whole-stream check decides
+    return _tail_ok(security.resource_key(), tail)
+
+
+class ModelStore:
+    """Load and upload models over the split. ``api`` is a ResourceApi, ``cache`` a BigPartCache."""
+
+    def __init__(self, api, cache, cdn_factory=None, max_upload=None):
+        self._api = api
+        self._cache = cache
+        self._cdn_factory = cdn_factory or (lambda text: CdnManager(CdnConfig.from_yaml(text)))
+        self._cdn_key = None
+        self._cdn = None
+        self.max_upload = max_upload
+
+    def cdn(self):
+        """The CDN manager for the session's cdn.yaml, rebuilt only when the configuration changes."""
+        text = self._api.cdn_yaml()
+        if text != self._cdn_key:
+            self._cdn, self._cdn_key = self._cdn_factory(text), text
+        return self._cdn
+
+    def load(self, folder, name):
+        """Check everything that can fail early, then return an iterator of the decrypted resource."""
+        validate_folder(folder)
+        validate_name(name)
+        self._api.credentials()
+        small = self._api.get_resource(folder, name + SMALL_SUFFIX)
+        big_key = name + BIG_SUFFIX
+        big = self._cache.open(folder, big_key, self.cdn(), check=lambda path: _tail_decrypts(path, small))
+        return self._decrypt(folder, big_key, small, big)
+
+    def _decrypt(self, folder, big_key, small, big):
+        try:
+            yield from security.decrypt_stream(security.resource_key(), chain((small,), big))
+        except DecryptionError:
+            # The stream was already on its way: drop the cache so the next load fetches afresh.
+            self._cache.discard(folder, big_key)
+            log.warning("%s/%s failed to decrypt: cache discarded", folder, big_key)
+            raise
+
+    def check_upload(self, name, folder=None):
+        """Refuse an upload before its body is read: bad names, no session, a role that may not upload."""
+        validate_name(name)
+        if folder is not None:
+            validate_folder(folder)
+        self._api.credentials()
+        user = self._api.user
+        if user is None or not user.can_upload:
+            raise Forbidden("this user's role may not upload (needs Admin, ResourceUploader or ApiAdmin)")
+
+    def begin_upload(self, name, folder=None):
+        """A staged upload: ``write`` plaintext chunks, then ``finish(folder)``; ``abort`` on failure."""
+        self.check_upload(name, folder)
+        return StagedUpload(self, name, self._cache.new_part(STAGING, name + BIG_SUFFIX), self.max_upload)
+
+    def publish(self, folder, name, part, blob_size, small, digest):
+        """Big part to the CDN and the cache, then the small part to the API (so no reader ever pairs a
+        new small part with an old big one)."""
+        validate_folder(folder)
+        big_key = name + BIG_SUFFIX
+        etag = self.cdn().upload_file(folder, big_key, part)
+        self._cache.commit(folder, big_key, part, blob_size - len(small), etag, digest)
+        self._api.upload(folder, name + SMALL_SUFFIX, small)
+
+
+class StagedUpload:
+    """Encrypts a plaintext stream into a staging ``.part`` file, keeping back the blob's first bytes
+    until it is certain where the split falls. Memory stays bounded by the chunk size."""
+
+    def __init__(self, store, name, part, limit):
+        self._store, self.name, self._part, self._limit = store, name, part, limit
+        self._enc = security.Encryptor(security.resource_key())
+        self._hash = hashlib.sha256()
+        self._head = bytearray()
+        self._small = None
+        self.size = 0
+        self._blob_size = 0
+        try:
+            self._file = open(part, "wb")
+        except OSError as exc:
+            raise storage_error(exc, "the upload") from None
+
+    def write(self, chunk):
+        self.size += len(chunk)
+        if self._limit is not None and self.size > self._limit:
+            self.abort()
+            raise PayloadTooLarge(f"the upload is larger than the configured maximum of {self._limit} bytes")
+        self._emit(self._enc.update(chunk))
+
+    def _emit(self, data):
+        self._blob_size += len(data)
+        if self._small is None:
+            self._head += data
+            if len(self._head) < _SPLIT_FULL:
+                return
+            self._small, data, self._head = bytes(self._head[:SPLIT_SMALL_MAX]), self._head[SPLIT_SMALL_MAX:], None
+        self._put(data)
+
+    def _put(self, data):
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self.abort()
+            raise storage_error(exc, "the upload") from None
+        self._hash.update(data)
+
+    def finish(self, folder):
+        """Seal the blob and publish it under ``folder``; returns the plaintext size."""
+        try:
+            validate_folder(folder)
+            self._emit(self._enc.finalize())
+            if self._small is None:
+                k = small_size(self._blob_size)
+                self._small = bytes(self._head[:k])
+                self._put(self._head[k:])
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+            except OSError as exc:
+                raise storage_error(exc, "the upload") from None
+            self._store.publish(folder, self.name, self._part, self._blob_size, self._small,
+                                self._hash.hexdigest())
+        finally:
+            self.abort()
+        log.info("uploaded %s/%s (%d bytes)", folder, self.name, self.size)
+        return self.size
+
+    def abort(self):
+        """Drop the staging file (a no-op once it has been published)."""
+        self._file.close()
+        try:
+            os.unlink(self._part)
+        except FileNotFoundError:
+            pass
+
+
+# --- unlock: the encrypted `docker save` archive, decrypted straight into the Docker Engine ---------
+
+class Unlocker:
+    """Runs at most one unlock at a time in a background thread; progress lives in ``status``."""
+
+    def __init__(self, api, status, images_path, unlock_images=(), docker_host=None, docker_timeout=3600,
+                 chunk_size=CHUNK_SIZE):
+        self._api = api
+        self.status = status
+        self._path = images_path
+        self._wanted = tuple(unlock_images)
+        self._docker_host = docker_host
+        self._docker_timeout = docker_timeout
+        self._chunk = chunk_size
+        self.key_fetches = 0
+
+    def start(self, credentials):
+        """Begin an unlock unless one runs; returns the status either way."""
+        if self.status.try_begin():
+            threading.Thread(target=self._run, args=(credentials,), daemon=True, name="unlock").start()
+        return self.status.snapshot()
+
+    def _docker(self):
+        import docker  # heavy: imported only when an unlock runs
+        try:
+            if self._docker_host:
+                return docker.APIClient(base_url=self._docker_host, timeout=self._docker_timeout)
+            return docker.APIClient(timeout=self._docker_timeout, **docker.utils.kwargs_from_env())
+        except docker.errors.DockerException as exc:
+            raise EngineError(f"the Docker Engine is not configured ({type(exc).__name__})") from None
+
+    def _run(self, credentials):
+        try:
+            images = self._unlock(credentials)
+        except LoaderError as exc:
+            log.warning("unlock failed: %s", exc.detail)
+            self.status.fail(exc.detail)
+        except Exception as exc:  # noqa: BLE001 - the state must never stay stuck in a running state
+            log.exception("unlock failed unexpectedly")
+            self.status.fail(f"unlock failed unexpectedly ({type(exc).__name__})")
+        else:
+            log.info("unlock ready: %s", " ".join(images))
+            self.status.succeed(images)
+
+    def _unlock(self, credentials):
+        import requests  # the docker SDK speaks through requests; its errors are mapped here
+        from docker.errors import DockerException
+
+        try:
+            client = self._docker()
+            if self._wanted and self._all_present(client):
+                return list(self._wanted)
+            total = os.path.getsize(self._path)
+        except FileNotFoundError:
+            raise NotFound(f"the image archive is missing at {self._path}") from None
+        except OSError as exc:
+            raise StorageError(f"the image archive at {self._path} cannot be read ({exc.strerror})") from None
+        except (DockerException, requests.RequestException) as exc:
+            raise EngineError(f"the Docker Engine is unreachable ({type(exc).__name__})") from None
+        self._api.login(credentials)
+        self.status.set_state(DOWNLOADING_KEY)
+        self.key_fetches += 1
+        key = security.archive_key(self._api.key_fragment())
+        if not _tail_decrypts_under(self._path, key):
+            raise DecryptionError("the image archive does not decrypt: wrong key or corrupt archive")
+        self.status.set_total(total)
+        self.status.set_state(DECRYPTING)
+        try:
+            events = client.load_image(self._plaintext(key))
+            self.status.set_state(LOADING_IMAGES)
+            return self._loaded_tags(events)
+        except DecryptionError:
+            raise DecryptionError("the image archive does not decrypt: wrong key or corrupt archive") from None
+        except (DockerException, requests.RequestException) as exc:
+            raise EngineError(f"the Docker Engine failed while loading images ({type(exc).__name__})") from None
+
+    def _all_present(self, client):
+        from docker.errors import ImageNotFound
+
+        for ref in self._wanted:
+            try:
+                client.inspect_image(ref)
+            except ImageNotFound:
+                return False
+        return True
+
+    def _plaintext(self, key):
+        dec = security.Decryptor(key)
+        buf = bytearray(self._chunk)
+        view = memoryview(buf)
+        with open(self._path, "rb") as f:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                out = dec.update(view[:n])
+                self.status.add_done(n)
+                if len(out):
+                    yield out
+        last = dec.finalize()
+        if last:
+            yield last
+
+    @staticmethod
+    def _loaded_tags(events):
+        tags = []
+        for event in events:
+            if not isinstance(event, dict):
+                continue
+            if event.get("errorDetail") or event.get("error"):
+                detail = event.get("errorDetail") or {}
+                message = detail.get("message") if isinstance(detail, dict) else None
+                raise EngineError(f"the Docker Engine refused the images: {message or event.get('error')}")
+            text = event.get("stream") or ""
+            for line in text.splitlines():
+                if line.startswith("Loaded image: "):
+                    tags.append(line[len("Loaded image: "):].strip())
+                elif line.startswith("Loaded image ID: "):
+                    tags.append(line[len("Loaded image ID: "):].strip())
+        if not tags:
+            raise EngineError("the Docker Engine loaded no image from the archive")
+        return tags
+
+
+def _tail_decrypts_under(path, key):
+    """The archive is a whole number of blocks and its last block decrypts under ``key``."""
+    size = os.path.getsize(path)
+    return size >= 32 and size % 16 == 0 and _tail_ok(key, _read_tail(path))

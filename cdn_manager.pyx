@@ -1,1 +1,426 @@
 # cython: language_level=3, embedsignature=True
+"""The S3-compatible CDN and the local cache of big parts (contract section 2).
+
+``CdnManager`` wraps two injected boto3 clients: the downloader identity for HEAD/GET, the uploader
+identity for PUT. Downloads are streams of chunks; an interrupted transfer is resumed with a ranged GET
+pinned to the ETag (``IfMatch``), so a resumed download can never splice two versions of an object.
+
+``BigPartCache`` keeps ``{root}/{bucket}/{key}`` with a sidecar ``{key}.meta`` (size, ETag, SHA-256).
+Files reach their final name only by rename after fsync, so a crash leaves at worst a ``.part`` file,
+never a half file under the final name. Concurrent loads of one object share one CDN download: the
+first load starts it, every load streams from the growing file.
+"""
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import threading
+import uuid
+
+import boto3
+import yaml
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from constants import CHUNK_SIZE
+from errors import IntegrityError, LoaderError, NotFound, StorageError, UpstreamError
+
+log = logging.getLogger("loader.cdn")
+
+# Errors while a body streams in that a ranged GET from the current offset can cure.
+STREAM_ERRORS = (BotoCoreError, Urllib3Error, OSError)
+RESUME_ATTEMPTS = 5
+META_SUFFIX = ".meta"
+PART_SUFFIX = ".part"
+
+
+class CdnConfig:
+    """The keys of cdn.yaml. Secrets stay in memory; ``repr`` never shows them."""
+
+    REQUIRED = ("host", "downloader_access_key", "downloader_access_secret", "uploader_access_key",
+                "uploader_access_secret")
+
+    def __init__(self, host, downloader, uploader, region="us-east-1"):
+        self.host = host
+        self.downloader = downloader
+        self.uploader = uploader
+        self.region = region
+
+    @classmethod
+    def from_yaml(cls, text):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UpstreamError("cdn.yaml is not valid YAML") from None
+        if not isinstance(data, dict):
+            raise UpstreamError("cdn.yaml is not a mapping")
+        missing = [k for k in cls.REQUIRED if not data.get(k)]
+        if missing:
+            raise UpstreamError(f"cdn.yaml lacks {', '.join(missing)}")
+        return cls(str(data["host"]),
+                   (str(data["downloader_access_key"]), str(data["downloader_access_secret"])),
+                   (str(data["uploader_access_key"]), str(data["uploader_access_secret"])),
+                   str(data.get("region") or "us-east-1"))
+
+    def client(self, identity, *, connect_timeout=5, read_timeout=30, pool=16):
+        key, secret = self.downloader if identity == "downloader" else self.uploader
+        config = Config(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 4, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=pool,
+            request_checksum_calculation="when_supported",
+            response_checksum_validation="when_supported",
+        )
+        return boto3.session.Session().client("s3", endpoint_url=self.host, aws_access_key_id=key,
+                                              aws_secret_access_key=secret, region_name=self.region,
+                                              config=config)
+
+    def __repr__(self):
+        return f"CdnConfig(host={self.host!r}, region={self.region!r})"
+
+
+def _map_client_error(exc, what):
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound") or status == 404:
+        return NotFound(f"no such object on the CDN: {what}")
+    if code in ("PreconditionFailed", "412") or status == 412:
+        return UpstreamError(f"the CDN object changed during the transfer: {what}")
+    return UpstreamError(f"the CDN answered {status or code} for {what}")
+
+
+class ObjectInfo:
+    def __init__(self, size, etag):
+        self.size = int(size)
+        self.etag = etag
+
+
+class CdnManager:
+    """S3 operations with the downloader and uploader clients (injected, or built from a CdnConfig)."""
+
+    def __init__(self, config=None, *, download_client=None, upload_client=None, chunk_size=CHUNK_SIZE):
+        if download_client is None or upload_client is None:
+            if config is None:
+                raise ValueError("a CdnConfig or both clients are required")
+        self._download = download_client or config.client("downloader")
+        self._upload = upload_client or config.client("uploader")
+        self._chunk = chunk_size
+
+    def head(self, bucket, key):
+        try:
+            r = self._download.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            raise _map_client_error(exc, f"{bucket}/{key}") from None
+        except BotoCoreError as exc:
+            raise UpstreamError(f"the CDN is unreachable ({type(exc).__name__})") from None
+        return ObjectInfo(r["ContentLength"], r["ETag"])
+
+    def iter_object(self, bucket, key, info, start=0):
+        """Yield the object's bytes from ``start``; resume interrupted transfers pinned to ``info.etag``."""
+        offset, failures = start, 0
+        while offset < info.size:
+            try:
+                body = self._download.get_object(Bucket=bucket, Key=key, IfMatch=info.etag,
+                                                 Range=f"bytes={offset}-")["Body"]
+            except ClientError as exc:
+                raise _map_client_error(exc, f"{bucket}/{key}") from None
+            except BotoCoreError as exc:
+                failures += 1
+                if failures > RESUME_ATTEMPTS:
+                    raise UpstreamError(f"the CDN is unreachable ({type(exc).__name__})") from None
+                log.warning("GET %s/%s at %d failed (%s): retrying", bucket, key, offset, type(exc).__name__)
+                continue
+            try:
+                for chunk in body.iter_chunks(self._chunk):
+                    offset += len(chunk)
+                    if offset > info.size:
+                        raise IntegrityError(f"the CDN sent more bytes than {bucket}/{key} holds")
+                    yield chunk
+            except STREAM_ERRORS as exc:
+                failures += 1
+                if failures > RESUME_ATTEMPTS:
+                    raise UpstreamError(f"the CDN transfer of {bucket}/{key} kept breaking off") from None
+                log.warning("GET %s/%s broke off at %d (%s): resuming", bucket, key, offset,
+                            type(exc).__name__)
+            finally:
+                body.close()
+            if offset < info.size and failures == 0:
+                failures += 1  # a body that ended early without an error counts as a failure too
+                log.warning("GET %s/%s ended early at %d of %d: resuming", bucket, key, offset, info.size)
+
+    def upload_file(self, bucket, key, path):
+        """Upload a local file (multipart when large) with the uploader identity; returns the new ETag."""
+        config = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=16 * 1024 * 1024,
+                                max_concurrency=4)
+        try:
+            try:
+                self._upload.upload_file(path, bucket, key, Config=config)
+            except ClientError as exc:
+                if "NoSuchBucket" not in str(exc):
+                    raise
+                self._upload.create_bucket(Bucket=bucket)
+                self._upload.upload_file(path, bucket, key, Config=config)
+            return self.head(bucket, key).etag
+        except ClientError as exc:
+            raise _map_client_error(exc, f"{bucket}/{key}") from None
+        except (BotoCoreError, boto3.exceptions.S3UploadFailedError) as exc:
+            raise UpstreamError(f"the CDN upload of {bucket}/{key} failed ({type(exc).__name__})") from None
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def storage_error(exc, what):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StorageError(f"the model cache has no room for {what}")
+    return StorageError(f"the model cache could not write {what} ({errno.errorcode.get(exc.errno, 'error')})")
+
+
+def file_digest(path, chunk_size=CHUNK_SIZE):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        buf = bytearray(chunk_size)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+class _Download:
+    """One CDN download into a ``.part`` file that readers may follow while it grows."""
+
+    def __init__(self, cache, bucket, key, info):
+        self.cache, self.bucket, self.key, self.info = cache, bucket, key, info
+        self.cond = threading.Condition()
+        self.written = 0
+        self.done = False
+        self.error = None
+        self.part = cache.path(bucket, key) + f".{uuid.uuid4().hex}{PART_SUFFIX}"
+
+    def prepare(self):
+        """Create the .part file with all its space reserved: a full disk fails here, before streaming."""
+        os.makedirs(os.path.dirname(self.part), exist_ok=True)
+        fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if self.info.size:
+                os.posix_fallocate(fd, 0, self.info.size)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(self.part)
+            raise storage_error(exc, f"{self.bucket}/{self.key}") from None
+        return fd
+
+    def run(self, fd, cdn):
+        h = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as f:
+                for chunk in cdn.iter_object(self.bucket, self.key, self.info):
+                    f.write(chunk)
+                    h.update(chunk)
+                    with self.cond:
+                        self.written += len(chunk)
+                        self.cond.notify_all()
+                if self.written != self.info.size:
+                    raise IntegrityError(f"the CDN sent {self.written} of {self.info.size} bytes")
+                os.fsync(f.fileno())
+            with self.cond:
+                self.cache.commit(self.bucket, self.key, self.part, self.info.size, self.info.etag,
+                                  h.hexdigest())
+                self.done = True
+                self.cond.notify_all()
+        except OSError as exc:
+            self._fail(storage_error(exc, f"{self.bucket}/{self.key}"))
+        except LoaderError as exc:
+            self._fail(exc)
+        except Exception as exc:  # noqa: BLE001 - a reader must never wait on a thread that died silently
+            log.exception("download of %s/%s failed", self.bucket, self.key)
+            self._fail(UpstreamError(f"the CDN download failed ({type(exc).__name__})"))
+        finally:
+            self.cache._finished(self)
+
+    def _fail(self, exc):
+        try:
+            os.unlink(self.part)
+        except OSError:
+            pass
+        with self.cond:
+            self.error = exc
+            self.done = True
+            self.cond.notify_all()
+
+    def open_reader(self):
+        with self.cond:
+            if self.error is not None:
+                raise self.error
+            path = self.cache.path(self.bucket, self.key) if self.done else self.part
+            return open(path, "rb")
+
+    def follow(self, f, chunk_size):
+        """Yield the file's bytes as the download writes them."""
+        pos = 0
+        with f:
+            while True:
+                with self.cond:
+                    while pos >= self.written and not self.done:
+                        self.cond.wait()
+                    if self.error is not None:
+                        raise self.error
+                    available = self.written - pos
+                    if available <= 0 and self.done:
+                        return
+                while available > 0:
+                    data = f.read(min(chunk_size, available))
+                    if not data:
+                        raise IntegrityError("the cache file ended early")
+                    pos += len(data)
+                    available -= len(data)
+                    yield data
+
+
+class BigPartCache:
+    """Verified local cache of big parts under ``root``; one download per object at a time."""
+
+    def __init__(self, root, chunk_size=CHUNK_SIZE):
+        self.root = os.path.abspath(root)
+        self._chunk = chunk_size
+        self._lock = threading.Lock()
+        self._downloads = {}
+        self.hits = 0
+        self.misses = 0
+        self.downloads = 0
+
+    def path(self, bucket, key):
+        return os.path.join(self.root, bucket, key)
+
+    def _meta(self, bucket, key):
+        try:
+            with open(self.path(bucket, key) + META_SUFFIX) as f:
+                meta = json.load(f)
+            return int(meta["size"]), str(meta["etag"]), str(meta["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def verified(self, bucket, key, info=None):
+        """True when the cached file matches its sidecar digest (and the CDN's size and ETag, if given)."""
+        meta = self._meta(bucket, key)
+        if meta is None:
+            return False
+        size, etag, digest = meta
+        if info is not None and (size != info.size or etag != info.etag):
+            return False
+        try:
+            return os.path.getsize(self.path(bucket, key)) == size and file_digest(self.path(bucket, key)) == digest
+        except OSError:
+            return False
+
+    def discard(self, bucket, key):
+        for p in (self.path(bucket, key) + META_SUFFIX, self.path(bucket, key)):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not discard %s: %s", p, exc.strerror)
+
+    def commit(self, bucket, key, part, size, etag, digest):
+        """Move a finished, fsynced ``part`` file to its final name and write its sidecar."""
+        final = self.path(bucket, key)
+        meta_tmp = f"{final}{META_SUFFIX}.{uuid.uuid4().hex}{PART_SUFFIX}"
+        try:
+            # The old sidecar goes first: a crash between the steps leaves data without a sidecar,
+            # which reads as "not cached", never as a sidecar that vouches for other bytes.
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            if os.path.exists(final + META_SUFFIX):
+                os.unlink(final + META_SUFFIX)
+            os.replace(part, final)
+            with open(meta_tmp, "w") as f:
+                json.dump({"size": size, "etag": etag, "sha256": digest}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(meta_tmp, final + META_SUFFIX)
+            _fsync_dir(os.path.dirname(final))
+        except OSError as exc:
+            for p in (part, meta_tmp):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+            raise storage_error(exc, f"{bucket}/{key}") from None
+
+    def new_part(self, bucket, key):
+        """Path of a fresh ``.part`` file beside the final name (for uploads)."""
+        os.makedirs(os.path.join(self.root, bucket), exist_ok=True)
+        return self.path(bucket, key) + f".{uuid.uuid4().hex}{PART_SUFFIX}"
+
+    def _usable(self, bucket, key, info, check):
+        if not self.verified(bucket, key, info):
+            return False
+        if check is not None and not check(self.path(bucket, key)):
+            log.warning("cached %s/%s failed its check: discarding it", bucket, key)
+            self.discard(bucket, key)
+            return False
+        return True
+
+    def open(self, bucket, key, cdn, check=None):
+        """An iterator over the big part: from the verified cache, or streamed while it downloads.
+
+        Every check that can fail (HEAD, cache digest, ``check(path)`` of the caller, disk space) runs
+        before this returns, so the caller can still answer with a proper error status.
+        """
+        try:
+            info = cdn.head(bucket, key)
+        except NotFound:
+            raise
+        except UpstreamError:
+            if self._usable(bucket, key, None, check):
+                log.info("CDN unreachable: using the verified cache of %s/%s", bucket, key)
+                self.hits += 1
+                return self._iter_file(self.path(bucket, key))
+            raise
+        if self._usable(bucket, key, info, check):
+            self.hits += 1
+            return self._iter_file(self.path(bucket, key))
+        self.misses += 1
+        with self._lock:
+            download = self._downloads.get((bucket, key))
+            if download is None or download.info.etag != info.etag:
+                download = _Download(self, bucket, key, info)
+                fd = download.prepare()
+                self.downloads += 1
+                self._downloads[(bucket, key)] = download
+                threading.Thread(target=download.run, args=(fd, cdn), daemon=True,
+                                 name=f"cdn-{bucket}/{key}").start()
+                log.info("downloading %s/%s (%d bytes) from the CDN", bucket, key, info.size)
+            reader = download.open_reader()
+        return download.follow(reader, self._chunk)
+
+    def _finished(self, download):
+        with self._lock:
+            if self._downloads.get((download.bucket, download.key)) is download:
+                del self._downloads[(download.bucket, download.key)]
+
+    def _iter_file(self, path):
+        f = open(path, "rb")
+        return self._read_all(f)
+
+    def _read_all(self, f):
+        with f:
+            while True:
+                data = f.read(self._chunk)
+                if not data:
+                    return
+                yield data

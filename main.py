@@ -1,0 +1,415 @@
+"""Azaion.Loader: the HTTP face of the compiled modules (contract section 4).
+
+This file only translates HTTP to module calls and errors to statuses. The compiled modules are
+imported lazily, on the first request that needs them, so the process answers /health at once.
+"""
+
+import logging
+import time
+from functools import cache
+from typing import Annotated
+
+# The exception hierarchy is the one compiled module imported eagerly: it is tiny and the error
+# handlers must be registered before the first request.
+import errors
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("loader")
+
+
+class Settings(BaseSettings):
+    """Configuration from the environment; names and defaults of contract section 6."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    resource_api_url: str = "https://api.azaion.com"
+    loader_host: str = "127.0.0.1"
+    loader_port: int = 8080
+    model_cache_dir: str = "/var/lib/azaion/models"
+    images_path: str = "/opt/azaion/images.enc"
+    unlock_images: str = ""
+    docker_host: str | None = None
+    log_level: str = "INFO"
+    api_timeout: float = 30.0
+    max_upload_bytes: int = 20 * 1024**3
+    max_json_bytes: int = 64 * 1024
+
+
+class Credentials(BaseModel):
+    email: str = Field(min_length=1, max_length=320)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class LoadRequest(BaseModel):
+    folder: str = Field(max_length=128)
+
+
+@cache
+def settings() -> Settings:
+    return Settings()
+
+
+class Services:
+    """The compiled modules, wired together once, on the first request that needs them."""
+
+    def __init__(self, s: Settings):
+        import api_client
+        import binary_split
+        import cdn_manager
+        import hardware_service
+        import unlock_state
+
+        self.hardware = hardware_service.HardwareService()
+        self.api = api_client.ResourceApi(
+            s.resource_api_url,
+            lambda: self.hardware.hardware,
+            timeout=(min(5.0, s.api_timeout), s.api_timeout),
+        )
+        self.cache = cdn_manager.BigPartCache(s.model_cache_dir)
+        self.store = binary_split.ModelStore(self.api, self.cache, max_upload=s.max_upload_bytes)
+        self.unlock_status = unlock_state.UnlockStatus()
+        self.unlocker = binary_split.Unlocker(
+            self.api, self.unlock_status, s.images_path, s.unlock_images.split(), s.docker_host
+        )
+        self.bytes_loaded = 0
+        self.bytes_uploaded = 0
+
+    @staticmethod
+    def credentials(email: str, password: str):
+        from credentials import Credentials as Creds
+
+        return Creds(email, password)
+
+    def login(self, email: str, password: str):
+        return self.api.login(self.credentials(email, password))
+
+    def start_unlock(self, email: str, password: str):
+        return self.unlocker.start(self.credentials(email, password))
+
+    def count_loaded(self, chunks):
+        for chunk in chunks:
+            self.bytes_loaded += len(chunk)
+            yield chunk
+
+
+@cache
+def services() -> Services:
+    return Services(settings())
+
+
+Svc = Annotated[Services, Depends(services)]
+
+app = FastAPI(title="Azaion.Loader", version="1.0.0")
+
+
+# --- errors: the one place where exceptions become statuses ----------------------------------------
+
+STATUS = (  # most specific first; LoaderError, the root, last
+    (errors.UpstreamTimeout, 504),
+    (errors.NotLoggedIn, 401),
+    (errors.DecryptionError, 502),
+    (errors.BadRequest, 400),
+    (errors.PayloadTooLarge, 413),
+    (errors.AuthError, 401),
+    (errors.Forbidden, 403),
+    (errors.NotFound, 404),
+    (errors.HardwareMismatch, 409),
+    (errors.UpstreamError, 502),
+    (errors.IntegrityError, 502),
+    (errors.StorageError, 507),
+    (errors.EngineError, 502),
+    (errors.LoaderError, 500),
+)
+
+
+def status_of(exc: errors.LoaderError) -> int:
+    return next(code for cls, code in STATUS if isinstance(exc, cls))
+
+
+@app.exception_handler(errors.LoaderError)
+async def loader_error(request: Request, exc: errors.LoaderError) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=status_of(exc))
+
+
+@app.exception_handler(Exception)
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+    return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+@app.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default echoes the input back; the input may be a password, so only name the fields.
+    parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()]
+    return JSONResponse({"detail": "invalid request: " + "; ".join(parts)}, status_code=422)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code)
+
+
+# --- middleware: one log line per request, metrics, body limits ---------------------------------------
+
+
+@app.middleware("http")
+async def access_log(request: Request, call_next):
+    start = time.perf_counter()
+    limit = None if request.url.path.startswith("/upload/") else settings().max_json_bytes
+    length = request.headers.get("content-length")
+    if limit is not None and length is not None and length.isdigit() and int(length) > limit:
+        response = JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
+    else:
+        response = await call_next(request)
+    elapsed = time.perf_counter() - start
+    route = request.scope.get("route")
+    template = getattr(route, "path", "unmatched")
+    metrics().observe(request.method, template, response.status_code, elapsed)
+    log.info("%s %s %d %.1fms", request.method, request.url.path, response.status_code, elapsed * 1000)
+    return response
+
+
+# --- routes ------------------------------------------------------------------------------------------
+
+
+@app.get("/health")
+async def health():
+    return {"status": "healthy"}
+
+
+@app.get("/status")
+async def status(svc: Svc):
+    return {
+        "status": "running",
+        "authenticated": svc.api.authenticated,
+        "modelCacheDir": settings().model_cache_dir,
+        "unlock": svc.unlock_status.snapshot(),
+    }
+
+
+@app.post("/login")
+async def login(body: Credentials, svc: Svc):
+    user = await run_in_threadpool(svc.login, body.email, body.password)
+    return {"status": "ok", "user": user.to_dict()}
+
+
+@app.post("/load/{filename}")
+async def load(filename: str, body: LoadRequest, svc: Svc):
+    chunks = await run_in_threadpool(svc.store.load, body.folder, filename)
+    return StreamingResponse(svc.count_loaded(chunks), media_type="application/octet-stream")
+
+
+@app.post("/upload/{filename}")
+async def upload(filename: str, request: Request, svc: Svc):
+    size = await receive_upload(request, svc, filename, settings().max_upload_bytes)
+    svc.bytes_uploaded += size
+    return {"status": "ok", "size": size}
+
+
+@app.post("/unlock", status_code=202)
+async def unlock(body: Credentials, svc: Svc):
+    return await run_in_threadpool(svc.start_unlock, body.email, body.password)
+
+
+@app.get("/unlock/status")
+async def unlock_status(svc: Svc):
+    return svc.unlock_status.snapshot()
+
+
+@app.get("/metrics")
+async def metrics_text(svc: Svc):
+    body, content_type = metrics().render(svc)
+    return Response(body, media_type=content_type)
+
+
+# --- upload: multipart parsed as a stream, so the plaintext never lands on disk or whole in memory ---
+
+UPLOAD_BATCH = 1024 * 1024
+
+
+async def receive_upload(request: Request, svc: Services, filename: str, limit: int) -> int:
+    from errors import BadRequest, PayloadTooLarge
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    kind, params = parse_options_header(request.headers.get("content-type", ""))
+    if kind != b"multipart/form-data" or not params.get(b"boundary"):
+        raise BadRequest("upload must be multipart/form-data with a file field 'data' and a field 'folder'")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit + 64 * 1024:
+        raise PayloadTooLarge(f"the upload is larger than the configured maximum of {limit} bytes")
+    await run_in_threadpool(svc.store.check_upload, filename)  # 400/401/403 before the body is read
+
+    form = _FormState()
+    parser = MultipartParser(params[b"boundary"], form.callbacks())
+    staged = None
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+            if form.folder_done and staged is None:
+                await run_in_threadpool(svc.store.check_upload, filename, form.folder)
+            if form.pending and (len(form.pending) >= UPLOAD_BATCH or form.data_done):
+                if staged is None:
+                    staged = await run_in_threadpool(svc.store.begin_upload, filename)
+                data, form.pending = bytes(form.pending), bytearray()
+                await run_in_threadpool(staged.write, data)
+        parser.finalize()
+        if not form.data_seen:
+            raise BadRequest("the upload has no file field 'data'")
+        if form.folder is None:
+            raise BadRequest("the upload has no field 'folder'")
+        if staged is None:
+            staged = await run_in_threadpool(svc.store.begin_upload, filename, form.folder)
+        if form.pending:
+            await run_in_threadpool(staged.write, bytes(form.pending))
+        return await run_in_threadpool(staged.finish, form.folder)
+    except BaseException:
+        if staged is not None:
+            staged.abort()
+        raise
+
+
+class _FormState:
+    """Collects the multipart events: the bytes of field 'data' and the text of field 'folder'."""
+
+    MAX_FIELD = 1024
+
+    def __init__(self):
+        self.pending = bytearray()
+        self.folder = None
+        self.folder_done = self.data_seen = self.data_done = False
+        self._field = self._header = b""
+        self._value = b""
+        self._name = None
+        self._text = bytearray()
+
+    def callbacks(self):
+        def on_header_field(data, start, end):
+            self._field += data[start:end]
+
+        def on_header_value(data, start, end):
+            self._value += data[start:end]
+
+        def on_header_end():
+            if self._field.lower() == b"content-disposition":
+                self._header = self._value
+            self._field = self._value = b""
+
+        def on_headers_finished():
+            from python_multipart.multipart import parse_options_header
+
+            _, params = parse_options_header(self._header)
+            self._name = params.get(b"name")
+            self._header = b""
+            if self._name == b"data":
+                self.data_seen = True
+
+        def on_part_data(data, start, end):
+            if self._name == b"data":
+                self.pending += data[start:end]
+            elif self._name == b"folder" and len(self._text) < self.MAX_FIELD:
+                self._text += data[start:end]
+
+        def on_part_end():
+            if self._name == b"folder":
+                self.folder = self._text.decode("utf-8", "replace").strip()
+                self.folder_done = True
+            elif self._name == b"data":
+                self.data_done = True
+            self._name = None
+
+        return {
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        }
+
+
+# --- metrics ---------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Prometheus metrics: request counts and latencies here, the modules' counters read at scrape time."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "loader_requests_total", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "loader_request_seconds", "HTTP request latency", ["method", "route"], registry=self.registry
+        )
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def render(self, svc: Services):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from unlock_state import STATES
+
+        snap = svc.unlock_status.snapshot()
+        lines = [
+            _metric(
+                "loader_bytes_loaded_total", "counter", "Decrypted bytes streamed by /load", svc.bytes_loaded
+            ),
+            _metric(
+                "loader_bytes_uploaded_total",
+                "counter",
+                "Plaintext bytes accepted by /upload",
+                svc.bytes_uploaded,
+            ),
+            _metric(
+                "loader_cache_hits_total", "counter", "Loads served from the verified cache", svc.cache.hits
+            ),
+            _metric("loader_cache_misses_total", "counter", "Loads that needed the CDN", svc.cache.misses),
+            _metric("loader_cdn_downloads_total", "counter", "CDN downloads started", svc.cache.downloads),
+            _metric(
+                "loader_unlock_duration_seconds",
+                "gauge",
+                "Duration of the last unlock",
+                svc.unlock_status.duration or 0.0,
+            ),
+            "# HELP loader_unlock_state Current unlock state (1 for the current one)\n"
+            "# TYPE loader_unlock_state gauge\n"
+            + "".join(f'loader_unlock_state{{state="{st}"}} {int(st == snap["state"])}\n' for st in STATES),
+        ]
+        return generate_latest(self.registry) + "".join(lines).encode(), CONTENT_TYPE_LATEST
+
+
+def _metric(name: str, kind: str, help_text: str, value) -> str:
+    return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n{name} {value}\n"
+
+
+@cache
+def metrics() -> Metrics:
+    return Metrics()
+
+
+def main() -> None:
+    import uvicorn
+
+    s = settings()
+    logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(
+        app,
+        host=s.loader_host,
+        port=s.loader_port,
+        log_level=s.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+if __name__ == "__main__":
+    main()

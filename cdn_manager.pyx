@@ -267,7 +267,9 @@ class _Download:
             if self.error is not None:
                 raise self.error
             path = self.cache.path(self.bucket, self.key) if self.done else self.part
-            return open(path, "rb")
+            # Unbuffered: the file is preallocated, so a buffered reader would read ahead into bytes
+            # that are not written yet and keep them.
+            return open(path, "rb", buffering=0)
 
     def follow(self, f, chunk_size):
         """Yield the file's bytes as the download writes them."""

@@ -1,0 +1,192 @@
+import json
+
+import pytest
+import requests
+
+import security
+from api_client import ResourceApi
+from credentials import Credentials
+from errors import AuthError, HardwareMismatch, NotFound, NotLoggedIn, UpstreamError, UpstreamTimeout
+from tests.fakes import Handler, make_token, session_for
+
+HW = "CPU: Test. GPU: . Memory: 1024. DriveSerial: SN1"
+CREDS = Credentials("op@azaion.local", "pw-1")
+CLAIMS = {"nameid": "u1", "unique_name": "op@azaion.local", "role": "Operator"}
+
+
+def api_with(route, **kw):
+    handler = Handler(route)
+    api = ResourceApi("http://api.test", lambda: HW, session=session_for(handler), backoff=0, **kw)
+    return api, handler
+
+
+def wrapped(data, email="op@azaion.local", password="pw-1"):
+    return security.encrypt(security.api_key(email, password, HW), data)
+
+
+def test_login_reads_claims_and_keeps_no_password_in_repr():
+    api, handler = api_with(lambda m, p, b, h: (200, {"token": make_token(CLAIMS)}))
+    user = api.login(CREDS)
+    assert (user.id, user.email, user.roles) == ("u1", "op@azaion.local", ("Operator",))
+    assert handler.calls == [("POST", "/login", None)]
+    assert api.authenticated
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_bad_credentials(status):
+    api, _ = api_with(lambda m, p, b, h: (status, {"detail": "no"}))
+    with pytest.raises(AuthError):
+        api.login(CREDS)
+    assert not api.authenticated
+
+
+@pytest.mark.parametrize("payload", [{"token": "not-a-jwt"}, {"nope": 1}, {"token": 5}])
+def test_login_garbage_is_an_upstream_error(payload):
+    api, _ = api_with(lambda m, p, b, h: (200, payload))
+    with pytest.raises(UpstreamError):
+        api.login(CREDS)
+
+
+def test_login_html_is_an_upstream_error():
+    api, _ = api_with(lambda m, p, b, h: (200, b"<html>oops</html>"))
+    with pytest.raises(UpstreamError):
+        api.login(CREDS)
+
+
+def test_get_resource_unwraps_with_the_hardware_bound_key():
+    def route(method, path, body, headers):
+        if path == "/login":
+            return 200, {"token": make_token(CLAIMS)}
+        assert path == "/resources/get/models"
+        assert json.loads(body) == {"fileName": "m.small", "password": "pw-1", "hardware": HW}
+        assert headers["Authorization"].startswith("Bearer ")
+        return 200, wrapped(b"small-part-bytes")
+
+    api, _ = api_with(route)
+    api.login(CREDS)
+    assert api.get_resource("models", "m.small") == b"small-part-bytes"
+
+
+def test_calls_need_a_session():
+    api, handler = api_with(lambda m, p, b, h: (500, b""))
+    with pytest.raises(NotLoggedIn):
+        api.get_resource("models", "m.small")
+    assert handler.calls == []
+
+
+@pytest.mark.parametrize("status,error", [(404, NotFound), (409, HardwareMismatch), (403, AuthError),
+                                          (500, UpstreamError), (418, UpstreamError)])
+def test_statuses_map_to_the_hierarchy(status, error):
+    def route(method, path, body, headers):
+        return (200, {"token": make_token(CLAIMS)}) if path == "/login" else (status, b"{}")
+
+    api, _ = api_with(route)
+    api.login(CREDS)
+    with pytest.raises(error):
+        api.get_resource("models", "m.small")
+
+
+def test_401_renews_the_token_once_and_retries():
+    tokens = iter([make_token(dict(CLAIMS, n=1)), make_token(dict(CLAIMS, n=2))])
+    first = {}
+
+    def route(method, path, body, headers):
+        if path == "/login":
+            return 200, {"token": next(tokens)}
+        if not first:
+            first["token"] = headers["Authorization"]
+            return 401, b""
+        assert headers["Authorization"] != first["token"]
+        return 200, wrapped(b"ok")
+
+    api, handler = api_with(route)
+    api.login(CREDS)
+    assert api.get_resource("models", "m.small") == b"ok"
+    assert [c[1] for c in handler.calls] == ["/login", "/resources/get/models", "/login", "/resources/get/models"]
+
+
+def test_a_second_401_is_an_auth_error_not_a_loop():
+    def route(method, path, body, headers):
+        return (200, {"token": make_token(CLAIMS)}) if path == "/login" else (401, b"")
+
+    api, handler = api_with(route)
+    api.login(CREDS)
+    with pytest.raises(AuthError):
+        api.get_resource("models", "m.small")
+    assert len(handler.calls) == 4
+
+
+def test_expired_jwt_is_renewed_before_the_call():
+    logins = []
+
+    def route(method, path, body, headers):
+        if path == "/login":
+            logins.append(1)
+            exp = 1 if len(logins) == 1 else 4_000_000_000
+            return 200, {"token": make_token(dict(CLAIMS, exp=exp))}
+        return 200, wrapped(b"ok")
+
+    api, handler = api_with(route)
+    api.login(CREDS)
+    assert api.get_resource("models", "m.small") == b"ok"
+    assert [c[1] for c in handler.calls] == ["/login", "/login", "/resources/get/models"]
+
+
+def test_503_and_connection_errors_are_retried_with_a_bound():
+    answers = iter([requests.ConnectionError("down"), (503, b""), (200, {"token": make_token(CLAIMS)})])
+    api, handler = api_with(lambda m, p, b, h: next(answers), attempts=3)
+    api.login(CREDS)
+    assert len(handler.calls) == 3
+
+    api2, handler2 = api_with(lambda m, p, b, h: (503, b""), attempts=3)
+    with pytest.raises(UpstreamError):
+        api2.login(CREDS)
+    assert len(handler2.calls) == 3
+
+
+def test_timeout_maps_to_upstream_timeout():
+    api, _ = api_with(lambda m, p, b, h: requests.ReadTimeout("slow"), attempts=2)
+    with pytest.raises(UpstreamTimeout):
+        api.login(CREDS)
+
+
+def test_cdn_yaml_is_fetched_once_per_session():
+    def route(method, path, body, headers):
+        if path == "/login":
+            return 200, {"token": make_token(CLAIMS)}
+        assert path == "/resources/get" and json.loads(body)["fileName"] == "cdn.yaml"
+        return 200, wrapped(b"host: http://s3\n")
+
+    api, handler = api_with(route)
+    api.login(CREDS)
+    assert api.cdn_yaml() == api.cdn_yaml() == "host: http://s3\n"
+    assert [c[1] for c in handler.calls] == ["/login", "/resources/get"]
+
+
+def test_answers_far_larger_than_a_small_part_are_refused():
+    def route(method, path, body, headers):
+        return (200, {"token": make_token(CLAIMS)}) if path == "/login" else (200, b"x" * (2 * 1024 * 1024))
+
+    api, _ = api_with(route)
+    api.login(CREDS)
+    with pytest.raises(UpstreamError):
+        api.get_resource("models", "m.small")
+
+
+def test_key_fragment_and_upload():
+    seen = {}
+
+    def route(method, path, body, headers):
+        if path == "/login":
+            return 200, {"token": make_token(CLAIMS)}
+        if path == "/binary-split/key-fragment":
+            return 200, b"\x01\x02fragment"
+        seen["upload"] = (path, body)
+        return 201, b""
+
+    api, _ = api_with(route)
+    api.login(CREDS)
+    assert api.key_fragment() == b"\x01\x02fragment"
+    api.upload("models", "m.small", b"SMALLPART")
+    path, body = seen["upload"]
+    assert path == "/resources/models" and b'name="data"; filename="m.small"' in body and b"SMALLPART" in body

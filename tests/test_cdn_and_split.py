@@ -1,0 +1,260 @@
+"""cdn_manager and binary_split against moto's in-process S3 and an in-memory Resource API."""
+
+import os
+import threading
+
+import boto3
+import pytest
+from moto import mock_aws
+
+import security
+from binary_split import ModelStore, small_size, validate_folder, validate_name
+from cdn_manager import BigPartCache, CdnConfig, CdnManager
+from errors import BadRequest, Forbidden, NotFound, NotLoggedIn, PayloadTooLarge, UpstreamError
+from user import User
+
+YAML = """host: http://127.0.0.1:1
+downloader_access_key: dk
+downloader_access_secret: ds-secret
+uploader_access_key: uk
+uploader_access_secret: us-secret
+"""
+
+
+class FakeApi:
+    """The Resource API as ModelStore sees it, in memory."""
+
+    def __init__(self, roles=("ResourceUploader",)):
+        self.user = User("1", "u@x", roles)
+        self.store = {}
+
+    def credentials(self):
+        if self.user is None:
+            raise NotLoggedIn()
+        return object()
+
+    def get_resource(self, folder, name):
+        try:
+            return self.store[(folder, name)]
+        except KeyError:
+            raise NotFound(f"no such resource: {folder}/{name}") from None
+
+    def upload(self, folder, name, data):
+        self.store[(folder, name)] = bytes(data)
+
+    def cdn_yaml(self):
+        return YAML
+
+
+class FlakyClient:
+    """Wraps an S3 client; the bodies of the first ``failures`` GETs raise after ``after`` bytes."""
+
+    def __init__(self, client, failures=0, after=0, end_early=False):
+        self._c, self.failures, self.after, self.end_early = client, failures, after, end_early
+        self.gets = []
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def get_object(self, **kw):
+        self.gets.append(kw.get("Range"))
+        r = self._c.get_object(**kw)
+        if self.failures > 0:
+            self.failures -= 1
+            r["Body"] = _Broken(r["Body"], self.after, self.end_early)
+        return r
+
+
+class _Broken:
+    def __init__(self, body, after, end_early):
+        self._data = body.read()[:after]
+        self.end_early = end_early
+
+    def iter_chunks(self, size):
+        yield self._data
+        if not self.end_early:
+            raise ConnectionResetError("cut")
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def s3():
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="models")
+        yield client
+
+
+def make_store(tmp_path, s3, roles=("ResourceUploader",), download_client=None, max_upload=None):
+    api = FakeApi(roles)
+    cache = BigPartCache(tmp_path / "cache", chunk_size=64 * 1024)
+    cdn = CdnManager(download_client=download_client or s3, upload_client=s3, chunk_size=64 * 1024)
+    return ModelStore(api, cache, cdn_factory=lambda text: cdn, max_upload=max_upload), api, cache
+
+
+def load(store, name="m.bin", folder="models"):
+    return b"".join(bytes(c) for c in store.load(folder, name))
+
+
+def test_config_from_yaml_hides_secrets():
+    cfg = CdnConfig.from_yaml(YAML)
+    assert cfg.downloader == ("dk", "ds-secret") and cfg.uploader == ("uk", "us-secret")
+    assert "secret" not in repr(cfg)
+    with pytest.raises(UpstreamError):
+        CdnConfig.from_yaml("host: x\n")
+    with pytest.raises(UpstreamError):
+        CdnConfig.from_yaml(": : [")
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", ".hidden", "", "x" * 129, "-a", "a\n", "a b"])
+def test_invalid_names_refused(name):
+    with pytest.raises(BadRequest):
+        validate_name(name)
+
+
+@pytest.mark.parametrize("folder", ["Models", "ab", "a_b", "../x", "a" * 64, "-ab", "models\n"])
+def test_invalid_folders_refused(folder):
+    with pytest.raises(BadRequest):
+        validate_folder(folder)
+
+
+def test_split_size_rule():
+    assert [small_size(n) for n in (0, 32, 100, 10239, 10240, 10 ** 9)] == [0, 9, 30, 3071, 3072, 3072]
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 10_000, 10_223, 10_224, 300_001])
+def test_upload_then_load_round_trip_and_split(tmp_path, s3, size):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(size)
+    up = store.begin_upload("m.bin")
+    for i in range(0, len(data), 4099):
+        up.write(data[i:i + 4099])
+    assert up.finish("models") == size
+    small = api.store[("models", "m.bin.small")]
+    big = s3.get_object(Bucket="models", Key="m.bin.big")["Body"].read()
+    blob_len = 16 + (size // 16 + 1) * 16
+    assert len(small) == small_size(blob_len) and len(small) + len(big) == blob_len
+    assert security.decrypt(security.resource_key(), small + big) == data
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+    assert not [p for p in (tmp_path / "cache").rglob("*.part")]
+    assert load(store) == data
+
+
+def publish(s3, api, data, name="m.bin"):
+    blob = security.encrypt(security.resource_key(), data)
+    k = small_size(len(blob))
+    api.store[("models", name + ".small")] = blob[:k]
+    s3.put_object(Bucket="models", Key=name + ".big", Body=blob[k:])
+    return blob[k:]
+
+
+def test_load_fills_the_cache_then_hits_it(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(200_000)
+    publish(s3, api, data)
+    assert load(store) == data
+    assert (cache.misses, cache.hits, cache.downloads) == (1, 0, 1)
+    assert load(store) == data
+    assert (cache.misses, cache.hits, cache.downloads) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("where", ["last", "middle"])
+def test_a_changed_cache_byte_is_detected_and_refetched(tmp_path, s3, where):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(100_000)
+    publish(s3, api, data)
+    load(store)
+    path = cache.path("models", "m.bin.big")
+    raw = bytearray(open(path, "rb").read())
+    i = len(raw) - 1 if where == "last" else len(raw) // 2
+    raw[i] ^= 0x55
+    open(path, "wb").write(raw)
+    assert load(store) == data
+    assert cache.downloads == 2
+
+
+def test_stale_cache_is_refreshed(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    publish(s3, api, b"old" * 5000)
+    assert load(store) == b"old" * 5000
+    publish(s3, api, b"new" * 6000)
+    assert load(store) == b"new" * 6000
+    assert cache.downloads == 2
+
+
+def test_offline_uses_the_verified_cache_only(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(50_000)
+    publish(s3, api, data)
+    load(store)
+    offline = CdnManager(config=CdnConfig.from_yaml(YAML))  # nothing listens on 127.0.0.1:1
+    store._cdn_factory = lambda text: offline
+    store._cdn_key = None
+    assert load(store) == data
+    cache.discard("models", "m.bin.big")
+    with pytest.raises(UpstreamError):
+        store.load("models", "m.bin")
+
+
+def test_interrupted_download_resumes_pinned_to_the_etag(tmp_path, s3):
+    flaky = FlakyClient(s3, failures=2, after=70_000)
+    store, api, _ = make_store(tmp_path, s3, download_client=flaky)
+    data = os.urandom(300_000)
+    publish(s3, api, data)
+    assert load(store) == data
+    assert flaky.gets == ["bytes=0-", "bytes=70000-", "bytes=140000-"]
+
+
+def test_a_body_that_ends_early_is_resumed_not_returned_short(tmp_path, s3):
+    flaky = FlakyClient(s3, failures=1, after=1000, end_early=True)
+    store, api, _ = make_store(tmp_path, s3, download_client=flaky)
+    data = os.urandom(100_000)
+    publish(s3, api, data)
+    assert load(store) == data
+    assert flaky.gets == ["bytes=0-", "bytes=1000-"]
+
+
+def test_a_transfer_that_keeps_breaking_fails_and_leaves_no_partial_file(tmp_path, s3):
+    flaky = FlakyClient(s3, failures=100, after=10)
+    store, api, cache = make_store(tmp_path, s3, download_client=flaky)
+    publish(s3, api, os.urandom(100_000))
+    with pytest.raises(UpstreamError):
+        load(store)
+    assert not list((tmp_path / "cache").rglob("*.part"))
+    assert not os.path.exists(cache.path("models", "m.bin.big"))
+
+
+def test_concurrent_loads_share_one_download(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(2_000_000)
+    publish(s3, api, data)
+    results, gate = [], threading.Barrier(8)
+
+    def worker():
+        gate.wait()
+        results.append(load(store))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert results == [data] * 8
+    assert cache.downloads == 1
+
+
+def test_missing_resource_is_not_found(tmp_path, s3):
+    store, _, _ = make_store(tmp_path, s3)
+    with pytest.raises(NotFound):
+        store.load("models", "nope.bin")
+
+
+def test_operator_may_not_upload_and_limit_is_enforced(tmp_path, s3):
+    store, _, _ = make_store(tmp_path, s3, roles=("Operator",))
+    with pytest.raises(Forbidden):
+        store.begin_upload("m.bin")
+    store, _, _ = make_store(tmp_path, s3, max_upload=1000)
+    up = store.begin_upload("m.bin")
+    with pytest.raises(PayloadTooLarge):
+        up.write(b"x" * 1001)
+    assert not list((tmp_path / "cache").rglob("*.part"))

@@ -1,0 +1,94 @@
+"""The loader as a real process (``python main.py``) on a free loopback port, for integration tests."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoaderProcess:
+    def __init__(self, workdir, **env):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.workdir / f"loader-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "LOADER_HOST": "127.0.0.1",
+            "LOADER_PORT": str(self.port),
+            "MODEL_CACHE_DIR": str(self.workdir / "cache"),
+            "IMAGES_PATH": str(self.workdir / "images.enc"),
+            "LOG_LEVEL": "INFO",
+            **{k: str(v) for k, v in env.items()},
+        }
+        self.proc = None
+
+    def start(self, timeout=20):
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "main.py")], cwd=ROOT, env=self.env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"loader exited with {self.proc.returncode}: {self.log()[-2000:]}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                time.sleep(0.05)
+        raise RuntimeError("loader did not answer /health in time")
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def kill(self):
+        self.stop(signal.SIGKILL)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def post(self, path, **kw):
+        kw.setdefault("timeout", 120)
+        return requests.post(self.url + path, **kw)
+
+    def get(self, path, **kw):
+        kw.setdefault("timeout", 30)
+        return requests.get(self.url + path, **kw)
+
+    def login(self, email, password):
+        return self.post("/login", json={"email": email, "password": password})
+
+    def load(self, name, folder, **kw):
+        return self.post(f"/load/{name}", json={"folder": folder}, **kw)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

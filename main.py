@@ -199,13 +199,13 @@ async def login(body: Credentials, svc: Svc):
     return {"status": "ok", "user": user.to_dict()}
 
 
-@app.post("/load/{filename}")
+@app.post("/load/{filename:path}")
 async def load(filename: str, body: LoadRequest, svc: Svc):
     chunks = await run_in_threadpool(svc.store.load, body.folder, filename)
     return StreamingResponse(svc.count_loaded(chunks), media_type="application/octet-stream")
 
 
-@app.post("/upload/{filename}")
+@app.post("/upload/{filename:path}")
 async def upload(filename: str, request: Request, svc: Svc):
     size = await receive_upload(request, svc, filename, settings().max_upload_bytes)
     svc.bytes_uploaded += size

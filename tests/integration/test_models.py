@@ -1,0 +1,247 @@
+"""Contract section 4 for /login, /load and /upload, against the real reference API and SeaweedFS."""
+
+import hashlib
+import http.client
+import json
+import os
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.integration.conftest import PASSWORD
+from tests.support.loader import LoaderProcess, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def name():
+    return f"m-{os.urandom(4).hex()}.bin"
+
+
+def test_login_returns_the_user_from_the_jwt(loader, user):
+    r = loader.login(user, PASSWORD)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["user"]["email"] == user and body["user"]["role"] == "Operator"
+    assert body["user"]["id"]
+    assert loader.get("/status").json()["authenticated"] is True
+
+
+def test_wrong_password_is_401_and_never_echoed(loader, user):
+    r = loader.login(user, "wrong-Pa55word")
+    assert r.status_code == 401
+    assert "wrong-Pa55word" not in r.text and "Traceback" not in r.text
+
+
+@pytest.mark.parametrize("body", [{"email": "a@b"}, {"password": "x"}, {}, [1], "text"])
+def test_malformed_login_is_422_with_a_text_detail(loader, body):
+    r = loader.post("/login", json=body)
+    assert r.status_code == 422 and isinstance(r.json()["detail"], str)
+
+
+def test_api_down_is_502(tmp_path, proxy, user):
+    with LoaderProcess(tmp_path, RESOURCE_API_URL=f"http://127.0.0.1:{free_port()}") as dead:
+        r = dead.login(user, PASSWORD)
+    assert r.status_code == 502 and "unreachable" in r.json()["detail"]
+
+
+def test_load_needs_login(loader, stack):
+    r = loader.load("anything.bin", "models")
+    assert r.status_code == 401
+
+
+def test_load_is_byte_identical_and_cached(loader, stack, user, proxy):
+    data = os.urandom(5 * 1024 * 1024 + 3)
+    n = name()
+    stack.publish("models", n, data)
+    assert loader.login(user, PASSWORD).status_code == 200
+    r = loader.load(n, "models")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    assert r.content == data
+    assert proxy.count("GET", f"/models/{n}.big") == 1
+    assert loader.load(n, "models").content == data
+    assert proxy.count("GET", f"/models/{n}.big") == 1  # second load from the cache
+
+
+def tmp_cache_file(loader, folder, n):
+    return os.path.join(loader.env["MODEL_CACHE_DIR"], folder, n + ".big")
+
+
+def test_large_model_loads_byte_identical(loader, stack, user, tmp_path):
+    path = tmp_path / "big.bin"
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(300):
+            block = os.urandom(1024 * 1024)
+            digest.update(block)
+            f.write(block)
+    n = name()
+    stack.publish("models", n, path)
+    loader.login(user, PASSWORD)
+    got, size = hashlib.sha256(), 0
+    with loader.load(n, "models", stream=True) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_content(1024 * 1024):
+            got.update(chunk)
+            size += len(chunk)
+    assert size == 300 * 1024 * 1024 and got.hexdigest() == digest.hexdigest()
+
+
+def test_expired_token_is_renewed_transparently(loader, stack, user):
+    data = os.urandom(10_000)
+    n = name()
+    stack.publish("models", n, data)
+    stack.set_token_ttl(1)
+    try:
+        loader.login(user, PASSWORD)
+        time.sleep(2.2)
+        stack.reset_counters()
+        r = loader.load(n, "models")
+        assert r.status_code == 200 and r.content == data
+        assert stack.counters().get("POST /login", 0) >= 1
+    finally:
+        stack.set_token_ttl(3600)
+
+
+def test_hardware_mismatch_is_409(loader, stack, user):
+    n = name()
+    stack.publish("models", n, b"x" * 100)
+    token = requests.post(stack.api_url + "/login", json={"email": user, "password": PASSWORD}).json()["token"]
+    # Bind the account to another machine first, as if it had been used there.
+    requests.post(stack.api_url + "/resources/get/models", headers={"Authorization": f"Bearer {token}"},
+                  json={"fileName": n + ".small", "password": PASSWORD, "hardware": "CPU: other machine"})
+    loader.login(user, PASSWORD)
+    r = loader.load(n, "models")
+    assert r.status_code == 409 and "hardware" in r.json()["detail"]
+
+
+def test_missing_resource_is_404(loader, user):
+    loader.login(user, PASSWORD)
+    r = loader.load("no-such-model.bin", "models")
+    assert r.status_code == 404
+
+
+@pytest.mark.parametrize("path,folder", [
+    ("../../etc/passwd", "models"), ("..%2F..%2Fetc%2Fpasswd", "models"), ("a/b", "models"),
+    (".hidden", "models"), ("m.bin", "../etc"), ("m.bin", "Models"), ("m.bin", "a"), ("x" * 129, "models"),
+])
+def test_traversal_and_invalid_names_are_400(loader, user, path, folder, proxy):
+    loader.login(user, PASSWORD)
+    proxy.reset_counts()
+    # http.client sends the path as written; requests/urllib3 would remove the dot segments first.
+    conn = http.client.HTTPConnection("127.0.0.1", loader.port, timeout=30)
+    conn.request("POST", f"/load/{path}", body=json.dumps({"folder": folder}),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 400, body
+    assert isinstance(body["detail"], str)
+    assert proxy.counts() == {}
+
+
+def test_cdn_cut_mid_transfer_is_resumed(loader, stack, user, proxy):
+    data = os.urandom(20 * 1024 * 1024)
+    n = name()
+    stack.publish("models", n, data)
+    loader.login(user, PASSWORD)
+    proxy.cut_next(3 * 1024 * 1024, method="GET", path=f"/models/{n}.big")
+    r = loader.load(n, "models")
+    assert r.status_code == 200 and r.content == data
+    ranges = [s.headers.get("range") for s in proxy.seen() if s.method == "GET"]
+    assert len(ranges) == 2 and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
+    assert all(s.headers.get("if-match") for s in proxy.seen() if s.method == "GET")
+
+
+def test_cache_is_used_while_the_cdn_is_offline(loader, stack, user, proxy):
+    data = os.urandom(1024 * 1024)
+    n = name()
+    stack.publish("models", n, data)
+    loader.login(user, PASSWORD)
+    assert loader.load(n, "models").content == data
+    proxy.drop_next(None)
+    r = loader.load(n, "models")
+    assert r.status_code == 200 and r.content == data
+    other = name()
+    stack.publish("models", other, b"never cached")
+    assert loader.load(other, "models").status_code == 502
+
+
+def test_stale_cache_is_refreshed(loader, stack, user):
+    n = name()
+    stack.publish("models", n, b"version one" * 1000)
+    loader.login(user, PASSWORD)
+    assert loader.load(n, "models").content == b"version one" * 1000
+    stack.publish("models", n, b"version two!" * 1200)
+    assert loader.load(n, "models").content == b"version two!" * 1200
+
+
+@pytest.mark.parametrize("where", ["last", "middle"])
+def test_changed_cache_file_is_detected_and_refetched(loader, stack, user, proxy, where):
+    data = os.urandom(2 * 1024 * 1024)
+    n = name()
+    stack.publish("models", n, data)
+    loader.login(user, PASSWORD)
+    assert loader.load(n, "models").content == data
+    path = tmp_cache_file(loader, "models", n)
+    with open(path, "r+b") as f:
+        f.seek(0, os.SEEK_END)
+        pos = f.tell() - 1 if where == "last" else f.tell() // 2
+        f.seek(pos)
+        byte = f.read(1)
+        f.seek(pos)
+        f.write(bytes([byte[0] ^ 0x01]))
+    r = loader.load(n, "models")
+    assert r.status_code == 200 and r.content == data
+    assert proxy.count("GET", f"/models/{n}.big") == 2
+
+
+def test_uploader_uploads_and_operator_gets_403(loader, stack, user, uploader):
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    n = name()
+    loader.login(user, PASSWORD)
+    r = loader.post(f"/upload/{n}", files={"data": (n, data)}, data={"folder": "models"})
+    assert r.status_code == 403
+    loader.login(uploader, PASSWORD)
+    r = loader.post(f"/upload/{n}", files={"data": (n, data)}, data={"folder": "models"})
+    assert r.status_code == 200 and r.json() == {"status": "ok", "size": len(data)}
+    assert loader.load(n, "models").content == data
+    # The upload is readable by anyone else through the contract alone (small from the API, big from S3).
+    small = stack.admin.get_file("models", n + ".small")
+    big = stack.s3_admin_client().get_object(Bucket="models", Key=n + ".big")["Body"].read()
+    from devstack import crypto
+
+    assert len(small) == 3072 and crypto.decrypt(crypto.resource_key(), small + big) == data
+
+
+def test_upload_with_folder_first_and_bad_folder(loader, uploader):
+    loader.login(uploader, PASSWORD)
+    n = name()
+    files = [("folder", (None, "models")), ("data", (n, b"tiny"))]
+    r = loader.post(f"/upload/{n}", files=files)
+    assert r.status_code == 200 and r.json()["size"] == 4
+    assert loader.load(n, "models").content == b"tiny"
+    r = loader.post(f"/upload/{n}", files={"data": (n, b"x")}, data={"folder": "../etc"})
+    assert r.status_code == 400
+    r = loader.post(f"/upload/{n}", files={"data": (n, b"x")})
+    assert r.status_code == 400
+
+
+def test_parallel_loads_share_one_cdn_download(loader, stack, user, proxy):
+    data = os.urandom(30 * 1024 * 1024)
+    n = name()
+    stack.publish("models", n, data)
+    loader.login(user, PASSWORD)
+    results, gate = [None] * 10, threading.Barrier(10)
+
+    def fetch(i):
+        gate.wait()
+        results[i] = loader.load(n, "models").content
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(10)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert all(r == data for r in results)
+    assert proxy.count("GET", f"/models/{n}.big") == 1

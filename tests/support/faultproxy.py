@@ -1,0 +1,413 @@
+"""A reverse proxy for tests that forwards HTTP/1.1 faithfully and breaks it on request.
+
+Put it between the loader and SeaweedFS or the Resource API by giving the client ``proxy.url`` as its
+endpoint. Requests go upstream byte for byte (method, target, headers in their order and case, the Host
+the client signed for SigV4, Range and If-Match), bodies stream both ways in 64 KiB pieces, so a 1 GiB
+transfer passes in constant memory. Each connection carries one exchange (``Connection: close``).
+
+Faults apply to the next ``n`` requests that match a method and a shell pattern over the path
+(``n=None``: every matching request until ``clear_faults``):
+
+    proxy.cut_next(after_bytes=1 << 20)   # the CDN drops the line 1 MiB into the body
+    proxy.truncate_next()                 # full Content-Length announced, half the body sent
+    proxy.fail_next(503, n=2)             # answered by the proxy, never reaching upstream
+    proxy.delay_next(5.0)                 # upstream answers, 5 s late
+    proxy.drop_next()                     # connection closed before any answer
+
+Standard library only: the proxy must not share a failure mode with the clients it is testing.
+"""
+
+import contextlib
+import fnmatch
+import socket
+import socketserver
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+PIECE = 64 * 1024
+MAX_HEAD = 64 * 1024
+REASONS = {
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+S3_CODES = {500: "InternalError", 503: "ServiceUnavailable", 403: "AccessDenied", 404: "NoSuchKey"}
+
+
+class _Closed(Exception):
+    """A peer went away mid-exchange; the handler just ends."""
+
+
+@dataclass
+class Fault:
+    kind: str  # status | cut | truncate | delay | drop
+    method: str | None
+    path: str
+    remaining: int | None
+    status: int = 503
+    after_bytes: int = 0
+    seconds: float = 0.0
+    reset: bool = False
+    body: bytes | None = None
+
+    def matches(self, method: str, path: str) -> bool:
+        return (self.method is None or self.method == method) and fnmatch.fnmatchcase(path, self.path)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as it arrived: header names lower-cased, values as sent."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+
+
+# --- HTTP/1.1 framing ----------------------------------------------------------------------------
+
+
+def _read_head(rfile: BinaryIO) -> list[bytes] | None:
+    """The start line and header lines, without line ends; None when the peer closed first."""
+    lines, size = [], 0
+    while True:
+        line = rfile.readline(MAX_HEAD)
+        if not line:
+            if lines:
+                raise _Closed("head cut short")
+            return None
+        size += len(line)
+        if size > MAX_HEAD:
+            raise _Closed("head too large")
+        line = line.rstrip(b"\r\n")
+        if not line:
+            if lines:
+                return lines
+            continue  # stray CRLF between messages
+        lines.append(line)
+
+
+def _header(lines: list[bytes], name: bytes) -> str | None:
+    for line in lines[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip().decode("latin-1")
+    return None
+
+
+def _without(lines: list[bytes], *names: bytes) -> list[bytes]:
+    return [lines[0]] + [ln for ln in lines[1:] if ln.partition(b":")[0].strip().lower() not in names]
+
+
+def _encode_head(lines: list[bytes]) -> bytes:
+    return b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+
+
+def _fixed(rfile: BinaryIO, length: int) -> Iterator[bytes]:
+    while length > 0:
+        piece = rfile.read1(min(PIECE, length))
+        if not piece:
+            raise _Closed("body cut short")
+        length -= len(piece)
+        yield piece
+
+
+def _until_eof(rfile: BinaryIO) -> Iterator[bytes]:
+    while piece := rfile.read1(PIECE):
+        yield piece
+
+
+def _chunked(rfile: BinaryIO) -> Iterator[bytes]:
+    """The raw chunked encoding, framing included, up to and including the trailer's blank line."""
+    while True:
+        size_line = rfile.readline(MAX_HEAD)
+        if not size_line:
+            raise _Closed("chunked body cut short")
+        yield size_line
+        size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            while True:
+                trailer = rfile.readline(MAX_HEAD)
+                if not trailer:
+                    raise _Closed("chunked trailer cut short")
+                yield trailer
+                if trailer in (b"\r\n", b"\n"):
+                    return
+        yield from _fixed(rfile, size + 2)  # the data and its CRLF
+
+
+def _body(rfile: BinaryIO, head: list[bytes], *, request: bool, no_body: bool = False) -> Iterator[bytes]:
+    if no_body:
+        return iter(())
+    if "chunked" in (_header(head, b"transfer-encoding") or "").lower():
+        return _chunked(rfile)
+    length = _header(head, b"content-length")
+    if length is not None:
+        return _fixed(rfile, int(length))
+    # A request without framing has no body; a response without framing runs to the end of the stream.
+    return iter(()) if request else _until_eof(rfile)
+
+
+# --- the proxy -----------------------------------------------------------------------------------
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, *, host: str = "127.0.0.1", port: int = 0, timeout: float = 120.0):
+        """``upstream``: ``http://host:port`` of the real server."""
+        self.set_upstream(upstream)
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._seen: list[Seen] = []
+        self._server: socketserver.ThreadingTCPServer | None = None
+        self._live: set[socket.socket] = set()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def set_upstream(self, upstream: str) -> None:
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname, parts.port or 80)
+
+    def start(self) -> "FaultProxy":
+        """Starts listening; after a ``stop`` it comes back on the same port."""
+        proxy = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                proxy._handle(self.request)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server = Server((self.host, self.port), Handler)
+        self.port = self._server.server_address[1]
+        threading.Thread(
+            target=self._server.serve_forever, name=f"faultproxy-{self.port}", daemon=True
+        ).start()
+        return self
+
+    def stop(self) -> None:
+        """Stops listening and cuts every exchange in flight (clients then see connection refused)."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
+        with self._lock:
+            live, self._live = list(self._live), set()
+        for sock in live:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> "FaultProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- what went through ----------------------------------------------------------------------
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Requests per ``(method, path)``, the path without its query string."""
+        with self._lock:
+            return dict(self._counts)
+
+    def count(self, method: str, path: str) -> int:
+        with self._lock:
+            return self._counts[(method, path)]
+
+    def seen(self) -> list[Seen]:
+        with self._lock:
+            return list(self._seen)
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self._seen.clear()
+
+    # --- faults ---------------------------------------------------------------------------------
+
+    def _add(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults.append(fault)
+
+    def fail_next(
+        self,
+        status: int = 503,
+        n: int | None = 1,
+        *,
+        method: str | None = None,
+        path: str = "*",
+        body: bytes | None = None,
+    ) -> None:
+        """Answer ``status`` from the proxy itself; the default body is an S3-style XML error."""
+        self._add(Fault("status", method, path, n, status=status, body=body))
+
+    def cut_next(
+        self,
+        after_bytes: int,
+        n: int | None = 1,
+        *,
+        method: str | None = None,
+        path: str = "*",
+        reset: bool = False,
+    ) -> None:
+        """Forward the response head and ``after_bytes`` of its body, then close (``reset``: with a RST)."""
+        self._add(Fault("cut", method, path, n, after_bytes=after_bytes, reset=reset))
+
+    def truncate_next(self, n: int | None = 1, *, method: str | None = None, path: str = "*") -> None:
+        """Forward the real Content-Length but only half the body, then close cleanly."""
+        self._add(Fault("truncate", method, path, n))
+
+    def delay_next(
+        self, seconds: float, n: int | None = 1, *, method: str | None = None, path: str = "*"
+    ) -> None:
+        self._add(Fault("delay", method, path, n, seconds=seconds))
+
+    def drop_next(self, n: int | None = 1, *, method: str | None = None, path: str = "*") -> None:
+        """Close the connection without any answer."""
+        self._add(Fault("drop", method, path, n))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def _arrive(self, method: str, path: str, query: str, head: list[bytes]) -> Fault | None:
+        headers = {}
+        for line in head[1:]:
+            key, _, value = line.partition(b":")
+            headers[key.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        with self._lock:
+            self._counts[(method, path)] += 1
+            self._seen.append(Seen(method, path, query, headers))
+            for fault in self._faults:
+                if fault.matches(method, path):
+                    if fault.remaining is not None:
+                        fault.remaining -= 1
+                        if fault.remaining <= 0:
+                            self._faults.remove(fault)
+                    return fault
+        return None
+
+    # --- one exchange ---------------------------------------------------------------------------
+
+    def _handle(self, client: socket.socket) -> None:
+        opened = [client]
+        with self._lock:
+            self._live.add(client)
+        try:
+            client.settimeout(self.timeout)
+            self._exchange(client, opened)
+        except (_Closed, OSError, ValueError):
+            pass  # one side went away or spoke garbage: the exchange is over either way
+        finally:
+            with self._lock:
+                self._live.difference_update(opened)
+            for sock in reversed(opened):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _exchange(self, client: socket.socket, opened: list[socket.socket]) -> None:
+        # makefile() objects keep the descriptor open after sock.close(); closing them with the exchange
+        # makes a cut reach the client at once.
+        with client.makefile("rb", buffering=PIECE) as crfile:
+            head = _read_head(crfile)
+            if head is None:
+                return
+            method, target, _ = head[0].decode("latin-1").split(" ", 2)
+            path, _, query = target.partition("?")
+            fault = self._arrive(method, path, query, head)
+            kind = fault.kind if fault else None
+            if kind == "drop":
+                return
+            if kind == "delay":
+                time.sleep(fault.seconds)
+            expects_continue = (_header(head, b"expect") or "").lower() == "100-continue"
+            if kind == "status":
+                if not expects_continue:  # a client that asked first sends no body after a refusal
+                    for _ in _body(crfile, head, request=True):
+                        pass
+                client.sendall(self._status_response(fault, method))
+                client.shutdown(socket.SHUT_WR)
+                return
+            upstream = socket.create_connection(self.upstream, timeout=self.timeout)
+            opened.append(upstream)
+            with self._lock:
+                self._live.add(upstream)
+            # The proxy answers 100 Continue itself: Expect and Connection are outside SigV4's signed
+            # headers, so dropping one and setting the other leaves the signature valid.
+            if expects_continue:
+                client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            upstream.sendall(_encode_head(_without(head, b"expect", b"connection") + [b"Connection: close"]))
+            for piece in _body(crfile, head, request=True):
+                upstream.sendall(piece)
+            with upstream.makefile("rb", buffering=PIECE) as urfile:
+                self._relay_response(method, urfile, client, fault)
+
+    def _relay_response(
+        self, method: str, urfile: BinaryIO, client: socket.socket, fault: Fault | None
+    ) -> None:
+        while True:
+            head = _read_head(urfile)
+            if head is None:
+                raise _Closed("upstream closed before answering")
+            status = int(head[0].split()[1])
+            if not 100 <= status < 200:
+                break  # interim answers were already given to the client by the proxy
+        no_body = method == "HEAD" or status in (204, 304)
+        body = _body(urfile, head, request=False, no_body=no_body)
+        limit = None
+        if fault is not None and fault.kind == "cut":
+            limit = fault.after_bytes
+        elif fault is not None and fault.kind == "truncate":
+            limit = int(_header(head, b"content-length") or 0) // 2
+        client.sendall(_encode_head(_without(head, b"connection") + [b"Connection: close"]))
+        sent = 0
+        for piece in body:
+            if limit is not None and sent + len(piece) >= limit:
+                client.sendall(piece[: limit - sent])
+                self._abort(client, fault.reset)
+                return
+            client.sendall(piece)
+            sent += len(piece)
+
+    @staticmethod
+    def _abort(client: socket.socket, reset: bool) -> None:
+        if reset:
+            # SO_LINGER 0: close() sends RST, as a crashed middlebox would.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        else:
+            client.shutdown(socket.SHUT_WR)
+
+    @staticmethod
+    def _status_response(fault: Fault, method: str) -> bytes:
+        code = S3_CODES.get(fault.status, "InjectedFault")
+        body = (
+            fault.body
+            if fault.body is not None
+            else (
+                f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                f"<Message>injected by faultproxy</Message></Error>"
+            ).encode()
+        )
+        head = [
+            f"HTTP/1.1 {fault.status} {REASONS.get(fault.status, 'Injected')}".encode(),
+            b"Content-Type: application/xml",
+            f"Content-Length: {len(body)}".encode(),
+            b"Connection: close",
+        ]
+        return _encode_head(head) + (b"" if method == "HEAD" else body)

@@ -1,0 +1,436 @@
+"""The dev stack itself: the reference Resource API against contract section 3, the publisher's split
+against section 2, SeaweedFS's identities, and the fault proxy. One stack serves the whole module."""
+
+import base64
+import hashlib
+import io
+import subprocess
+import time
+import tracemalloc
+import uuid
+
+import boto3
+import jwt
+import pytest
+import requests
+import yaml
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from devstack import crypto
+from devstack.seaweed import SeaweedFS
+from devstack.seed import DEMO_MODEL_SHA256, DEMO_USERS, seed
+from devstack.split import small_size
+from devstack.stack import Stack
+from tests.support.faultproxy import FaultProxy
+
+pytestmark = pytest.mark.integration
+
+LONG_ID = "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier"
+LONG_EMAIL = "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/name"
+LONG_ROLE = "http://schemas.microsoft.com/ws/2008/06/identity/claims/role"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with Stack(tmp_path_factory.mktemp("stack")) as s:
+        yield s
+
+
+@pytest.fixture
+def http():
+    session = requests.Session()
+    session.trust_env = False
+    return session
+
+
+@pytest.fixture
+def account(stack):
+    """A fresh account per test, so hardware bindings never leak between tests."""
+    email, password = f"{uuid.uuid4().hex[:8]}@test.local", "pa55-" + uuid.uuid4().hex
+    stack.add_user(email, password, ["Operator"])
+    return email, password
+
+
+def login(http, stack, email, password) -> str:
+    response = http.post(f"{stack.api_url}/login", json={"email": email, "password": password}, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()["token"]
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def get_resource(http, stack, token, folder, name, password, hardware):
+    url = f"{stack.api_url}/resources/get" + (f"/{folder}" if folder else "")
+    body = {"fileName": name, "password": password, "hardware": hardware}
+    return http.post(url, json=body, headers=bearer(token), timeout=10)
+
+
+# --- crypto ----------------------------------------------------------------------------------------
+
+
+def test_blob_is_what_openssl_writes(openssl):
+    key, iv, plain = crypto.resource_key(), bytes(range(16)), b"azaion" * 1000
+    expected = subprocess.run(
+        [openssl, "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex()],
+        input=plain,
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert crypto.encrypt(key, plain, iv) == iv + expected
+    assert crypto.decrypt(key, iv + expected) == plain
+    assert len(iv + expected) == crypto.encrypted_size(len(plain))
+
+
+def test_key_strings_follow_the_contract():
+    digest = hashlib.sha384(b"Azaion_HW_%$$$)0_").digest()
+    assert crypto.hardware_hash("HW") == base64.b64encode(digest).decode()
+    assert crypto.api_key_string("e", "p", "HW") == f"e-p-{crypto.hardware_hash('HW')}-#%@AzaionKey@%#---"
+    assert crypto.resource_key() == hashlib.sha256(b"azaion-loader/resource-key/v1").digest()
+
+
+# --- login -----------------------------------------------------------------------------------------
+
+
+def test_login_issues_a_jwt_with_the_net_claims(stack, http, account):
+    email, password = account
+    claims = jwt.decode(login(http, stack, email, password), options={"verify_signature": False})
+    assert claims[LONG_EMAIL] == email
+    assert claims[LONG_ROLE] == "Operator"
+    assert claims[LONG_ID]
+    assert claims["exp"] > time.time()
+
+
+def test_several_roles_are_a_list_and_short_claims_are_a_switch(stack, http):
+    stack.add_user("multi@test.local", "pw", ["Operator", "Validator"])
+    claims = jwt.decode(login(http, stack, "multi@test.local", "pw"), options={"verify_signature": False})
+    assert claims[LONG_ROLE] == ["Operator", "Validator"]
+    stack.set_claims_style("short")
+    try:
+        claims = jwt.decode(login(http, stack, "multi@test.local", "pw"), options={"verify_signature": False})
+        assert claims["unique_name"] == "multi@test.local" and claims["role"] == ["Operator", "Validator"]
+        assert claims["nameid"]
+    finally:
+        stack.set_claims_style("long")
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        ({"email": "nobody@test.local", "password": "x"}, 401),
+        ({"email": "multi@test.local", "password": "wrong"}, 401),
+        ({"email": "multi@test.local"}, 422),
+    ],
+)
+def test_login_refusals(stack, http, body, status):
+    stack.add_user("multi@test.local", "pw", ["Operator", "Validator"])
+    assert http.post(f"{stack.api_url}/login", json=body, timeout=10).status_code == status
+
+
+def test_an_expired_token_is_401(stack, http, account):
+    stack.set_token_ttl(1)
+    try:
+        token = login(http, stack, *account)
+        time.sleep(2.1)
+        response = http.get(f"{stack.api_url}/binary-split/key-fragment", headers=bearer(token), timeout=10)
+        assert response.status_code == 401
+    finally:
+        stack.set_token_ttl(3600)
+
+
+# --- resources -------------------------------------------------------------------------------------
+
+
+def test_resource_get_statuses_and_hardware_binding(stack, http, account):
+    email, password = account
+    stack.put_file("models", "thing.small", b"the small part")
+    token = login(http, stack, email, password)
+
+    assert http.post(f"{stack.api_url}/resources/get/models", json={}, timeout=10).status_code == 401
+    assert get_resource(http, stack, token, "models", "thing.small", "wrong", "HW-A").status_code == 403
+    ok = get_resource(http, stack, token, "models", "thing.small", password, "HW-A")
+    assert ok.status_code == 200 and ok.headers["content-type"] == "application/octet-stream"
+    assert crypto.decrypt(crypto.api_key(email, password, "HW-A"), ok.content) == b"the small part"
+    assert get_resource(http, stack, token, "models", "thing.small", password, "HW-B").status_code == 409
+    assert get_resource(http, stack, token, "models", "missing.small", password, "HW-A").status_code == 404
+    assert get_resource(http, stack, token, "models", "..", password, "HW-A").status_code == 400
+    assert next(u for u in stack.admin.users() if u["email"] == email)["hardware"] == "HW-A"
+
+    stack.reset_hardware(email)
+    assert get_resource(http, stack, token, "models", "thing.small", password, "HW-B").status_code == 200
+
+
+def test_cdn_yaml_is_a_root_resource(stack, http, account):
+    email, password = account
+    token = login(http, stack, email, password)
+    response = get_resource(http, stack, token, None, "cdn.yaml", password, "HW")
+    cdn = yaml.safe_load(crypto.decrypt(crypto.api_key(email, password, "HW"), response.content))
+    assert cdn["host"] == stack.s3_endpoint
+    assert {
+        "downloader_access_key",
+        "downloader_access_secret",
+        "uploader_access_key",
+        "uploader_access_secret",
+    } <= set(cdn)
+
+
+def test_upload_needs_an_uploading_role(stack, http, account):
+    token = login(http, stack, *account)
+    files = {"data": ("up.small", b"uploaded bytes")}
+    assert (
+        http.post(
+            f"{stack.api_url}/resources/models", files=files, headers=bearer(token), timeout=10
+        ).status_code
+        == 403
+    )
+
+    stack.add_user("uploader@test.local", "pw", ["ResourceUploader"])
+    token = login(http, stack, "uploader@test.local", "pw")
+    response = http.post(f"{stack.api_url}/resources/models", files=files, headers=bearer(token), timeout=10)
+    assert response.status_code == 201
+    assert stack.admin.get_file("models", "up.small") == b"uploaded bytes"
+
+
+def test_key_fragment(stack, http, account):
+    token = login(http, stack, *account)
+    url = f"{stack.api_url}/binary-split/key-fragment"
+    stack.set_key_fragment(None)
+    assert http.get(url, headers=bearer(token), timeout=10).status_code == 404
+    stack.set_key_fragment(b"\x00fragment\xff")
+    response = http.get(url, headers=bearer(token), timeout=10)
+    assert response.status_code == 200 and response.content == b"\x00fragment\xff"
+    assert http.get(url, timeout=10).status_code == 401
+
+
+# --- the split -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 1000, 10207, 10208, 3 * 1024 * 1024 + 5])
+def test_publish_splits_by_the_k_rule(stack, size):
+    data = hashlib.shake_256(str(size).encode()).digest(size)
+    published = stack.publish("splits", f"r{size}.bin", data)
+    encrypted = crypto.encrypted_size(size)
+    assert published.encrypted_size == encrypted
+    assert published.small_size == min(3072, int(encrypted * 3 // 10))
+
+    small = stack.admin.get_file("splits", f"r{size}.bin.small")
+    big = stack.s3_admin_client().get_object(Bucket="splits", Key=f"r{size}.bin.big")["Body"].read()
+    assert (len(small), len(big)) == (published.small_size, encrypted - published.small_size)
+    assert crypto.decrypt(crypto.resource_key(), small + big) == data
+
+
+def test_small_size_switches_to_the_cap_at_10240():
+    assert small_size(10239) == 3071 and small_size(10240) == 3072 and small_size(10**9) == 3072
+
+
+# --- S3 identities ---------------------------------------------------------------------------------
+
+
+def test_downloader_reads_uploader_writes(stack):
+    stack.publish("perms", "p.bin", b"x" * 100)
+    downloader, uploader = stack.s3_client("downloader"), stack.s3_client("uploader")
+    assert downloader.get_object(Bucket="perms", Key="p.bin.big")["Body"].read()
+    with pytest.raises(ClientError) as refused:
+        downloader.put_object(Bucket="perms", Key="evil", Body=b"no")
+    assert refused.value.response["Error"]["Code"] == "AccessDenied"
+    uploader.put_object(Bucket="perms", Key="fine", Body=b"yes")
+    assert downloader.get_object(Bucket="perms", Key="fine")["Body"].read() == b"yes"
+    with pytest.raises(ClientError):
+        uploader.create_bucket(Bucket="not-for-uploaders")
+
+
+# --- counters and faults of the API ----------------------------------------------------------------
+
+
+def test_counters_and_injected_faults(stack, http, account):
+    email, password = account
+    stack.reset_counters()
+    stack.set_fault("POST /login", status=503, count=2)
+    statuses = [
+        http.post(f"{stack.api_url}/login", json={"email": email, "password": password}).status_code
+        for _ in range(3)
+    ]
+    assert statuses == [503, 503, 200]
+    assert stack.counters() == {"POST /login": 3}
+
+    stack.set_fault("POST /login", garbage="not_jwt")
+    assert http.post(f"{stack.api_url}/login", json={"email": email, "password": password}).json() == {
+        "token": "this-is-not-a-jwt"
+    }
+    stack.set_fault("POST /resources/get*", status=502, garbage="html", count=None)
+    token = login(http, stack, email, password)
+    for folder in (None, "models"):
+        response = get_resource(http, stack, token, folder, "x", password, "HW")
+        assert response.status_code == 502 and response.text.startswith("<html>")
+    stack.clear_faults()
+    stack.set_fault("GET /binary-split/key-fragment", delay=0.5)
+    started = time.monotonic()
+    http.get(f"{stack.api_url}/binary-split/key-fragment", headers=bearer(token), timeout=10)
+    assert time.monotonic() - started >= 0.5
+
+
+def test_api_restart_keeps_its_state(stack, http, account):
+    email, password = account
+    token = login(http, stack, email, password)
+    stack.put_file("models", "keep.small", b"kept")
+    assert get_resource(http, stack, token, "models", "keep.small", password, "HW-1").status_code == 200
+    stack.stop_api()
+    with pytest.raises(requests.ConnectionError):
+        http.post(f"{stack.api_url}/login", json={"email": email, "password": password}, timeout=2)
+    stack.start_api()
+    assert get_resource(http, stack, token, "models", "keep.small", password, "HW-1").status_code == 200
+    assert get_resource(http, stack, token, "models", "keep.small", password, "HW-2").status_code == 409
+
+
+def test_seed_is_repeatable(stack, http):
+    first = seed(stack)
+    again = seed(stack)
+    assert again.key_fragment == first.key_fragment
+    email, (password, _) = next(iter(DEMO_USERS.items()))
+    token = login(http, stack, email, password)
+    small_blob = get_resource(http, stack, token, "models", "demo-model.bin.small", password, "HW")
+    small = crypto.decrypt(crypto.api_key(email, password, "HW"), small_blob.content)
+    big = stack.s3_client("downloader").get_object(Bucket="models", Key="demo-model.bin.big")["Body"].read()
+    assert hashlib.sha256(crypto.decrypt(crypto.resource_key(), small + big)).hexdigest() == DEMO_MODEL_SHA256
+
+
+# --- the fault proxy in front of SeaweedFS ---------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(stack):
+    with FaultProxy(stack.s3_endpoint) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def blob_object(stack):
+    data = hashlib.shake_256(b"proxy").digest(2 * 1024 * 1024)
+    stack.s3_admin_client().create_bucket(Bucket="proxied")
+    stack.s3_admin_client().put_object(Bucket="proxied", Key="o.big", Body=data)
+    return data
+
+
+def proxied_client(stack, proxy, identity="downloader"):
+    c = stack.s3.credentials[identity]
+    return boto3.client(
+        "s3",
+        endpoint_url=proxy.url,
+        region_name="us-east-1",
+        aws_access_key_id=c["access_key"],
+        aws_secret_access_key=c["secret_key"],
+        config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
+    )
+
+
+def test_proxy_forwards_signed_requests_with_range_and_if_match(stack, proxy, blob_object):
+    s3 = proxied_client(stack, proxy)
+    etag = s3.head_object(Bucket="proxied", Key="o.big")["ETag"]
+    part = s3.get_object(Bucket="proxied", Key="o.big", Range="bytes=100-199", IfMatch=etag)["Body"].read()
+    assert part == blob_object[100:200]
+    assert proxy.count("GET", "/proxied/o.big") == 1 and proxy.count("HEAD", "/proxied/o.big") == 1
+    seen = [r for r in proxy.seen() if r.method == "GET"][0]
+    assert seen.headers["range"] == "bytes=100-199" and seen.headers["if-match"] == etag
+
+
+def test_proxy_uploads_multipart_through_expect_continue(stack, proxy):
+    data = hashlib.shake_256(b"upload").digest(9 * 1024 * 1024)
+    s3 = proxied_client(stack, proxy, "uploader")
+    s3.upload_fileobj(io.BytesIO(data), "proxied", "uploaded.big")
+    assert stack.s3_admin_client().get_object(Bucket="proxied", Key="uploaded.big")["Body"].read() == data
+
+
+def test_proxy_cuts_and_truncates_bodies(stack, proxy, blob_object):
+    s3 = proxied_client(stack, proxy)
+    proxy.cut_next(after_bytes=100_000, path="/proxied/*")
+    with pytest.raises(Exception) as cut:  # noqa: B017 - botocore names the short read differently by version
+        s3.get_object(Bucket="proxied", Key="o.big")["Body"].read()
+    assert (
+        "100000" in str(cut.value) or "IncompleteRead" in repr(cut.value) or "Connection" in repr(cut.value)
+    )
+
+    proxy.truncate_next()
+    with pytest.raises(Exception):  # noqa: B017
+        s3.get_object(Bucket="proxied", Key="o.big")["Body"].read()
+
+    assert s3.get_object(Bucket="proxied", Key="o.big")["Body"].read() == blob_object
+
+
+def test_proxy_injects_statuses_delays_and_drops(stack, proxy, blob_object, http):
+    s3 = proxied_client(stack, proxy)
+    proxy.fail_next(503, n=2, method="GET")
+    for _ in range(2):
+        with pytest.raises(ClientError) as failed:
+            s3.get_object(Bucket="proxied", Key="o.big")
+        assert failed.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    assert s3.get_object(Bucket="proxied", Key="o.big")["Body"].read() == blob_object
+    assert proxy.count("GET", "/proxied/o.big") == 3
+
+    proxy.delay_next(0.5)
+    started = time.monotonic()
+    s3.head_object(Bucket="proxied", Key="o.big")
+    assert time.monotonic() - started >= 0.5
+
+    proxy.drop_next()
+    with pytest.raises(requests.ConnectionError):
+        http.get(f"{proxy.url}/proxied/o.big", timeout=5)
+
+    proxy.stop()
+    with pytest.raises(requests.ConnectionError):
+        http.get(f"{proxy.url}/proxied/o.big", timeout=5)
+    proxy.start()
+    assert http.get(f"{proxy.url}/proxied/o.big", timeout=5).status_code == 403  # unsigned, but through
+
+
+def test_proxy_streams_in_constant_memory(stack, proxy, http):
+    size = 64 * 1024 * 1024
+    stack.s3_admin_client().upload_fileobj(_Zeros(size), "proxied", "zeros.big")
+    url = proxied_client(stack, proxy).generate_presigned_url(
+        "get_object", Params={"Bucket": "proxied", "Key": "zeros.big"}, ExpiresIn=600
+    )
+    tracemalloc.start()
+    try:
+        received = 0
+        with http.get(url, stream=True, timeout=60) as response:
+            for chunk in response.iter_content(256 * 1024):
+                received += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert received == size
+    assert peak < 8 * 1024 * 1024
+
+
+class _Zeros:
+    """A readable of ``size`` zero bytes that never exists in memory whole."""
+
+    def __init__(self, size):
+        self.left = size
+
+    def read(self, n=-1):
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return bytes(n)
+
+
+# --- SeaweedFS on its own --------------------------------------------------------------------------
+
+
+def test_s3_restarts_on_the_same_ports_and_data(stack, blob_object):
+    endpoint = stack.s3_endpoint
+    stack.stop_s3()
+    assert not stack.s3.is_running
+    stack.start_s3()
+    assert stack.s3_endpoint == endpoint
+    assert (
+        stack.s3_client("downloader").get_object(Bucket="proxied", Key="o.big")["Body"].read() == blob_object
+    )
+
+
+def test_a_second_seaweedfs_runs_beside_the_first(stack, tmp_path):
+    with SeaweedFS(tmp_path / "second") as second:
+        assert second.endpoint != stack.s3_endpoint
+        second.client("admin").create_bucket(Bucket="second")
+        assert "second" in [b["Name"] for b in second.client("downloader").list_buckets()["Buckets"]]

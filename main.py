@@ -9,9 +9,6 @@ import time
 from functools import cache
 from typing import Annotated
 
-# The exception hierarchy is the one compiled module imported eagerly: it is tiny and the error
-# handlers must be registered before the first request.
-import errors
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +16,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# The exception hierarchy is the one compiled module imported eagerly: it is tiny and the error
+# handlers must be registered before the first request.
+import errors
 
 log = logging.getLogger("loader")
 
@@ -234,8 +235,9 @@ UPLOAD_BATCH = 1024 * 1024
 
 
 async def receive_upload(request: Request, svc: Services, filename: str, limit: int) -> int:
-    from errors import BadRequest, PayloadTooLarge
     from python_multipart.multipart import MultipartParser, parse_options_header
+
+    from errors import BadRequest, PayloadTooLarge
 
     kind, params = parse_options_header(request.headers.get("content-type", ""))
     if kind != b"multipart/form-data" or not params.get(b"boundary"):
@@ -356,6 +358,7 @@ class Metrics:
 
     def render(self, svc: Services):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
         from unlock_state import STATES
 
         snap = svc.unlock_status.snapshot()

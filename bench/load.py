@@ -43,13 +43,21 @@ def timed_load(loader, name, expected):
 def timed_awscli(stack, name, big_size):
     ident = stack.s3.credentials["downloader"]
     key, secret = ident["access_key"], ident["secret_key"]
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     aws = str(Path(sys.executable).parent / "aws")
     start = time.perf_counter()
     with open(os.devnull, "wb") as sink:
-        subprocess.run([aws, "s3", "cp", "--endpoint-url", stack.s3_endpoint, f"s3://models/{name}.big", "-"],
-                       env=env, stdout=sink, check=True)
+        subprocess.run(
+            [aws, "s3", "cp", "--endpoint-url", stack.s3_endpoint, f"s3://models/{name}.big", "-"],
+            env=env,
+            stdout=sink,
+            check=True,
+        )
     return big_size / (time.perf_counter() - start) / MIB
 
 
@@ -76,7 +84,9 @@ def main():
                     f.write(os.urandom(MIB))
             published = stack.publish("models", "bench.bin", model)
             model.unlink()
-            big_size = stack.s3_admin_client().head_object(Bucket="models", Key="bench.bin.big")["ContentLength"]
+            big_size = stack.s3_admin_client().head_object(Bucket="models", Key="bench.bin.big")[
+                "ContentLength"
+            ]
             print(f"model {args.size_mib} MiB published (big part {big_size} bytes): {published}")
             with LoaderProcess(work / "loader", RESOURCE_API_URL=stack.api_url) as loader:
                 loader.login("bench@azaion.local", "bench-Pa55").raise_for_status()
@@ -89,12 +99,18 @@ def main():
                     aws.append(timed_awscli(stack, "bench.bin", big_size))
                 rss = peak_rss_mb(loader.pid)
         best_cold, best_warm, best_aws = max(cold), max(warm), max(aws)
-        print(f"/load cold (CDN -> decrypt -> HTTP): {best_cold:8.1f} MiB/s  runs: "
-              + " ".join(f"{v:.1f}" for v in cold))
-        print(f"/load warm (verified cache):         {best_warm:8.1f} MiB/s  runs: "
-              + " ".join(f"{v:.1f}" for v in warm))
-        print(f"aws s3 cp <big part> - > /dev/null:  {best_aws:8.1f} MiB/s  runs: "
-              + " ".join(f"{v:.1f}" for v in aws))
+        print(
+            f"/load cold (CDN -> decrypt -> HTTP): {best_cold:8.1f} MiB/s  runs: "
+            + " ".join(f"{v:.1f}" for v in cold)
+        )
+        print(
+            f"/load warm (verified cache):         {best_warm:8.1f} MiB/s  runs: "
+            + " ".join(f"{v:.1f}" for v in warm)
+        )
+        print(
+            f"aws s3 cp <big part> - > /dev/null:  {best_aws:8.1f} MiB/s  runs: "
+            + " ".join(f"{v:.1f}" for v in aws)
+        )
         print(f"warm /load vs aws s3 cp: {best_warm / best_aws:.2f}x; loader peak RSS {rss:.0f} MB")
         print(f"RESULT load_vs_awscli={best_cold / best_aws:.2f} peak_rss_mb={rss:.0f}")
     finally:

@@ -46,7 +46,7 @@ class Credentials(BaseModel):
 
 
 class ResourceRequest(BaseModel):
-    fileName: str  # noqa: N815 - the wire name
+    fileName: str  # camelCase: the wire name
     password: str
     hardware: str
 
@@ -120,7 +120,7 @@ def create_app(data_dir: Path | str, admin_secret: str | None = None) -> FastAPI
         if not store.bind_hardware(user["id"], body.hardware):
             raise HTTPException(409, "the account is bound to other hardware")
         try:
-            source = open(path, "rb")  # noqa: SIM115 - closed by the streaming generator
+            source = open(path, "rb")  # closed by the streaming generator below
         except (FileNotFoundError, IsADirectoryError) as exc:
             raise HTTPException(404, "no such file") from exc
         size = os.fstat(source.fileno()).st_size

@@ -52,6 +52,8 @@ class SeaweedFS:
         # (append-only volumes, leveldb journal), so waiting longer than a short grace buys nothing.
         self.stop_grace = stop_grace
         self.ports = {name: free_port(with_grpc_twin=True) for name in SERVICES if name != "s3"}
+        if s3_port is not None and s3_port + GRPC_OFFSET > 65535:
+            raise ValueError("weed also listens on s3_port + 10000: pick a port below 55536")
         self.ports["s3"] = s3_port or free_port(with_grpc_twin=True)
         self._proc: subprocess.Popen | None = None
         self._credentials: dict[str, dict[str, str]] | None = None

@@ -74,8 +74,10 @@ def test_calls_need_a_session():
     assert handler.calls == []
 
 
-@pytest.mark.parametrize("status,error", [(404, NotFound), (409, HardwareMismatch), (403, AuthError),
-                                          (500, UpstreamError), (418, UpstreamError)])
+@pytest.mark.parametrize(
+    "status,error",
+    [(404, NotFound), (409, HardwareMismatch), (403, AuthError), (500, UpstreamError), (418, UpstreamError)],
+)
 def test_statuses_map_to_the_hierarchy(status, error):
     def route(method, path, body, headers):
         return (200, {"token": make_token(CLAIMS)}) if path == "/login" else (status, b"{}")
@@ -102,7 +104,12 @@ def test_401_renews_the_token_once_and_retries():
     api, handler = api_with(route)
     api.login(CREDS)
     assert api.get_resource("models", "m.small") == b"ok"
-    assert [c[1] for c in handler.calls] == ["/login", "/resources/get/models", "/login", "/resources/get/models"]
+    assert [c[1] for c in handler.calls] == [
+        "/login",
+        "/resources/get/models",
+        "/login",
+        "/resources/get/models",
+    ]
 
 
 def test_a_second_401_is_an_auth_error_not_a_loop():

@@ -121,7 +121,7 @@ def test_invalid_folders_refused(folder):
 
 
 def test_split_size_rule():
-    assert [small_size(n) for n in (0, 32, 100, 10239, 10240, 10 ** 9)] == [0, 9, 30, 3071, 3072, 3072]
+    assert [small_size(n) for n in (0, 32, 100, 10239, 10240, 10**9)] == [0, 9, 30, 3071, 3072, 3072]
 
 
 @pytest.mark.parametrize("size", [0, 1, 100, 10_000, 10_223, 10_224, 300_001])
@@ -130,7 +130,7 @@ def test_upload_then_load_round_trip_and_split(tmp_path, s3, size):
     data = os.urandom(size)
     up = store.begin_upload("m.bin")
     for i in range(0, len(data), 4099):
-        up.write(data[i:i + 4099])
+        up.write(data[i : i + 4099])
     assert up.finish("models") == size
     small = api.store[("models", "m.bin.small")]
     big = s3.get_object(Bucket="models", Key="m.bin.big")["Body"].read()

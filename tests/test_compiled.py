@@ -10,8 +10,17 @@ MODULES = sorted(p.stem for p in ROOT.glob("*.pyx"))
 
 
 def test_design_card_modules_exist():
-    expected = {"constants", "credentials", "user", "unlock_state", "security", "hardware_service",
-                "api_client", "cdn_manager", "binary_split"}
+    expected = {
+        "constants",
+        "credentials",
+        "user",
+        "unlock_state",
+        "security",
+        "hardware_service",
+        "api_client",
+        "cdn_manager",
+        "binary_split",
+    }
     assert expected <= set(MODULES)
 
 

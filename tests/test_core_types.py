@@ -32,11 +32,13 @@ def test_user_from_short_claims():
 
 
 def test_user_from_long_dotnet_claims_with_role_list():
-    u = User.from_claims({
-        "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier": "7",
-        "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/name": "up@b.c",
-        "http://schemas.microsoft.com/ws/2008/06/identity/claims/role": ["Validator", "ResourceUploader"],
-    })
+    u = User.from_claims(
+        {
+            "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier": "7",
+            "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/name": "up@b.c",
+            "http://schemas.microsoft.com/ws/2008/06/identity/claims/role": ["Validator", "ResourceUploader"],
+        }
+    )
     assert (u.id, u.email, u.roles) == ("7", "up@b.c", ("Validator", "ResourceUploader"))
     assert u.can_upload
     assert u.expires_at is None
@@ -58,8 +60,15 @@ def test_user_without_claims_is_empty_not_an_error():
 
 
 def test_unlock_states_are_the_contracts_seven():
-    assert unlock_state.STATES == ("idle", "authenticating", "downloading_key", "decrypting",
-                                   "loading_images", "ready", "error")
+    assert unlock_state.STATES == (
+        "idle",
+        "authenticating",
+        "downloading_key",
+        "decrypting",
+        "loading_images",
+        "ready",
+        "error",
+    )
 
 
 def test_unlock_status_runs_one_at_a_time_and_restarts_from_error():
@@ -74,8 +83,13 @@ def test_unlock_status_runs_one_at_a_time_and_restarts_from_error():
     s.fail("archive missing")
     assert s.snapshot()["state"] == "error" and s.snapshot()["error"] == "archive missing"
     assert s.try_begin()
-    assert s.snapshot() == {"state": "authenticating", "error": None, "bytesDone": 0, "bytesTotal": 0,
-                            "images": []}
+    assert s.snapshot() == {
+        "state": "authenticating",
+        "error": None,
+        "bytesDone": 0,
+        "bytesTotal": 0,
+        "images": [],
+    }
     s.succeed(["a:1", "b:2"])
     assert s.snapshot()["images"] == ["a:1", "b:2"] and s.state == "ready"
     with pytest.raises(ValueError):

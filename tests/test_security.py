@@ -46,13 +46,21 @@ def test_known_answer_vector():
 
 
 def _openssl_encrypt(data, key=KEY, iv=IV):
-    return subprocess.run(["openssl", "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex()],
-                          input=data, capture_output=True, check=True).stdout
+    return subprocess.run(
+        ["openssl", "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex()],
+        input=data,
+        capture_output=True,
+        check=True,
+    ).stdout
 
 
 def _openssl_decrypt(ciphertext, key=KEY, iv=IV):
-    return subprocess.run(["openssl", "enc", "-d", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex()],
-                          input=ciphertext, capture_output=True, check=True).stdout
+    return subprocess.run(
+        ["openssl", "enc", "-d", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex()],
+        input=ciphertext,
+        capture_output=True,
+        check=True,
+    ).stdout
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -68,8 +76,13 @@ def test_we_decrypt_what_openssl_encrypts(openssl, size):
     iv = os.urandom(16)
     blob = iv + _openssl_encrypt(plain, iv=iv)
     assert security.decrypt(KEY, blob) == plain
-    assert b"".join(bytes(c) for c in security.decrypt_stream(KEY, [blob[i:i + 4096]
-                                                                     for i in range(0, len(blob), 4096)])) == plain
+    assert (
+        b"".join(
+            bytes(c)
+            for c in security.decrypt_stream(KEY, [blob[i : i + 4096] for i in range(0, len(blob), 4096)])
+        )
+        == plain
+    )
 
 
 def _split(data, cuts):
@@ -95,15 +108,18 @@ def test_random_iv_differs_each_time():
     assert security.encrypt(KEY, b"x")[:16] != security.encrypt(KEY, b"x")[:16]
 
 
-@pytest.mark.parametrize("mutate", [
-    pytest.param(lambda b: b[:-1] + bytes([b[-1] ^ 1]), id="changed-last-byte"),
-    pytest.param(lambda b: b[:-16] + os.urandom(16), id="changed-last-block"),
-    pytest.param(lambda b: b[:-16], id="truncated-by-a-block"),
-    pytest.param(lambda b: b[:-5], id="not-a-multiple-of-16"),
-    pytest.param(lambda b: b[:10], id="missing-iv"),
-    pytest.param(lambda b: b[:16], id="iv-only"),
-    pytest.param(lambda b: b"", id="empty"),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda b: b[:-1] + bytes([b[-1] ^ 1]), id="changed-last-byte"),
+        pytest.param(lambda b: b[:-16] + os.urandom(16), id="changed-last-block"),
+        pytest.param(lambda b: b[:-16], id="truncated-by-a-block"),
+        pytest.param(lambda b: b[:-5], id="not-a-multiple-of-16"),
+        pytest.param(lambda b: b[:10], id="missing-iv"),
+        pytest.param(lambda b: b[:16], id="iv-only"),
+        pytest.param(lambda b: b"", id="empty"),
+    ],
+)
 def test_every_failure_is_one_opaque_error(mutate):
     blob = security.encrypt(KEY, b"a" * 100, IV)
     with pytest.raises(DecryptionError) as info:
@@ -123,7 +139,7 @@ def test_stream_raises_only_at_the_end_for_a_bad_tail():
     bad = blob[:-1] + bytes([blob[-1] ^ 0xFF])
     out = []
     with pytest.raises(DecryptionError):
-        for chunk in security.decrypt_stream(KEY, [bad[i:i + 1000] for i in range(0, len(bad), 1000)]):
+        for chunk in security.decrypt_stream(KEY, [bad[i : i + 1000] for i in range(0, len(bad), 1000)]):
             out.append(bytes(chunk))
     # Everything before the last block was released; the padding-bearing block never was.
     assert sum(map(len, out)) <= len(bad) - 32

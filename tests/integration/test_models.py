@@ -108,10 +108,15 @@ def test_expired_token_is_renewed_transparently(loader, stack, user):
 def test_hardware_mismatch_is_409(loader, stack, user):
     n = name()
     stack.publish("models", n, b"x" * 100)
-    token = requests.post(stack.api_url + "/login", json={"email": user, "password": PASSWORD}).json()["token"]
+    token = requests.post(stack.api_url + "/login", json={"email": user, "password": PASSWORD}).json()[
+        "token"
+    ]
     # Bind the account to another machine first, as if it had been used there.
-    requests.post(stack.api_url + "/resources/get/models", headers={"Authorization": f"Bearer {token}"},
-                  json={"fileName": n + ".small", "password": PASSWORD, "hardware": "CPU: other machine"})
+    requests.post(
+        stack.api_url + "/resources/get/models",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"fileName": n + ".small", "password": PASSWORD, "hardware": "CPU: other machine"},
+    )
     loader.login(user, PASSWORD)
     r = loader.load(n, "models")
     assert r.status_code == 409 and "hardware" in r.json()["detail"]
@@ -123,17 +128,30 @@ def test_missing_resource_is_404(loader, user):
     assert r.status_code == 404
 
 
-@pytest.mark.parametrize("path,folder", [
-    ("../../etc/passwd", "models"), ("..%2F..%2Fetc%2Fpasswd", "models"), ("a/b", "models"),
-    (".hidden", "models"), ("m.bin", "../etc"), ("m.bin", "Models"), ("m.bin", "a"), ("x" * 129, "models"),
-])
+@pytest.mark.parametrize(
+    "path,folder",
+    [
+        ("../../etc/passwd", "models"),
+        ("..%2F..%2Fetc%2Fpasswd", "models"),
+        ("a/b", "models"),
+        (".hidden", "models"),
+        ("m.bin", "../etc"),
+        ("m.bin", "Models"),
+        ("m.bin", "a"),
+        ("x" * 129, "models"),
+    ],
+)
 def test_traversal_and_invalid_names_are_400(loader, user, path, folder, proxy):
     loader.login(user, PASSWORD)
     proxy.reset_counts()
     # http.client sends the path as written; requests/urllib3 would remove the dot segments first.
     conn = http.client.HTTPConnection("127.0.0.1", loader.port, timeout=30)
-    conn.request("POST", f"/load/{path}", body=json.dumps({"folder": folder}),
-                 headers={"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        f"/load/{path}",
+        body=json.dumps({"folder": folder}),
+        headers={"Content-Type": "application/json"},
+    )
     resp = conn.getresponse()
     body = json.loads(resp.read())
     conn.close()

@@ -1,6 +1,6 @@
 """Builds every top-level .pyx into a C extension (language_level=3).
 
-    python setup.py build_ext --inplace
+python setup.py build_ext --inplace
 """
 
 from pathlib import Path

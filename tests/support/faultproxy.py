@@ -12,6 +12,7 @@ Faults apply to the next ``n`` requests that match a method and a shell pattern 
     proxy.truncate_next()                 # full Content-Length announced, half the body sent
     proxy.fail_next(503, n=2)             # answered by the proxy, never reaching upstream
     proxy.delay_next(5.0)                 # upstream answers, 5 s late
+    proxy.stall_next(1 << 20, 30.0)       # the body stops for 30 s after 1 MiB (read timeouts)
     proxy.drop_next()                     # connection closed before any answer
 
 Standard library only: the proxy must not share a failure mode with the clients it is testing.
@@ -21,6 +22,7 @@ import contextlib
 import fnmatch
 import socket
 import socketserver
+import struct
 import threading
 import time
 from collections import Counter
@@ -46,7 +48,7 @@ class _Closed(Exception):
 
 @dataclass
 class Fault:
-    kind: str  # status | cut | truncate | delay | drop
+    kind: str  # status | cut | truncate | delay | stall | drop
     method: str | None
     path: str
     remaining: int | None
@@ -278,6 +280,18 @@ class FaultProxy:
     ) -> None:
         self._add(Fault("delay", method, path, n, seconds=seconds))
 
+    def stall_next(
+        self,
+        after_bytes: int,
+        seconds: float,
+        n: int | None = 1,
+        *,
+        method: str | None = None,
+        path: str = "*",
+    ) -> None:
+        """Forward ``after_bytes`` of the response body, pause ``seconds``, then forward the rest."""
+        self._add(Fault("stall", method, path, n, after_bytes=after_bytes, seconds=seconds))
+
     def drop_next(self, n: int | None = 1, *, method: str | None = None, path: str = "*") -> None:
         """Close the connection without any answer."""
         self._add(Fault("drop", method, path, n))
@@ -376,12 +390,17 @@ class FaultProxy:
         elif fault is not None and fault.kind == "truncate":
             limit = int(_header(head, b"content-length") or 0) // 2
         client.sendall(_encode_head(_without(head, b"connection") + [b"Connection: close"]))
+        stall_at = fault.after_bytes if fault is not None and fault.kind == "stall" else None
         sent = 0
         for piece in body:
             if limit is not None and sent + len(piece) >= limit:
                 client.sendall(piece[: limit - sent])
                 self._abort(client, fault.reset)
                 return
+            if stall_at is not None and sent + len(piece) >= stall_at:
+                client.sendall(piece[: stall_at - sent])
+                time.sleep(fault.seconds)
+                piece, sent, stall_at = piece[stall_at - sent :], stall_at, None
             client.sendall(piece)
             sent += len(piece)
 
@@ -389,7 +408,7 @@ class FaultProxy:
     def _abort(client: socket.socket, reset: bool) -> None:
         if reset:
             # SO_LINGER 0: close() sends RST, as a crashed middlebox would.
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         else:
             client.shutdown(socket.SHUT_WR)
 

@@ -11,3 +11,6 @@ def openssl():
     if path is None:
         pytest.fail("openssl is required (scripts/system-deps installs it)")
     return path
+
+
+pytest_plugins = ["tests.support.docker_fixtures"]

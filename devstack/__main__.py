@@ -4,6 +4,7 @@ stack   run SeaweedFS and the reference Resource API in the foreground, seeded w
 """
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -53,7 +54,38 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--s3-port", type=int, default=None, help="default: a free port")
     stack.add_argument("--no-seed", action="store_true", help="skip the demo users, model and key fragment")
     stack.set_defaults(func=cmd_stack)
+
+    run = commands.add_parser("run", help="the stack, a Docker Engine, a demo archive and the loader")
+    run.add_argument("--data-dir", type=Path, default=Path("devstack-data"))
+    run.add_argument("--port", type=int, default=int(os.environ.get("LOADER_PORT", "8080")))
+    run.set_defaults(func=lambda a: __import__("devstack.run", fromlist=["run"]).run(a.data_dir, a.port))
+
+    images = commands.add_parser("publish-images", help="encrypt local images into the device's archive")
+    images.add_argument("--out", type=Path, required=True, help="the archive to write")
+    images.add_argument(
+        "--fragment-file", type=Path, help="key fragment (default: random, written beside --out)"
+    )
+    images.add_argument("--api-url", help="reference Resource API to register the fragment with")
+    images.add_argument("--admin-secret", help="its X-Devstack-Admin secret")
+    images.add_argument("images", nargs="+", help="name:tag of local images")
+    images.set_defaults(func=cmd_publish_images)
     return parser
+
+
+def cmd_publish_images(args: argparse.Namespace) -> int:
+    from devstack.admin import AdminClient
+    from devstack.images import publish_images
+
+    fragment = args.fragment_file.read_bytes() if args.fragment_file and args.fragment_file.exists() else None
+    admin = AdminClient(args.api_url, args.admin_secret) if args.api_url and args.admin_secret else None
+    fragment = publish_images(os.environ.get("DOCKER_HOST"), args.images, args.out, admin, fragment)
+    if args.fragment_file is None:
+        path = args.out.with_name(args.out.name + ".fragment")
+        path.write_bytes(fragment)
+        path.chmod(0o600)
+        print(f"key fragment written to {path}")
+    print(f"archive {args.out}: {', '.join(args.images)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,101 @@
+"""`python -m devstack run` (what `make run` calls): the whole local setup in the foreground.
+
+SeaweedFS + the reference Resource API (seeded with demo users, a demo model and a key fragment), a
+Docker Engine (the one DOCKER_HOST or the default socket names, else a private dockerd), a demo image
+published as the encrypted archive, and the loader itself on LOADER_PORT (default 8080) — then the curl
+commands that log in, load, upload and unlock. Ctrl-C stops everything this command started.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from devstack.images import publish_images
+from devstack.seed import DEMO_FOLDER, DEMO_MODEL, DEMO_USERS, seed
+from devstack.stack import REPO_ROOT, Stack
+from tests.support.dockerd import Dockerd, import_image, running_engine
+
+DEMO_IMAGE = "azaion/demo-app:1.0"
+
+
+def _engine(data_dir: Path):
+    host = running_engine()
+    if host:
+        return host, None
+    engine = Dockerd(data_dir / "dockerd").start()
+    return engine.host, engine
+
+
+def _demo_archive(host: str, archive: Path, fragment: bytes) -> None:
+    import docker
+
+    client = docker.DockerClient(base_url=host, timeout=300)
+    try:
+        import_image(
+            client,
+            DEMO_IMAGE,
+            {"/demo/README": b"Azaion demo image, unlocked by the loader.\n"},
+            changes=['CMD ["/demo/README"]'],
+        )
+        publish_images(host, [DEMO_IMAGE], archive, fragment=fragment)
+        # The device holds only the archive: unlock is what brings the image back.
+        client.images.remove(DEMO_IMAGE, force=True)
+    finally:
+        client.close()
+
+
+def curl_examples(url: str) -> str:
+    (op, (op_pw, _)), (up, (up_pw, _)) = list(DEMO_USERS.items())[:2]
+    return f"""
+Try it:
+  J='Content-Type: application/json'
+  curl -s {url}/health
+  curl -s -X POST {url}/login -H "$J" -d '{{"email":"{op}","password":"{op_pw}"}}'
+  curl -s -X POST {url}/load/{DEMO_MODEL} -H "$J" -d '{{"folder":"{DEMO_FOLDER}"}}' -o {DEMO_MODEL}
+  sha256sum {DEMO_MODEL}
+  curl -s -X POST {url}/login -H "$J" -d '{{"email":"{up}","password":"{up_pw}"}}'
+  curl -s -X POST {url}/upload/my-model.bin -F data=@{DEMO_MODEL} -F folder={DEMO_FOLDER}
+  curl -s -X POST {url}/unlock -H "$J" -d '{{"email":"{op}","password":"{op_pw}"}}'
+  curl -s {url}/unlock/status
+  curl -s {url}/metrics
+"""
+
+
+def run(data_dir: Path, port: int) -> int:
+    from devstack.__main__ import _wait_for_signal, describe
+
+    data_dir = data_dir.resolve()
+    engine = loader = None
+    with Stack(data_dir / "stack") as stack:
+        try:
+            seeded = seed(stack)
+            host, engine = _engine(data_dir)
+            archive = data_dir / "images.enc"
+            _demo_archive(host, archive, seeded.key_fragment)
+            env = {
+                **os.environ,
+                "RESOURCE_API_URL": stack.api_url,
+                "LOADER_HOST": "127.0.0.1",
+                "LOADER_PORT": str(port),
+                "MODEL_CACHE_DIR": str(data_dir / "model-cache"),
+                "IMAGES_PATH": str(archive),
+                "DOCKER_HOST": host,
+            }
+            loader = subprocess.Popen([sys.executable, str(REPO_ROOT / "main.py")], cwd=REPO_ROOT, env=env)
+            url = f"http://127.0.0.1:{port}"
+            print(describe(stack), flush=True)
+            print(
+                f"Docker Engine {host}\nloader        {url}  (model cache {env['MODEL_CACHE_DIR']})",
+                flush=True,
+            )
+            print(curl_examples(url), flush=True)
+            print("Ctrl-C stops everything.", flush=True)
+            _wait_for_signal()
+        finally:
+            if loader is not None:
+                loader.terminate()
+                loader.wait(10)
+            if engine is not None:
+                engine.cleanup()
+    return 0

@@ -159,21 +159,74 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 # --- middleware: one log line per request, metrics, body limits ---------------------------------------
 
 
-@app.middleware("http")
-async def access_log(request: Request, call_next):
-    start = time.perf_counter()
-    limit = None if request.url.path.startswith("/upload/") else settings().max_json_bytes
-    length = request.headers.get("content-length")
-    if limit is not None and length is not None and length.isdigit() and int(length) > limit:
-        response = JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
+class Edge:
+    """Pure ASGI middleware (BaseHTTPMiddleware would re-buffer every streamed chunk): refuses bodies over
+    the JSON limit without reading them, writes one log line per request, records request metrics."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+        limit = None if scope["path"].startswith("/upload/") else settings().max_json_bytes
+
+        async def counted_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            body = receive if limit is None else await _bounded_body(scope, receive, limit)
+            if body is None:
+                too_large = JSONResponse(
+                    {"detail": f"request body larger than {limit} bytes"}, status_code=413
+                )
+                return await too_large(scope, receive, counted_send)
+            await self.app(scope, body, counted_send)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics().observe(scope["method"], route, status, elapsed)
+            log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1000)
+
+
+async def _bounded_body(scope, receive, limit: int):
+    """Read a small body whole (at most ``limit`` bytes, announced or chunked) and replay it; None when it
+    is larger, so that it is refused before more than ``limit`` bytes are held."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            return None
+    parts, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            parts = None
+            replay = message
+            break
+        parts.append(message.get("body", b""))
+        size += len(parts[-1])
+        if size > limit:
+            return None
+        more = message.get("more_body", False)
     else:
-        response = await call_next(request)
-    elapsed = time.perf_counter() - start
-    route = request.scope.get("route")
-    template = getattr(route, "path", "unmatched")
-    metrics().observe(request.method, template, response.status_code, elapsed)
-    log.info("%s %s %d %.1fms", request.method, request.url.path, response.status_code, elapsed * 1000)
-    return response
+        replay = {"type": "http.request", "body": b"".join(parts), "more_body": False}
+    sent = False
+
+    async def replay_receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return replay
+        return await receive()
+
+    return replay_receive
+
+
+app.add_middleware(Edge)
 
 
 # --- routes ------------------------------------------------------------------------------------------

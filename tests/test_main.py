@@ -1,0 +1,83 @@
+"""The HTTP edge: error mapping in one table, lazy imports, no credential ever echoed."""
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+import errors
+import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def loader_errors():
+    return [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.LoaderError)]
+
+
+@pytest.mark.parametrize("cls", loader_errors(), ids=lambda c: c.__name__)
+def test_every_error_class_has_its_own_status(cls):
+    mapped = [klass for klass, _ in main.STATUS]
+    assert cls in mapped, f"{cls.__name__} is not in main.STATUS"
+    if cls is not errors.LoaderError:
+        assert main.status_of(cls("x")) != 500
+
+
+def test_specific_statuses():
+    assert main.status_of(errors.NotLoggedIn()) == 401
+    assert main.status_of(errors.UpstreamTimeout("t")) == 504
+    assert main.status_of(errors.DecryptionError()) == 502
+    assert main.status_of(errors.HardwareMismatch("h")) == 409
+    assert main.status_of(errors.StorageError("s")) == 507
+
+
+def test_importing_main_imports_no_compiled_service_module():
+    code = (
+        "import sys, main; "
+        "print(','.join(m for m in ('api_client', 'cdn_manager', 'binary_split', 'hardware_service', "
+        "'security', 'boto3', 'docker') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+@pytest.fixture
+def client(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("RESOURCE_API_URL", "http://127.0.0.1:9")
+    main.settings.cache_clear()
+    main.services.cache_clear()
+    with TestClient(main.app, raise_server_exceptions=False) as c:
+        yield c
+    main.settings.cache_clear()
+    main.services.cache_clear()
+
+
+def test_validation_errors_name_fields_but_never_echo_values(client):
+    r = client.post("/login", json={"email": ["s3cret-value"], "password": "hunter2-secret"})
+    assert r.status_code == 422
+    assert "s3cret-value" not in r.text and "hunter2-secret" not in r.text
+    assert r.json()["detail"].startswith("invalid request: body.email")
+
+
+def test_unexpected_exceptions_are_a_plain_500(client, monkeypatch):
+    def boom(*a):
+        raise RuntimeError("internal state with password=hunter2")
+
+    monkeypatch.setattr(main.Services, "login", boom)
+    r = client.post("/login", json={"email": "a@b", "password": "hunter2"})
+    assert r.status_code == 500 and r.json() == {"detail": "internal error"}
+
+
+def test_status_and_health(client):
+    assert client.get("/health").json() == {"status": "healthy"}
+    s = client.get("/status").json()
+    assert s["authenticated"] is False and s["unlock"]["state"] == "idle" and s["modelCacheDir"]
+
+
+def test_upload_requires_multipart(client):
+    r = client.post("/upload/m.bin", content=b"raw", headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 400

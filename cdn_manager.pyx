@@ -34,6 +34,10 @@ log = logging.getLogger("loader.cdn")
 # Errors while a body streams in that a ranged GET from the current offset can cure.
 STREAM_ERRORS = (BotoCoreError, Urllib3Error, OSError)
 RESUME_ATTEMPTS = 5
+# Large objects are fetched as ranged segments by a few threads: socket reads, file writes and the
+# hash run outside the GIL, so they overlap.
+SEGMENT = 16 * 1024 * 1024
+FETCHERS = 3
 META_SUFFIX = ".meta"
 PART_SUFFIX = ".part"
 
@@ -121,13 +125,15 @@ class CdnManager:
             raise UpstreamError(f"the CDN is unreachable ({type(exc).__name__})") from None
         return ObjectInfo(r["ContentLength"], r["ETag"])
 
-    def iter_object(self, bucket, key, info, start=0):
-        """Yield the object's bytes from ``start``; resume interrupted transfers pinned to ``info.etag``."""
+    def iter_object(self, bucket, key, info, start=0, end=None):
+        """Yield bytes ``start``..``end`` (default: to the end) of the object; resume interrupted
+        transfers from where they broke off, pinned to ``info.etag``."""
+        end = info.size if end is None else end
         offset, failures = start, 0
-        while offset < info.size:
+        while offset < end:
             try:
                 body = self._download.get_object(Bucket=bucket, Key=key, IfMatch=info.etag,
-                                                 Range=f"bytes={offset}-")["Body"]
+                                                 Range=f"bytes={offset}-{end - 1}")["Body"]
             except ClientError as exc:
                 raise _map_client_error(exc, f"{bucket}/{key}") from None
             except BotoCoreError as exc:
@@ -139,20 +145,21 @@ class CdnManager:
             try:
                 for chunk in body.iter_chunks(self._chunk):
                     offset += len(chunk)
-                    if offset > info.size:
-                        raise IntegrityError(f"the CDN sent more bytes than {bucket}/{key} holds")
+                    if offset > end:
+                        raise IntegrityError(f"the CDN sent more bytes than asked of {bucket}/{key}")
                     yield chunk
             except STREAM_ERRORS as exc:
-                failures += 1
-                if failures > RESUME_ATTEMPTS:
-                    raise UpstreamError(f"the CDN transfer of {bucket}/{key} kept breaking off") from None
                 log.warning("GET %s/%s broke off at %d (%s): resuming", bucket, key, offset,
                             type(exc).__name__)
+            else:
+                if offset < end:
+                    log.warning("GET %s/%s ended early at %d of %d: resuming", bucket, key, offset, end)
             finally:
                 body.close()
-            if offset < info.size and failures == 0:
-                failures += 1  # a body that ended early without an error counts as a failure too
-                log.warning("GET %s/%s ended early at %d of %d: resuming", bucket, key, offset, info.size)
+            if offset < end:
+                failures += 1
+                if failures > RESUME_ATTEMPTS:
+                    raise UpstreamError(f"the CDN transfer of {bucket}/{key} kept breaking off")
 
     def upload_file(self, bucket, key, path):
         """Upload a local file (multipart when large) with the uploader identity; returns the new ETag."""
@@ -214,7 +221,7 @@ class _Download:
     def prepare(self):
         """Create the .part file with all its space reserved: a full disk fails here, before streaming."""
         os.makedirs(os.path.dirname(self.part), exist_ok=True)
-        fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if self.info.size:
                 os.posix_fallocate(fd, 0, self.info.size)
@@ -225,21 +232,28 @@ class _Download:
         return fd
 
     def run(self, fd, cdn):
-        h = hashlib.sha256()
+        """Fetch the object as ranged segments on a few threads, writing each at its offset; this thread
+        hashes the contiguous prefix as it grows, then commits the file to the cache."""
+        size = self.info.size
+        self._segments = [(i, min(size, i + SEGMENT)) for i in range(0, size, SEGMENT)]
+        self._progress = [0] * len(self._segments)
+        self._next = self._frontier = 0
+        workers = [threading.Thread(target=self._fetch, args=(fd, cdn), daemon=True,
+                                    name=f"cdn-{self.bucket}/{self.key}-{n}")
+                   for n in range(min(FETCHERS, len(self._segments)))]
         try:
-            with os.fdopen(fd, "wb", buffering=0) as f:
-                for chunk in cdn.iter_object(self.bucket, self.key, self.info):
-                    f.write(chunk)
-                    h.update(chunk)
-                    with self.cond:
-                        self.written += len(chunk)
-                        self.cond.notify_all()
-                if self.written != self.info.size:
-                    raise IntegrityError(f"the CDN sent {self.written} of {self.info.size} bytes")
-                os.fsync(f.fileno())
+            for w in workers:
+                w.start()
+            digest = self._hash(fd)
+            for w in workers:
+                w.join()
+            if self.error is not None:
+                raise self.error
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
             with self.cond:
-                self.cache.commit(self.bucket, self.key, self.part, self.info.size, self.info.etag,
-                                  h.hexdigest())
+                self.cache.commit(self.bucket, self.key, self.part, size, self.info.etag, digest)
                 self.done = True
                 self.cond.notify_all()
         except OSError as exc:
@@ -250,7 +264,87 @@ class _Download:
             log.exception("download of %s/%s failed", self.bucket, self.key)
             self._fail(UpstreamError(f"the CDN download failed ({type(exc).__name__})"))
         finally:
+            for w in workers:
+                w.join()
+            if fd >= 0:
+                os.close(fd)
             self.cache._finished(self)
+
+    def _fetch(self, fd, cdn):
+        """One fetcher: takes the next segment, streams it into place, until none is left or one fails."""
+        while True:
+            with self.cond:
+                if self.error is not None or self._next >= len(self._segments):
+                    return
+                index = self._next
+                self._next += 1
+            start, end = self._segments[index]
+            pos = start
+            try:
+                for chunk in cdn.iter_object(self.bucket, self.key, self.info, start, end):
+                    written = os.pwrite(fd, chunk, pos)
+                    while written < len(chunk):  # a short write is legal: finish it
+                        written += os.pwrite(fd, memoryview(chunk)[written:], pos + written)
+                    pos += len(chunk)
+                    with self.cond:
+                        if self.error is not None:
+                            return
+                        self._progress[index] += len(chunk)
+                        self._advance()
+            except OSError as exc:
+                self._record(storage_error(exc, f"{self.bucket}/{self.key}"))
+                return
+            except LoaderError as exc:
+                self._record(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - recorded, and raised by run() for the readers
+                log.exception("segment %d of %s/%s failed", index, self.bucket, self.key)
+                self._record(UpstreamError(f"the CDN download failed ({type(exc).__name__})"))
+                return
+            if pos != end:
+                self._record(IntegrityError(f"the CDN sent {pos - start} of {end - start} bytes of a segment"))
+                return
+
+    def _advance(self):
+        """Under the lock: move ``written`` to the end of the contiguous prefix that is on disk."""
+        segments, progress = self._segments, self._progress
+        while self._frontier < len(segments) and progress[self._frontier] == \
+                segments[self._frontier][1] - segments[self._frontier][0]:
+            self._frontier += 1
+        written = segments[self._frontier - 1][1] if self._frontier else 0
+        if self._frontier < len(segments):
+            written += progress[self._frontier]
+        if written != self.written:
+            self.written = written
+            self.cond.notify_all()
+
+    def _record(self, exc):
+        with self.cond:
+            if self.error is None:
+                self.error = exc
+            self.cond.notify_all()
+
+    def _hash(self, fd):
+        """SHA-256 of the file in order, following the prefix the fetchers have completed."""
+        h = hashlib.sha256()
+        buf = bytearray(CHUNK_SIZE)
+        view = memoryview(buf)
+        pos, size = 0, self.info.size
+        while pos < size:
+            with self.cond:
+                while self.written <= pos and self.error is None:
+                    self.cond.wait()
+                if self.error is not None:
+                    return None
+                available = self.written - pos
+            while available > 0:
+                n = os.preadv(fd, [view[:min(CHUNK_SIZE, available)]], pos)
+                if n <= 0:
+                    raise IntegrityError("the cache file ended early")
+                h.update(view[:n])
+                pos += n
+                available -= n
+        return h.hexdigest()
 
     def _fail(self, exc):
         try:
@@ -277,7 +371,7 @@ class _Download:
         with f:
             while True:
                 with self.cond:
-                    while pos >= self.written and not self.done:
+                    while pos >= self.written and not self.done and self.error is None:
                         self.cond.wait()
                     if self.error is not None:
                         raise self.error

@@ -202,18 +202,34 @@ def test_interrupted_download_resumes_pinned_to_the_etag(tmp_path, s3):
     flaky = FlakyClient(s3, failures=2, after=70_000)
     store, api, _ = make_store(tmp_path, s3, download_client=flaky)
     data = os.urandom(300_000)
-    publish(s3, api, data)
+    big = publish(s3, api, data)
     assert load(store) == data
-    assert flaky.gets == ["bytes=0-", "bytes=70000-", "bytes=140000-"]
+    last = len(big) - 1
+    assert flaky.gets == [f"bytes=0-{last}", f"bytes=70000-{last}", f"bytes=140000-{last}"]
 
 
 def test_a_body_that_ends_early_is_resumed_not_returned_short(tmp_path, s3):
     flaky = FlakyClient(s3, failures=1, after=1000, end_early=True)
     store, api, _ = make_store(tmp_path, s3, download_client=flaky)
     data = os.urandom(100_000)
-    publish(s3, api, data)
+    big = publish(s3, api, data)
     assert load(store) == data
-    assert flaky.gets == ["bytes=0-", "bytes=1000-"]
+    assert flaky.gets == [f"bytes=0-{len(big) - 1}", f"bytes=1000-{len(big) - 1}"]
+
+
+def test_large_objects_are_fetched_as_segments_in_parallel(tmp_path, s3):
+    segment = 16 * 1024 * 1024
+    flaky = FlakyClient(s3, failures=1, after=5_000_000)
+    store, api, cache = make_store(tmp_path, s3, download_client=flaky)
+    data = os.urandom(2 * segment + 12_345)
+    big = publish(s3, api, data)
+    assert load(store) == data
+    first_bytes = sorted(int(r.split("=")[1].split("-")[0]) for r in flaky.gets)
+    ends = {int(r.split("-")[1]) for r in flaky.gets}
+    assert ends == {segment - 1, 2 * segment - 1, len(big) - 1}
+    # one segment broke off after 5 MB and was resumed inside that segment only
+    assert len(flaky.gets) == 4 and first_bytes.count(0) == 1
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
 
 
 def test_a_transfer_that_keeps_breaking_fails_and_leaves_no_partial_file(tmp_path, s3):

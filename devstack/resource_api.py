@@ -18,7 +18,8 @@ import jwt
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
@@ -83,6 +84,12 @@ def create_app(data_dir: Path | str, admin_secret: str | None = None) -> FastAPI
     )
     app.add_middleware(FaultMiddleware, faults=faults)
     app.include_router(admin_router)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes the offending input, which may be a password.
+        errors = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     def current_user(authorization: Annotated[str | None, Header()] = None) -> dict:
         scheme, _, token = (authorization or "").partition(" ")

@@ -28,6 +28,12 @@ IDENTITY_ACTIONS = {
     "uploader": ["Write", "Read", "List", "Tagging"],
 }
 SERVICES = ("master", "volume", "filer", "s3")
+# weed grows 7 volumes for every new bucket by default; with -volume.max=0 the slots come from free disk
+# space, so a test run creating many buckets on a small CI disk would run out. Two are plenty here.
+MASTER_TOML = """\
+[master.volume_growth]
+copy_1 = 2
+"""
 
 
 def weed_binary() -> Path:
@@ -107,6 +113,9 @@ class SeaweedFS:
         p = self.ports
         return [
             str(weed_binary()),
+            # Without this glog also writes files into /tmp, outside the data directory.
+            "-logtostderr",
+            f"-config_dir={self.data_dir}",
             "server",
             f"-dir={store}",
             "-ip=127.0.0.1",
@@ -133,6 +142,7 @@ class SeaweedFS:
         if self.is_running:
             return self
         (self.data_dir / "store").mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "master.toml").write_text(MASTER_TOML)
         command = self._command(self._write_s3_config())
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(

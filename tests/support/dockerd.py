@@ -297,21 +297,21 @@ def import_image(
 ) -> str:
     """`docker import` an image whose filesystem is exactly `files` (path -> content); returns its id.
 
-    Built in memory, so tests need no registry and no base image. Files starting with `#!` or an ELF
-    header are made executable. `changes` are Dockerfile instructions (e.g. 'CMD ["/run"]').
+    No registry and no base image needed. The tar is spooled (memory, then disk past 64 MiB), so a
+    test can import a gigabyte-sized layer without holding it twice. Files starting with `#!` or an
+    ELF header are made executable. `changes` are Dockerfile instructions (e.g. 'CMD ["/run"]').
     """
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for path, content in sorted(files.items()):
-            info = tarfile.TarInfo(path.lstrip("/"))
-            info.size = len(content)
-            info.mode = 0o755 if content.startswith((b"#!", b"\x7fELF")) else 0o644
-            info.mtime = int(time.time())
-            tar.addfile(info, io.BytesIO(content))
     repository, _, version = tag.rpartition(":") if ":" in tag.rsplit("/", 1)[-1] else (tag, "", "latest")
-    raw = client.api.import_image_from_data(
-        buf.getvalue(), repository=repository, tag=version, changes=changes
-    )
+    with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool:
+        with tarfile.open(fileobj=spool, mode="w") as tar:
+            for path, content in sorted(files.items()):
+                info = tarfile.TarInfo(path.lstrip("/"))
+                info.size = len(content)
+                info.mode = 0o755 if content.startswith((b"#!", b"\x7fELF")) else 0o644
+                info.mtime = int(time.time())
+                tar.addfile(info, io.BytesIO(content))
+        spool.seek(0)
+        raw = client.api.import_image(src=spool, repository=repository, tag=version, changes=changes)
     for line in str(raw).splitlines():
         with contextlib.suppress(ValueError):
             message = json.loads(line)

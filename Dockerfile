@@ -1,7 +1,7 @@
 # Azaion.Loader container image. Docs: docs/container.md.
 #
 #   docker build -t azaion-loader .
-#   docker run -d --name azaion-loader -p 8080:8080 \
+#   docker run -d --name azaion-loader -p 127.0.0.1:8080:8080 \
 #     -v /var/run/docker.sock:/var/run/docker.sock \
 #     --group-add "$(stat -c %g /var/run/docker.sock)" \
 #     -v azaion-models:/var/lib/azaion/models -v /opt/azaion:/opt/azaion:ro \

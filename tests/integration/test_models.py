@@ -268,3 +268,33 @@ def test_parallel_loads_share_one_cdn_download(loader, stack, user, proxy):
     # One download: its two 16 MiB segments fetched once each, whatever the number of loads.
     assert proxy.count("GET", f"/models/{n}.big") == 2
     assert "loader_cdn_downloads_total 1" in loader.get("/metrics").text
+
+
+def test_upload_needs_login(loader):
+    r = loader.post("/upload/m.bin", files={"data": ("m.bin", b"x")}, data={"folder": "models"})
+    assert r.status_code == 401
+
+
+def test_upload_with_the_cdn_failing_is_502_and_leaves_nothing(loader, uploader, proxy):
+    loader.login(uploader, PASSWORD)
+    n = name()
+    proxy.fail_next(500, None, method="PUT")
+    r = loader.post(f"/upload/{n}", files={"data": (n, os.urandom(100_000))}, data={"folder": "models"})
+    assert r.status_code == 502 and "CDN" in r.json()["detail"]
+    cache = loader.env["MODEL_CACHE_DIR"]
+    leftovers = [f for _, _, files in os.walk(cache) for f in files if n in f]
+    assert leftovers == []
+
+
+def test_metrics_count_requests_bytes_and_cache(loader, stack, user):
+    n = name()
+    data = os.urandom(70_000)
+    stack.publish("models", n, data)
+    loader.login(user, PASSWORD)
+    loader.load(n, "models")
+    loader.load(n, "models")
+    text = loader.get("/metrics").text
+    assert f"loader_bytes_loaded_total {2 * len(data)}" in text
+    assert "loader_cache_hits_total 1" in text and "loader_cache_misses_total 1" in text
+    assert 'loader_requests_total{method="POST",route="/load/{filename:path}",status="200"} 2.0' in text
+    assert 'loader_unlock_state{state="idle"} 1' in text

@@ -61,13 +61,6 @@ def timed_awscli(stack, name, big_size):
     return big_size / (time.perf_counter() - start) / MIB
 
 
-def peak_rss_mb(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -89,6 +82,7 @@ def main():
             ]
             print(f"model {args.size_mib} MiB published (big part {big_size} bytes): {published}")
             with LoaderProcess(work / "loader", RESOURCE_API_URL=stack.api_url) as loader:
+                print(f"loader answered /health {loader.started_in:.2f} s after its start (target < 1.5 s)")
                 loader.login("bench@azaion.local", "bench-Pa55").raise_for_status()
                 cache = Path(loader.env["MODEL_CACHE_DIR"])
                 cold, warm, aws = [], [], []
@@ -97,7 +91,7 @@ def main():
                     cold.append(timed_load(loader, "bench.bin", size))
                     warm.append(timed_load(loader, "bench.bin", size))
                     aws.append(timed_awscli(stack, "bench.bin", big_size))
-                rss = peak_rss_mb(loader.pid)
+                rss = loader.peak_rss_mb()
         best_cold, best_warm, best_aws = max(cold), max(warm), max(aws)
         print(
             f"/load cold (CDN -> decrypt -> HTTP): {best_cold:8.1f} MiB/s  runs: "

@@ -85,13 +85,6 @@ def unlock_with_openssl(engine, key, ciphertext, iv):
     return time.perf_counter() - start
 
 
-def peak_rss_mb(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -126,7 +119,7 @@ def main():
                     health += probes
                     remove_image(client)
                     theirs.append(unlock_with_openssl(engine, key, ciphertext, iv))
-                rss = peak_rss_mb(loader.pid)
+                rss = loader.peak_rss_mb()
         best_ours, best_theirs = min(ours), min(theirs)
         p99 = statistics.quantiles(health, n=100)[98] if len(health) >= 2 else health[0]
         print(

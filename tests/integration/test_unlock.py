@@ -11,7 +11,7 @@ from devstack import crypto
 from devstack.images import publish_images
 from tests.integration.conftest import PASSWORD
 from tests.support.dockerd import import_image
-from tests.support.loader import LoaderProcess
+from tests.support.loader import LoaderProcess, proc_field
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -192,13 +192,6 @@ def test_archive_encrypted_by_openssl_unlocks(
         assert wait_done(loader)["state"] == "ready"
 
 
-def proc_field(pid, name, file="status"):
-    for line in open(f"/proc/{pid}/{file}").read().splitlines():
-        if line.startswith(name):
-            return int(line.split()[1])
-    raise KeyError(name)
-
-
 def test_large_archive_writes_no_plaintext_and_stays_small(
     tmp_path, stack, user, private_dockerd, clean_engine
 ):
@@ -221,7 +214,7 @@ def test_large_archive_writes_no_plaintext_and_stays_small(
             time.sleep(0.05)
         status = wait_done(loader)
         written = proc_field(loader.pid, "write_bytes", "io") - before
-        peak_mb = proc_field(loader.pid, "VmHWM") / 1024
+        peak_mb = loader.peak_rss_mb()
     assert status["state"] == "ready" and status["images"] == [tag], status
     assert written < 16 * 1024 * 1024, f"the loader wrote {written} bytes during a 1 GiB unlock"
     assert peak_mb < 250, f"peak RSS {peak_mb:.0f} MB"

@@ -13,6 +13,14 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def proc_field(pid, name, file="status"):
+    """An integer field of /proc/<pid>/<file> (status: VmHWM in kB; io: write_bytes in bytes)."""
+    for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    raise KeyError(name)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,6 +60,7 @@ class LoaderProcess:
                 raise RuntimeError(f"loader exited with {self.proc.returncode}: {self.log()[-2000:]}")
             try:
                 if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    self.started_in = time.monotonic() - (deadline - timeout)
                     return self
             except requests.RequestException:
                 time.sleep(0.05)
@@ -74,6 +83,9 @@ class LoaderProcess:
     @property
     def pid(self):
         return self.proc.pid
+
+    def peak_rss_mb(self):
+        return proc_field(self.pid, "VmHWM") / 1024
 
     def log(self):
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

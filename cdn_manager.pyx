@@ -215,7 +215,8 @@ class _Download:
         self.cond = threading.Condition()
         self.written = 0
         self.done = False
-        self.error = None
+        self.error = None  # what readers see: set only once the .part file is gone
+        self._stop = None  # the first fetcher failure: stops the other fetchers and the hasher
         self.part = cache.path(bucket, key) + f".{uuid.uuid4().hex}{PART_SUFFIX}"
 
     def prepare(self):
@@ -247,8 +248,8 @@ class _Download:
             digest = self._hash(fd)
             for w in workers:
                 w.join()
-            if self.error is not None:
-                raise self.error
+            if self._stop is not None:
+                raise self._stop
             os.fsync(fd)
             os.close(fd)
             fd = -1
@@ -274,7 +275,7 @@ class _Download:
         """One fetcher: takes the next segment, streams it into place, until none is left or one fails."""
         while True:
             with self.cond:
-                if self.error is not None or self._next >= len(self._segments):
+                if self._stop is not None or self._next >= len(self._segments):
                     return
                 index = self._next
                 self._next += 1
@@ -287,7 +288,7 @@ class _Download:
                         written += os.pwrite(fd, memoryview(chunk)[written:], pos + written)
                     pos += len(chunk)
                     with self.cond:
-                        if self.error is not None:
+                        if self._stop is not None:
                             return
                         self._progress[index] += len(chunk)
                         self._advance()
@@ -319,9 +320,10 @@ class _Download:
             self.cond.notify_all()
 
     def _record(self, exc):
+        """A fetcher failed: stop the others; run() cleans up and only then tells the readers."""
         with self.cond:
-            if self.error is None:
-                self.error = exc
+            if self._stop is None:
+                self._stop = exc
             self.cond.notify_all()
 
     def _hash(self, fd):
@@ -332,9 +334,9 @@ class _Download:
         pos, size = 0, self.info.size
         while pos < size:
             with self.cond:
-                while self.written <= pos and self.error is None:
+                while self.written <= pos and self._stop is None:
                     self.cond.wait()
-                if self.error is not None:
+                if self._stop is not None:
                     return None
                 available = self.written - pos
             while available > 0:
@@ -347,6 +349,8 @@ class _Download:
         return h.hexdigest()
 
     def _fail(self, exc):
+        with self.cond:
+            self._stop = self._stop or exc
         try:
             os.unlink(self.part)
         except OSError:
@@ -355,6 +359,15 @@ class _Download:
             self.error = exc
             self.done = True
             self.cond.notify_all()
+
+    def wait_started(self):
+        """Wait for the first bytes or the failure: a GET the CDN refuses outright (403, 404, 5xx after the
+        retries) then still becomes an error status, not a 200 whose body is cut off at once."""
+        with self.cond:
+            while self.written == 0 and not self.done and self.error is None:
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
 
     def open_reader(self):
         with self.cond:
@@ -398,6 +411,20 @@ class BigPartCache:
         self.hits = 0
         self.misses = 0
         self.downloads = 0
+        self._sweep()
+
+    def _sweep(self):
+        """Delete the ``.part`` files a killed loader left behind. Each was preallocated to its object's
+        full size, so on a small disk one leftover holds the room the next download needs; none is ever
+        resumed. Runs once, before this process starts a download (one loader per cache directory)."""
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                if name.endswith(PART_SUFFIX):
+                    try:
+                        os.unlink(os.path.join(folder, name))
+                        log.info("removed the leftover partial file %s", name)
+                    except OSError as exc:
+                        log.warning("could not remove the leftover %s: %s", name, exc.strerror)
 
     def path(self, bucket, key):
         return os.path.join(self.root, bucket, key)
@@ -502,6 +529,11 @@ class BigPartCache:
                                  name=f"cdn-{bucket}/{key}").start()
                 log.info("downloading %s/%s (%d bytes) from the CDN", bucket, key, info.size)
             reader = download.open_reader()
+        try:
+            download.wait_started()
+        except BaseException:
+            reader.close()
+            raise
         return download.follow(reader, self._chunk)
 
     def _finished(self, download):

@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -49,6 +49,18 @@ class Credentials(BaseModel):
 
 class LoadRequest(BaseModel):
     folder: str = Field(max_length=128)
+
+
+class ErrorDetail(BaseModel):
+    """The body of every error (contract section 4)."""
+
+    detail: str
+
+
+def errors_for(*codes: int) -> dict:
+    """OpenAPI ``responses`` for the error statuses a route answers, all ``{"detail": text}``; declaring 422
+    also replaces FastAPI's default 422 body (a list), which the handler below never sends."""
+    return {code: {"model": ErrorDetail} for code in codes}
 
 
 @cache
@@ -106,7 +118,8 @@ def services() -> Services:
 
 Svc = Annotated[Services, Depends(services)]
 
-app = FastAPI(title="Azaion.Loader", version="1.0.0")
+# 413 on every route: the middleware refuses any body over the limits before routing.
+app = FastAPI(title="Azaion.Loader", version="1.0.0", responses=errors_for(413))
 
 
 # --- errors: the one place where exceptions become statuses ----------------------------------------
@@ -247,26 +260,33 @@ async def status(svc: Svc):
     }
 
 
-@app.post("/login")
+@app.post("/login", responses=errors_for(401, 422, 502, 504))
 async def login(body: Credentials, svc: Svc):
     user = await run_in_threadpool(svc.login, body.email, body.password)
     return {"status": "ok", "user": user.to_dict()}
 
 
-@app.post("/load/{filename:path}")
+@app.post(
+    "/load/{filename:path}",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The decrypted resource"},
+        **errors_for(400, 401, 404, 409, 422, 502, 504, 507),
+    },
+)
 async def load(filename: str, body: LoadRequest, svc: Svc):
     chunks = await run_in_threadpool(svc.store.load, body.folder, filename)
     return StreamingResponse(svc.count_loaded(chunks), media_type="application/octet-stream")
 
 
-@app.post("/upload/{filename:path}")
+@app.post("/upload/{filename:path}", responses=errors_for(400, 401, 403, 422, 502, 504, 507))
 async def upload(filename: str, request: Request, svc: Svc):
     size = await receive_upload(request, svc, filename, settings().max_upload_bytes)
     svc.bytes_uploaded += size
     return {"status": "ok", "size": size}
 
 
-@app.post("/unlock", status_code=202)
+@app.post("/unlock", status_code=202, responses=errors_for(422))
 async def unlock(body: Credentials, svc: Svc):
     return await run_in_threadpool(svc.start_unlock, body.email, body.password)
 
@@ -276,7 +296,7 @@ async def unlock_status(svc: Svc):
     return svc.unlock_status.snapshot()
 
 
-@app.get("/metrics")
+@app.get("/metrics", response_class=PlainTextResponse)
 async def metrics_text(svc: Svc):
     body, content_type = metrics().render(svc)
     return Response(body, media_type=content_type)
@@ -295,16 +315,23 @@ async def receive_upload(request: Request, svc: Services, filename: str, limit: 
     kind, params = parse_options_header(request.headers.get("content-type", ""))
     if kind != b"multipart/form-data" or not params.get(b"boundary"):
         raise BadRequest("upload must be multipart/form-data with a file field 'data' and a field 'folder'")
+    most = limit + 64 * 1024  # the file, plus room for the multipart framing and the folder field
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit + 64 * 1024:
+    if length.isdigit() and int(length) > most:
         raise PayloadTooLarge(f"the upload is larger than the configured maximum of {limit} bytes")
     await run_in_threadpool(svc.store.check_upload, filename)  # 400/401/403 before the body is read
 
     form = _FormState()
     parser = MultipartParser(params[b"boundary"], form.callbacks())
     staged = None
+    received = 0
     try:
         async for chunk in request.stream():
+            # Every byte counts, not only the file's: a chunked body announces no length, and a huge
+            # field of another name would otherwise be read to its end.
+            received += len(chunk)
+            if received > most:
+                raise PayloadTooLarge(f"the upload is larger than the configured maximum of {limit} bytes")
             parser.write(chunk)
             if form.folder_done and staged is None:
                 await run_in_threadpool(svc.store.check_upload, filename, form.folder)
@@ -457,6 +484,11 @@ def main() -> None:
 
     s = settings()
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # LOG_LEVEL=DEBUG is for the loader's own loggers. The libraries' DEBUG output prints whole requests
+    # (botocore: the Authorization header with the CDN access key, and every signing step), so theirs
+    # stays at INFO at most.
+    for name in ("botocore", "boto3", "s3transfer", "urllib3", "docker"):
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
     uvicorn.run(
         app,
         host=s.loader_host,

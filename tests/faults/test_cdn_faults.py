@@ -1,0 +1,91 @@
+"""The CDN (S3) misbehaves: failing for a while, failing for good, or sending a short body."""
+
+import os
+
+import pytest
+import requests
+
+from tests.faults.conftest import PASSWORD, MiB, files_under, model_name
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def published(stack, loader, user):
+    data = os.urandom(6 * MiB + 7)
+    n = model_name()
+    stack.publish("models", n, data)
+    assert loader.login(user, PASSWORD).status_code == 200
+    return n, data
+
+
+def big_path(n):
+    return f"/models/{n}.big"
+
+
+def cached_files(loader):
+    return files_under(loader.env["MODEL_CACHE_DIR"])
+
+
+@pytest.mark.parametrize("method", ["HEAD", "GET"])
+@pytest.mark.parametrize("status", [500, 503])
+def test_cdn_errors_for_a_while_are_retried(loader, proxy, published, method, status):
+    """Reliability: CDN answers 500/503 twice (HEAD or GET), then recovers | retried; the load returns the
+    right bytes"""
+    n, data = published
+    proxy.fail_next(status, n=2, method=method, path=big_path(n))
+    r = loader.load(n, "models")
+    assert r.status_code == 200 and r.content == data
+    assert proxy.count(method, big_path(n)) == 3
+
+
+@pytest.mark.parametrize("method", ["HEAD", "GET"])
+def test_cdn_failing_for_good_is_502(loader, proxy, published, method):
+    """Reliability: CDN answers 503 to every try | 502 "the CDN answered 503" after a bounded number of tries;
+    nothing cached; the next load works once it recovers"""
+    n, data = published
+    proxy.fail_next(503, n=None, method=method, path=big_path(n))
+    try:
+        r = loader.load(n, "models")
+    except requests.RequestException as exc:
+        pytest.fail(
+            f"200, then a cut transfer ({type(exc).__name__}), for a GET the CDN refused outright: "
+            "the failure is known before the first byte, so it should be a 502"
+        )
+    assert r.status_code == 502, r.text
+    assert "CDN" in r.json()["detail"] and "503" in r.json()["detail"]
+    assert proxy.count(method, big_path(n)) <= 6
+    assert not any(f.endswith(".big") for f in cached_files(loader))
+    proxy.clear_faults()
+    assert loader.load(n, "models").content == data
+
+
+def test_truncated_body_is_detected_and_resumed(loader, proxy, published):
+    """Reliability: CDN sends a truncated body (full Content-Length, half the bytes) once | detected; resumed
+    with a Range GET pinned to the ETag; the right bytes"""
+    n, data = published
+    proxy.truncate_next(method="GET", path=big_path(n))
+    r = loader.load(n, "models")
+    assert r.status_code == 200 and r.content == data
+    gets = [s for s in proxy.seen() if s.method == "GET" and s.path == big_path(n)]
+    assert len(gets) == 2, [g.headers.get("range") for g in gets]
+    resumed_at = int(gets[1].headers["range"].removeprefix("bytes=").partition("-")[0])
+    assert resumed_at > 0 and gets[1].headers.get("if-match") == gets[0].headers.get("if-match")
+
+
+def test_truncated_body_every_time_is_never_a_whole_file(loader, proxy, published):
+    """Reliability: CDN truncates every body | the transfer is cut off (no final chunk), never a short file
+    that looks whole; no file under the final name; the next load works"""
+    n, data = published
+    proxy.truncate_next(n=None, method="GET", path=big_path(n))
+    got = b""
+    with pytest.raises(requests.RequestException):
+        with loader.load(n, "models", stream=True) as r:
+            if r.status_code != 200:
+                raise requests.HTTPError(f"refused with {r.status_code}")
+            for chunk in r.iter_content(64 * 1024):
+                got += chunk
+    assert got != data and len(got) < len(data)
+    assert not any(f.endswith(".big") or f.endswith(".part") for f in cached_files(loader))
+    proxy.clear_faults()
+    assert loader.load(n, "models").content == data

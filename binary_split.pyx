@@ -30,15 +30,15 @@ _SPLIT_FULL = -(-SPLIT_SMALL_MAX * SPLIT_SMALL_DENOMINATOR // SPLIT_SMALL_NUMERA
 
 
 def validate_name(name):
-    if not isinstance(name, str) or not _NAME.match(name) or name.endswith("\n"):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise BadRequest("invalid resource name: use 1-128 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return name
 
 
 def validate_folder(folder):
-    if (not isinstance(folder, str) or not _NAME.match(folder) or not _BUCKET.match(folder)
-            or ".." in folder or folder.endswith("\n")):
+    # S3 also forbids ".." inside a bucket name.
+    if not isinstance(folder, str) or not _NAME.fullmatch(folder) or not _BUCKET.fullmatch(folder) or ".." in folder:
         raise BadRequest("invalid folder: use 3-63 lowercase letters, digits, '.' or '-' (an S3 bucket name)")
     return folder
 

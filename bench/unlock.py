@@ -4,7 +4,7 @@
 
 In one run on one Docker Engine (a private dockerd, vfs storage): builds a one-layer image of random
 bytes, publishes it as the encrypted archive (devstack), then times, with the image removed before each:
-the loader's unlock (POST /unlock until `ready`, probing /health every 20 ms meanwhile) and
+the loader's unlock (POST /unlock until `ready`, probing /health every 50 ms meanwhile) and
 `openssl enc -d -aes-256-cbc ... | docker load` of the same archive. The last line is the RESULT line.
 """
 
@@ -40,18 +40,20 @@ def remove_image(client):
         pass
 
 
-def unlock_through_loader(loader, email, password):
+def unlock_through_loader(loader, email, password, probe_every):
+    """Time one unlock; meanwhile probe /health (one keep-alive connection) every ``probe_every`` s."""
     health = []
+    http = requests.Session()
     start = time.perf_counter()
-    requests.post(f"{loader.url}/unlock", json={"email": email, "password": password}, timeout=30)
+    http.post(f"{loader.url}/unlock", json={"email": email, "password": password}, timeout=30)
     while True:
         t = time.perf_counter()
-        assert requests.get(f"{loader.url}/health", timeout=10).status_code == 200
+        assert http.get(f"{loader.url}/health", timeout=10).status_code == 200
         health.append((time.perf_counter() - t) * 1000)
-        state = requests.get(f"{loader.url}/unlock/status", timeout=10).json()
+        state = http.get(f"{loader.url}/unlock/status", timeout=10).json()
         if state["state"] in ("ready", "error"):
             break
-        time.sleep(0.02)
+        time.sleep(probe_every)
     elapsed = time.perf_counter() - start
     assert state["state"] == "ready", state
     return elapsed, health
@@ -89,6 +91,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--probe-ms", type=float, default=50, help="interval of the /health probes")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-unlock-"))
     engine = Dockerd(work / "dockerd").start()
@@ -114,7 +117,9 @@ def main():
                 ours, theirs, health = [], [], []
                 for _ in range(args.runs):
                     remove_image(client)
-                    elapsed, probes = unlock_through_loader(loader, "bench@azaion.local", "bench-Pa55")
+                    elapsed, probes = unlock_through_loader(
+                        loader, "bench@azaion.local", "bench-Pa55", args.probe_ms / 1000
+                    )
                     ours.append(elapsed)
                     health += probes
                     remove_image(client)

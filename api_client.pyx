@@ -87,14 +87,14 @@ class ResourceApi:
             if not isinstance(token, str):
                 raise TypeError
             claims = jwt.decode(token, options={"verify_signature": False})
+            if not isinstance(claims, dict):
+                raise TypeError
         except (ValueError, KeyError, TypeError, jwt.PyJWTError):
-            raise UpstreamError("the Resource API answered login with no valid token") from None
-        if not isinstance(claims, dict):
-            raise UpstreamError("the Resource API answered login with no valid token")
+            raise UpstreamError("the Resource API's sign-in answer carries no valid JWT") from None
         return token, User.from_claims(claims)
 
     def _renew(self, stale_token):
-        """One fresh login, shared by every thread that saw the same stale token."""
+        """One fresh sign-in, shared by every thread that saw the same stale JWT."""
         with self._lock:
             if self._token is not None and self._token != stale_token:
                 return self._token
@@ -104,7 +104,7 @@ class ResourceApi:
         token, user = self._fetch_token(creds)
         with self._lock:
             self._token, self._user = token, user
-        log.info("token renewed user_id=%s", user.id)
+        log.info("session renewed user_id=%s", user.id)
         return token
 
     def _token_now(self):
@@ -171,7 +171,7 @@ class ResourceApi:
         resp = self._send(method, path, token, **kwargs)
         if resp.status_code == 401:
             resp.close()
-            log.info("token refused on %s %s: renewing once", method, path)
+            log.info("401 on %s %s: renewing the session once", method, path)
             resp = self._send(method, path, self._renew(token), **kwargs)
         return resp
 

@@ -99,8 +99,9 @@ class Services:
 
         return Creds(email, password)
 
-    def login(self, email: str, password: str):
-        return self.api.login(self.credentials(email, password))
+    def authenticate(self, email: str, password: str):
+        creds = self.credentials(email, password)
+        return self.api.login(creds)
 
     def start_unlock(self, email: str, password: str):
         return self.unlocker.start(self.credentials(email, password))
@@ -262,7 +263,7 @@ async def status(svc: Svc):
 
 @app.post("/login", responses=errors_for(401, 422, 502, 504))
 async def login(body: Credentials, svc: Svc):
-    user = await run_in_threadpool(svc.login, body.email, body.password)
+    user = await run_in_threadpool(svc.authenticate, body.email, body.password)
     return {"status": "ok", "user": user.to_dict()}
 
 

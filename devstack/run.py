@@ -6,6 +6,7 @@ published as the encrypted archive, and the loader itself on LOADER_PORT (defaul
 commands that log in, load, upload and unlock. Ctrl-C stops everything this command started.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -47,16 +48,18 @@ def _demo_archive(host: str, archive: Path, fragment: bytes) -> None:
 
 def curl_examples(url: str) -> str:
     (op, (op_pw, _)), (up, (up_pw, _)) = list(DEMO_USERS.items())[:2]
+    operator = json.dumps({"email": op, "password": op_pw}, separators=(",", ":"))
+    uploader = json.dumps({"email": up, "password": up_pw}, separators=(",", ":"))
     return f"""
 Try it:
   J='Content-Type: application/json'
   curl -s {url}/health
-  curl -s -X POST {url}/login -H "$J" -d '{{"email":"{op}","password":"{op_pw}"}}'
+  curl -s -X POST {url}/login -H "$J" -d '{operator}'
   curl -s -X POST {url}/load/{DEMO_MODEL} -H "$J" -d '{{"folder":"{DEMO_FOLDER}"}}' -o {DEMO_MODEL}
   sha256sum {DEMO_MODEL}
-  curl -s -X POST {url}/login -H "$J" -d '{{"email":"{up}","password":"{up_pw}"}}'
+  curl -s -X POST {url}/login -H "$J" -d '{uploader}'
   curl -s -X POST {url}/upload/my-model.bin -F data=@{DEMO_MODEL} -F folder={DEMO_FOLDER}
-  curl -s -X POST {url}/unlock -H "$J" -d '{{"email":"{op}","password":"{op_pw}"}}'
+  curl -s -X POST {url}/unlock -H "$J" -d '{operator}'
   curl -s {url}/unlock/status
   curl -s {url}/metrics
 """

@@ -67,7 +67,7 @@ def test_unexpected_exceptions_are_a_plain_500(client, monkeypatch):
     def boom(*a):
         raise RuntimeError("internal state with password=hunter2")
 
-    monkeypatch.setattr(main.Services, "login", boom)
+    monkeypatch.setattr(main.Services, "authenticate", boom)
     r = client.post("/login", json={"email": "a@b", "password": "hunter2"})
     assert r.status_code == 500 and r.json() == {"detail": "internal error"}
 

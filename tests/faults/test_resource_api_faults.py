@@ -80,11 +80,11 @@ def test_api_500_is_502(slow_loader, api_faults, user):
 @pytest.mark.parametrize("garbage", ["html", "truncated_json", "not_jwt", "empty", "random"])
 def test_garbage_login_answer_is_502(slow_loader, api_faults, user, garbage):
     """Reliability: Resource API answers /login with 200 and garbage (HTML, truncated JSON, a token that is
-    not a JWT, empty, random bytes) | 502 "no valid token"; not logged in"""
+    not a JWT, empty, random bytes) | 502 "no valid JWT"; not logged in"""
     api_faults.set_fault("POST /login", status=200, garbage=garbage)
     r = slow_loader.login(user, PASSWORD)
     assert r.status_code == 502, r.text
-    assert r.json()["detail"] == "the Resource API answered login with no valid token"
+    assert r.json()["detail"] == "the Resource API's sign-in answer carries no valid JWT"
     assert slow_loader.get("/status").json()["authenticated"] is False
 
 

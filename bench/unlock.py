@@ -26,18 +26,11 @@ sys.path.insert(0, str(ROOT))
 from devstack import crypto  # noqa: E402
 from devstack.images import publish_images  # noqa: E402
 from devstack.stack import Stack  # noqa: E402
-from tests.support.dockerd import Dockerd, import_image  # noqa: E402
+from tests.support.dockerd import Dockerd, import_image, remove_images  # noqa: E402
 from tests.support.loader import LoaderProcess  # noqa: E402
 
 MIB = 1024 * 1024
 TAG = "azaion/bench-unlock:1"
-
-
-def remove_image(client):
-    try:
-        client.images.remove(TAG, force=True)
-    except Exception:  # noqa: BLE001, S110 - absent is the state we want
-        pass
 
 
 def unlock_through_loader(loader, email, password, probe_every):
@@ -97,7 +90,7 @@ def main():
     engine = Dockerd(work / "dockerd").start()
     try:
         client = engine.client(timeout=3600)
-        remove_image(client)
+        remove_images(client, [TAG])
         import_image(client, TAG, {"/model.bin": os.urandom(args.size_mib * MIB)})
         archive = work / "images.enc"
         fragment = publish_images(engine.host, [TAG], archive)
@@ -116,13 +109,13 @@ def main():
             ) as loader:
                 ours, theirs, health = [], [], []
                 for _ in range(args.runs):
-                    remove_image(client)
+                    remove_images(client, [TAG])
                     elapsed, probes = unlock_through_loader(
                         loader, "bench@azaion.local", "bench-Pa55", args.probe_ms / 1000
                     )
                     ours.append(elapsed)
                     health += probes
-                    remove_image(client)
+                    remove_images(client, [TAG])
                     theirs.append(unlock_with_openssl(engine, key, ciphertext, iv))
                 rss = loader.peak_rss_mb()
         best_ours, best_theirs = min(ours), min(theirs)
@@ -144,7 +137,7 @@ def main():
             f"health_p99_ms={p99:.1f}"
         )
     finally:
-        remove_image(engine.client())
+        remove_images(engine.client(), [TAG])
         engine.cleanup()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -42,16 +42,6 @@ class Session:
         return r
 
 
-def wait_unlock(loader, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = loader.get("/unlock/status").json()
-        if status["state"] in ("ready", "error"):
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"unlock stuck: {status}")
-
-
 def secret_values(stack, accounts, wrong_password, fragment):
     """Every secret of the session, as the bytes that must not appear (raw and hex where binary)."""
     hardware = hardware_service.HardwareService().hardware
@@ -187,12 +177,12 @@ def test_no_secret_in_logs_error_bodies_or_files(tmp_path, stack, proxy, private
 
             stack.set_key_fragment(os.urandom(32))  # the wrong one first
             s.call("post", "/unlock", 202, json={"email": up, "password": up_pw})
-            status = wait_unlock(loader)
+            status = loader.wait_unlock(300)
             assert status["state"] == "error"
             s.answers.append(repr(status).encode())
             stack.set_key_fragment(fragment)
             s.call("post", "/unlock", 202, json={"email": up, "password": up_pw})
-            status = wait_unlock(loader)
+            status = loader.wait_unlock(300)
             assert status["state"] == "ready", status
             open_files |= {f.path for f in psutil.Process(loader.pid).open_files()}
             for path in ("/status", "/unlock/status", "/metrics"):

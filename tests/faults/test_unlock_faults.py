@@ -5,12 +5,11 @@ import signal
 import time
 from pathlib import Path
 
-import docker
 import pytest
 
 from devstack.images import publish_images
 from tests.faults.conftest import PASSWORD, MiB, start_loader
-from tests.support.dockerd import import_image
+from tests.support.dockerd import import_image, remove_images
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -18,22 +17,15 @@ TAG = "azaion/fault-unlock:1"
 RUNNING = ("authenticating", "downloading_key", "decrypting", "loading_images")
 
 
-def remove(client, tag):
-    try:
-        client.images.remove(tag, force=True)
-    except docker.errors.ImageNotFound:
-        pass
-
-
 @pytest.fixture(scope="module")
 def large_archive(private_dockerd, tmp_path_factory):
     """A 384 MiB image in an encrypted archive: big enough that stopping dockerd lands mid-transfer."""
     client = private_dockerd.client()
-    remove(client, TAG)
+    remove_images(client, [TAG])
     import_image(client, TAG, {"/blob.bin": os.urandom(384 * MiB)})
     path = tmp_path_factory.mktemp("archive") / "images.enc"
     fragment = publish_images(private_dockerd.host, [TAG], path)
-    remove(client, TAG)
+    remove_images(client, [TAG])
     return path, fragment
 
 
@@ -85,7 +77,7 @@ def test_dockerd_gone_mid_unlock_is_an_error_then_a_retry_works(
     path, fragment = large_archive
     total = os.path.getsize(path)
     stack.set_key_fragment(fragment)
-    remove(private_dockerd.client(), TAG)
+    remove_images(private_dockerd.client(), [TAG])
     env = {"DOCKER_HOST": private_dockerd.host, "IMAGES_PATH": path}
     with start_loader(tmp_path / "loader", stack, **env) as loader:
         try:
@@ -104,4 +96,4 @@ def test_dockerd_gone_mid_unlock_is_an_error_then_a_retry_works(
         assert loader.post("/unlock", json={"email": user, "password": PASSWORD}).status_code == 202
         status = wait_until(loader, lambda s: s["state"] not in RUNNING, timeout=600)
         assert status["state"] == "ready" and status["images"] == [TAG], status
-    remove(private_dockerd.client(), TAG)
+    remove_images(private_dockerd.client(), [TAG])

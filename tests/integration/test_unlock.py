@@ -4,26 +4,17 @@ import os
 import subprocess
 import time
 
-import docker
 import pytest
 
 from devstack import crypto
 from devstack.images import publish_images
 from tests.integration.conftest import PASSWORD
-from tests.support.dockerd import import_image
+from tests.support.dockerd import import_image, remove_images
 from tests.support.loader import LoaderProcess, proc_field
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
 TAGS = ["azaion/unlock-a:1.0", "azaion/unlock-b:2.1"]
-
-
-def remove(client, tags):
-    for tag in tags:
-        try:
-            client.images.remove(tag, force=True)
-        except docker.errors.ImageNotFound:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +25,14 @@ def archive_plain(private_dockerd, tmp_path_factory):
         import_image(client, tag, {f"/data/{i}.txt": f"image {i}\n".encode() * 100})
     path = tmp_path_factory.mktemp("archive") / "images.enc"
     fragment = publish_images(private_dockerd.host, TAGS, path, fragment=os.urandom(32))
-    remove(client, TAGS)
+    remove_images(client, TAGS)
     return path, fragment
 
 
 @pytest.fixture
 def clean_engine(private_dockerd):
     client = private_dockerd.client()
-    remove(client, TAGS)
+    remove_images(client, TAGS)
     return client
 
 
@@ -53,16 +44,6 @@ def unlocker(tmp_path, stack, dockerd, images_path, **env):
         IMAGES_PATH=images_path,
         **env,
     )
-
-
-def wait_done(loader, timeout=600):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = loader.get("/unlock/status").json()
-        if status["state"] in ("ready", "error"):
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"unlock still {status['state']} after {timeout}s")
 
 
 def test_two_images_unlock_with_their_tags(
@@ -79,7 +60,7 @@ def test_two_images_unlock_with_their_tags(
             "loading_images",
             "ready",
         )
-        status = wait_done(loader)
+        status = loader.wait_unlock()
         assert status["state"] == "ready", status
         assert sorted(status["images"]) == sorted(TAGS)
         assert status["bytesDone"] == status["bytesTotal"] == os.path.getsize(path)
@@ -95,11 +76,11 @@ def test_wrong_fragment_is_an_error_then_the_right_one_is_ready(
     stack.set_key_fragment(b"not the fragment")
     with unlocker(tmp_path, stack, private_dockerd, path) as loader:
         loader.post("/unlock", json={"email": user, "password": PASSWORD})
-        status = wait_done(loader)
+        status = loader.wait_unlock()
         assert status["state"] == "error" and "wrong key or corrupt archive" in status["error"]
         stack.set_key_fragment(fragment)
         assert loader.post("/unlock", json={"email": user, "password": PASSWORD}).status_code == 202
-        assert wait_done(loader)["state"] == "ready"
+        assert loader.wait_unlock()["state"] == "ready"
 
 
 @pytest.mark.parametrize("damage", ["truncated", "middle-byte", "missing"])
@@ -117,7 +98,7 @@ def test_corrupt_truncated_or_missing_archive_is_an_error(
         bad.write_bytes(data)
     with unlocker(tmp_path, stack, private_dockerd, bad) as loader:
         loader.post("/unlock", json={"email": user, "password": PASSWORD})
-        status = wait_done(loader)
+        status = loader.wait_unlock()
     assert status["state"] == "error", status
     assert status["error"] and "Traceback" not in status["error"]
     if damage == "missing":
@@ -133,12 +114,12 @@ def test_engine_stopped_is_an_error_and_a_retry_after_restart_works(
         private_dockerd.stop()
         try:
             loader.post("/unlock", json={"email": user, "password": PASSWORD})
-            status = wait_done(loader)
+            status = loader.wait_unlock()
             assert status["state"] == "error" and "Docker Engine" in status["error"]
         finally:
             private_dockerd.start()
         loader.post("/unlock", json={"email": user, "password": PASSWORD})
-        assert wait_done(loader)["state"] == "ready"
+        assert loader.wait_unlock()["state"] == "ready"
 
 
 def test_double_post_starts_one_unlock(tmp_path, stack, user, archive_plain, private_dockerd, clean_engine):
@@ -151,7 +132,7 @@ def test_double_post_starts_one_unlock(tmp_path, stack, user, archive_plain, pri
         second = loader.post("/unlock", json={"email": user, "password": PASSWORD})
         assert first.status_code == second.status_code == 202
         assert second.json()["state"] != "idle"
-        assert wait_done(loader)["state"] == "ready"
+        assert loader.wait_unlock()["state"] == "ready"
         assert stack.counters().get("GET /binary-split/key-fragment") == 1
     stack.clear_faults()
 
@@ -163,10 +144,10 @@ def test_already_loaded_images_need_no_key(
     stack.set_key_fragment(fragment)
     with unlocker(tmp_path, stack, private_dockerd, path, UNLOCK_IMAGES=" ".join(TAGS)) as loader:
         loader.post("/unlock", json={"email": user, "password": PASSWORD})
-        assert wait_done(loader)["state"] == "ready"  # loads them the first time
+        assert loader.wait_unlock()["state"] == "ready"  # loads them the first time
         stack.reset_counters()
         loader.post("/unlock", json={"email": user, "password": PASSWORD})
-        status = wait_done(loader)
+        status = loader.wait_unlock()
         assert status["state"] == "ready" and sorted(status["images"]) == sorted(TAGS)
         assert stack.counters().get("GET /binary-split/key-fragment", 0) == 0
 
@@ -189,7 +170,7 @@ def test_archive_encrypted_by_openssl_unlocks(
     stack.set_key_fragment(fragment)
     with unlocker(tmp_path, stack, private_dockerd, archive) as loader:
         loader.post("/unlock", json={"email": user, "password": PASSWORD})
-        assert wait_done(loader)["state"] == "ready"
+        assert loader.wait_unlock()["state"] == "ready"
 
 
 def test_large_archive_writes_no_plaintext_and_stays_small(
@@ -197,11 +178,11 @@ def test_large_archive_writes_no_plaintext_and_stays_small(
 ):
     client = clean_engine
     tag = "azaion/unlock-large:1"
-    remove(client, [tag])
+    remove_images(client, [tag])
     import_image(client, tag, {"/blob.bin": os.urandom(1024 * 1024 * 1024)})
     path = tmp_path / "large.enc"
     fragment = publish_images(private_dockerd.host, [tag], path)
-    remove(client, [tag])
+    remove_images(client, [tag])
     stack.set_key_fragment(fragment)
     with unlocker(tmp_path, stack, private_dockerd, path) as loader:
         before = proc_field(loader.pid, "write_bytes", "io")
@@ -212,11 +193,11 @@ def test_large_archive_writes_no_plaintext_and_stays_small(
             assert loader.get("/health").status_code == 200
             health.append(time.perf_counter() - start)
             time.sleep(0.05)
-        status = wait_done(loader)
+        status = loader.wait_unlock()
         written = proc_field(loader.pid, "write_bytes", "io") - before
         peak_mb = loader.peak_rss_mb()
     assert status["state"] == "ready" and status["images"] == [tag], status
     assert written < 16 * 1024 * 1024, f"the loader wrote {written} bytes during a 1 GiB unlock"
     assert peak_mb < 250, f"peak RSS {peak_mb:.0f} MB"
     assert health, "the unlock finished before /health could be probed"
-    remove(client, [tag])
+    remove_images(client, [tag])

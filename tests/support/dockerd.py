@@ -318,3 +318,10 @@ def import_image(
             if "error" in message:
                 raise DockerdError(f"docker import of {tag} failed: {message['error']}")
     return client.images.get(f"{repository}:{version}").id
+
+
+def remove_images(client: docker.DockerClient, tags: list[str]) -> None:
+    """Remove images by tag; an image that is not there is what the caller wants anyway."""
+    for tag in tags:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            client.images.remove(tag, force=True)

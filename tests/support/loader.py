@@ -98,6 +98,17 @@ class LoaderProcess:
         kw.setdefault("timeout", 30)
         return requests.get(self.url + path, **kw)
 
+    def wait_unlock(self, timeout=600):
+        """Poll /unlock/status until the unlock is ready or in error; its final status."""
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            status = self.get("/unlock/status").json()
+            if status["state"] in ("ready", "error"):
+                return status
+            time.sleep(0.1)
+        raise AssertionError(f"unlock still running after {timeout}s: {status}")
+
     def login(self, email, password):
         return self.post("/login", json={"email": email, "password": password})
 

@@ -6,6 +6,7 @@ Docker image archive unlocked with a key fragment (contract sections 2 and 5).
 import hashlib
 import logging
 import os
+import queue
 import re
 import threading
 from itertools import chain
@@ -19,6 +20,9 @@ from errors import (BadRequest, DecryptionError, EngineError, Forbidden, LoaderE
 from unlock_state import DECRYPTING, DOWNLOADING_KEY, LOADING_IMAGES
 
 log = logging.getLogger("loader.split")
+
+# Decrypted chunks of the image archive waiting to be sent to the Docker Engine, at most.
+PIPELINE_DEPTH = 4
 
 # Uploads are staged in a folder of the cache that no bucket can be named like (it starts with a dot).
 STAGING = ".staging"
@@ -297,21 +301,53 @@ class Unlocker:
         return True
 
     def _plaintext(self, key):
-        dec = security.Decryptor(key)
-        buf = bytearray(self._chunk)
-        view = memoryview(buf)
-        with open(self._path, "rb") as f:
+        """Decrypted chunks of the archive. A second thread reads and decrypts ahead (at most
+        PIPELINE_DEPTH chunks) while this one hands chunks to the Engine, so the two overlap."""
+        chunks = queue.Queue(maxsize=PIPELINE_DEPTH)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._decrypt_into, args=(key, chunks, stop), daemon=True,
+                                    name="unlock-decrypt")
+        producer.start()
+        try:
             while True:
-                n = f.readinto(buf)
-                if not n:
-                    break
-                out = dec.update(view[:n])
-                self.status.add_done(n)
-                if len(out):
-                    yield out
-        last = dec.finalize()
-        if last:
-            yield last
+                item = chunks.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()  # the Engine stopped reading (error, or done): let the producer go
+            producer.join()
+
+    def _decrypt_into(self, key, chunks, stop):
+        def put(item):
+            while not stop.is_set():
+                try:
+                    chunks.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            dec = security.Decryptor(key)
+            with open(self._path, "rb") as f:
+                while True:
+                    # A fresh buffer each time: the consumer may still be sending the previous one.
+                    data = f.read(self._chunk)
+                    if not data:
+                        break
+                    out = dec.update(data)
+                    self.status.add_done(len(data))
+                    if len(out) and not put(out):
+                        return
+            last = dec.finalize()
+            if last and not put(last):
+                return
+            put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(exc)
 
     @staticmethod
     def _loaded_tags(events):

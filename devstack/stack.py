@@ -188,16 +188,9 @@ class Stack:
     def reset_counters(self) -> None:
         self.admin.reset_counters()
 
-    def set_fault(
-        self,
-        route: str,
-        *,
-        status: int | None = None,
-        delay: float = 0.0,
-        garbage: str | None = None,
-        count: int | None = 1,
-    ) -> None:
-        self.admin.set_fault(route, status=status, delay=delay, garbage=garbage, count=count)
+    def set_fault(self, route: str, **fault) -> None:
+        """See AdminClient.set_fault (status, delay, garbage, count)."""
+        self.admin.set_fault(route, **fault)
 
     def clear_faults(self) -> None:
         self.admin.clear_faults()

@@ -12,11 +12,11 @@ import threading
 from itertools import chain
 
 import security
-from cdn_manager import CdnConfig, CdnManager, storage_error
+from cdn_manager import TAIL, CdnConfig, CdnManager, read_tail, storage_error
 from constants import (BIG_SUFFIX, BUCKET_PATTERN, CHUNK_SIZE, NAME_PATTERN, SMALL_SUFFIX, SPLIT_SMALL_DENOMINATOR,
                        SPLIT_SMALL_MAX, SPLIT_SMALL_NUMERATOR)
-from errors import (BadRequest, DecryptionError, EngineError, Forbidden, LoaderError, NotFound, PayloadTooLarge,
-                    StorageError)
+from errors import (BadRequest, DecryptionError, EngineError, Forbidden, IntegrityError, LoaderError, NotFound,
+                    PayloadTooLarge, StorageError)
 from unlock_state import DECRYPTING, DOWNLOADING_KEY, LOADING_IMAGES
 
 log = logging.getLogger("loader.split")
@@ -52,32 +52,15 @@ def small_size(blob_length):
     return min(SPLIT_SMALL_MAX, blob_length * SPLIT_SMALL_NUMERATOR // SPLIT_SMALL_DENOMINATOR)
 
 
-def _tail_ok(key, tail):
-    """True when the last block of a blob carries valid padding under ``key``.
+class Plaintext:
+    """A resource on its way out: its exact ``size``, known before the first byte, and its chunks."""
 
-    CBC lets the last block be decrypted alone with the block before it as IV: a cheap check that
-    catches a wrong key or a damaged tail before a single byte is streamed.
-    """
-    try:
-        security.decrypt(key, tail)
-        return True
-    except DecryptionError:
-        return False
+    def __init__(self, size, chunks):
+        self.size = size
+        self._chunks = chunks
 
-
-def _read_tail(path, n=32):
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - n))
-        return f.read()
-
-
-def _tail_decrypts(path, small):
-    """The cached big part, after ``small``, ends in a valid last block under the resource key."""
-    tail = (small + _read_tail(path))[-32:]
-    if len(tail) < 32:
-        return True  # too short to have a block before the last one: the whole-stream check decides
-    return _tail_ok(security.resource_key(), tail)
+    def __iter__(self):
+        return iter(self._chunks)
 
 
 class ModelStore:
@@ -104,13 +87,20 @@ class ModelStore:
         validate_name(name)
         self._api.credentials()
         small = self._api.get_resource(folder, name + SMALL_SUFFIX)
-        big_key = name + BIG_SUFFIX
-        big = self._cache.open(folder, big_key, self.cdn(), check=lambda path: _tail_decrypts(path, small))
-        return self._decrypt(folder, big_key, small, big)
+        key = security.resource_key()
 
-    def _decrypt(self, folder, big_key, small, big):
+        def check(big_size, tail):
+            # The blob's last block decrypts (else: wrong key, or a damaged or mismatched part) and its
+            # padding gives the plaintext size before a byte is streamed.
+            return security.plaintext_size(key, len(small) + big_size, (small + tail)[-TAIL:])
+
+        big_key = name + BIG_SUFFIX
+        size, big = self._cache.open(folder, big_key, self.cdn(), check)
+        return Plaintext(size, self._decrypt(folder, big_key, key, small, big))
+
+    def _decrypt(self, folder, big_key, key, small, big):
         try:
-            yield from security.decrypt_stream(security.resource_key(), chain((small,), big))
+            yield from security.decrypt_stream(key, chain((small,), big))
         except DecryptionError:
             # The stream was already on its way: drop the cache so the next load fetches afresh.
             self._cache.discard(folder, big_key)
@@ -277,7 +267,7 @@ class Unlocker:
         self.status.set_state(DOWNLOADING_KEY)
         self.key_fetches += 1
         key = security.archive_key(self._api.key_fragment())
-        if not _tail_decrypts_under(self._path, key):
+        if not _archive_decrypts(self._path, key):
             raise DecryptionError("the image archive does not decrypt: wrong key or corrupt archive")
         self.status.set_total(total)
         self.status.set_state(DECRYPTING)
@@ -370,7 +360,12 @@ class Unlocker:
         return tags
 
 
-def _tail_decrypts_under(path, key):
+def _archive_decrypts(path, key):
     """The archive is a whole number of blocks and its last block decrypts under ``key``."""
-    size = os.path.getsize(path)
-    return size >= 32 and size % 16 == 0 and _tail_ok(key, _read_tail(path))
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            security.plaintext_size(key, size, read_tail(f, size))
+            return True
+        except IntegrityError:  # a DecryptionError, or the file shrank under us
+            return False

@@ -38,6 +38,9 @@ RESUME_ATTEMPTS = 5
 # hash run outside the GIL, so they overlap.
 SEGMENT = 16 * 1024 * 1024
 FETCHERS = 3
+# Bytes at the end of a big part handed to a load's check before streaming: the last cipher block and
+# the block before it, which is all CBC needs to decrypt the last block alone.
+TAIL = 32
 META_SUFFIX = ".meta"
 PART_SUFFIX = ".part"
 
@@ -194,17 +197,38 @@ def storage_error(exc, what):
     return StorageError(f"the model cache could not write {what} ({errno.errorcode.get(exc.errno, 'error')})")
 
 
-def file_digest(path, chunk_size=CHUNK_SIZE):
+def file_digest(f, chunk_size=CHUNK_SIZE):
+    """SHA-256 of an open file's bytes, read with pread (the file position is left alone)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        buf = bytearray(chunk_size)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
+    buf = bytearray(chunk_size)
+    view = memoryview(buf)
+    pos = 0
+    while True:
+        n = os.preadv(f.fileno(), [view], pos)
+        if not n:
+            break
+        h.update(view[:n])
+        pos += n
     return h.hexdigest()
+
+
+def read_tail(f, size):
+    """The last TAIL bytes (or all, when shorter) of an open file that holds ``size`` bytes."""
+    start = max(0, size - TAIL)
+    data = os.pread(f.fileno(), size - start, start)
+    if len(data) != size - start:
+        raise IntegrityError("the cache file ended early")
+    return data
+
+
+def segments(size):
+    """The ranged segments of an object, in the order they are fetched: the last one first (a load checks
+    the object's end before it streams), then the rest from the start. The last holds TAIL bytes at least."""
+    starts = list(range(0, size, SEGMENT))
+    if len(starts) > 1 and size - starts[-1] < TAIL:
+        starts.pop()
+    bounds = [(start, end) for start, end in zip(starts, starts[1:] + [size])]
+    return bounds[-1:] + bounds[:-1]
 
 
 class _Download:
@@ -218,6 +242,11 @@ class _Download:
         self.error = None  # what readers see: set only once the .part file is gone
         self._stop = None  # the first fetcher failure: stops the other fetchers and the hasher
         self.part = cache.path(bucket, key) + f".{uuid.uuid4().hex}{PART_SUFFIX}"
+        self._order = segments(info.size)
+        self._segments = sorted(self._order)
+        self._progress = [0] * len(self._segments)
+        self._next = self._frontier = 0
+        self.tail_ready = not self._segments
 
     def prepare(self):
         """Create the .part file with all its space reserved: a full disk fails here, before streaming."""
@@ -236,9 +265,6 @@ class _Download:
         """Fetch the object as ranged segments on a few threads, writing each at its offset; this thread
         hashes the contiguous prefix as it grows, then commits the file to the cache."""
         size = self.info.size
-        self._segments = [(i, min(size, i + SEGMENT)) for i in range(0, size, SEGMENT)]
-        self._progress = [0] * len(self._segments)
-        self._next = self._frontier = 0
         workers = [threading.Thread(target=self._fetch, args=(fd, cdn), daemon=True,
                                     name=f"cdn-{self.bucket}/{self.key}-{n}")
                    for n in range(min(FETCHERS, len(self._segments)))]
@@ -275,11 +301,11 @@ class _Download:
         """One fetcher: takes the next segment, streams it into place, until none is left or one fails."""
         while True:
             with self.cond:
-                if self._stop is not None or self._next >= len(self._segments):
+                if self._stop is not None or self._next >= len(self._order):
                     return
-                index = self._next
+                start, end = self._order[self._next]
                 self._next += 1
-            start, end = self._segments[index]
+            index = start // SEGMENT
             pos = start
             try:
                 for chunk in cdn.iter_object(self.bucket, self.key, self.info, start, end):
@@ -291,6 +317,9 @@ class _Download:
                         if self._stop is not None:
                             return
                         self._progress[index] += len(chunk)
+                        if pos == end == self.info.size:
+                            self.tail_ready = True
+                            self.cond.notify_all()
                         self._advance()
             except OSError as exc:
                 self._record(storage_error(exc, f"{self.bucket}/{self.key}"))
@@ -360,11 +389,12 @@ class _Download:
             self.done = True
             self.cond.notify_all()
 
-    def wait_started(self):
-        """Wait for the first bytes or the failure: a GET the CDN refuses outright (403, 404, 5xx after the
-        retries) then still becomes an error status, not a 200 whose body is cut off at once."""
+    def wait_tail(self):
+        """Wait for the object's last segment (fetched first) or the failure: a GET the CDN refuses
+        outright (403, 404, 5xx after the retries) then still becomes an error status, not a 200 whose body
+        is cut off at once, and the caller can check the end of the object before streaming."""
         with self.cond:
-            while self.written == 0 and not self.done and self.error is None:
+            while not self.tail_ready and not self.done and self.error is None:
                 self.cond.wait()
             if self.error is not None:
                 raise self.error
@@ -378,17 +408,23 @@ class _Download:
             # that are not written yet and keep them.
             return open(path, "rb", buffering=0)
 
+    def _readable(self):
+        """Under the lock: how far readers may read. The last byte waits for the commit, so a load ends
+        only once its big part is in the cache for good (a client that knows the length stops reading
+        at the last byte, and the last cipher block may carry no plaintext)."""
+        return self.written if self.done else min(self.written, self.info.size - 1)
+
     def follow(self, f, chunk_size):
         """Yield the file's bytes as the download writes them."""
         pos = 0
         with f:
             while True:
                 with self.cond:
-                    while pos >= self.written and not self.done and self.error is None:
+                    while pos >= self._readable() and not self.done and self.error is None:
                         self.cond.wait()
                     if self.error is not None:
                         raise self.error
-                    available = self.written - pos
+                    available = self._readable() - pos
                     if available <= 0 and self.done:
                         return
                 while available > 0:
@@ -398,6 +434,10 @@ class _Download:
                     pos += len(data)
                     available -= len(data)
                     yield data
+
+
+def _checked(check, size, tail):
+    return None if check is None else check(size, tail)
 
 
 class BigPartCache:
@@ -437,18 +477,27 @@ class BigPartCache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def verified(self, bucket, key, info=None):
-        """True when the cached file matches its sidecar digest (and the CDN's size and ETag, if given)."""
+    def open_verified(self, bucket, key, info=None):
+        """The cached file, open, when its bytes match the sidecar's size and digest (and the sidecar the
+        CDN's size and ETag, when ``info`` is given); else None. The caller streams from this very file,
+        so a file replaced after the check is never the one read."""
         meta = self._meta(bucket, key)
         if meta is None:
-            return False
+            return None
         size, etag, digest = meta
         if info is not None and (size != info.size or etag != info.etag):
-            return False
+            return None
         try:
-            return os.path.getsize(self.path(bucket, key)) == size and file_digest(self.path(bucket, key)) == digest
+            f = open(self.path(bucket, key), "rb")
         except OSError:
-            return False
+            return None
+        try:
+            if os.fstat(f.fileno()).st_size == size and file_digest(f) == digest:
+                return f
+        except OSError:
+            pass
+        f.close()
+        return None
 
     def discard(self, bucket, key):
         for p in (self.path(bucket, key) + META_SUFFIX, self.path(bucket, key)):
@@ -489,34 +538,45 @@ class BigPartCache:
         os.makedirs(os.path.join(self.root, bucket), exist_ok=True)
         return self.path(bucket, key) + f".{uuid.uuid4().hex}{PART_SUFFIX}"
 
-    def _usable(self, bucket, key, info, check):
-        if not self.verified(bucket, key, info):
-            return False
-        if check is not None and not check(self.path(bucket, key)):
+    def _cached(self, bucket, key, info, check):
+        """(check's result, chunks) of the verified cached file, or None when there is none that passes."""
+        f = self.open_verified(bucket, key, info)
+        if f is None:
+            return None
+        try:
+            size = os.fstat(f.fileno()).st_size
+            return _checked(check, size, read_tail(f, size)), self._read_all(f)
+        except IntegrityError:
+            f.close()
             log.warning("cached %s/%s failed its check: discarding it", bucket, key)
             self.discard(bucket, key)
-            return False
-        return True
+        except OSError:
+            f.close()
+        return None
 
     def open(self, bucket, key, cdn, check=None):
-        """An iterator over the big part: from the verified cache, or streamed while it downloads.
+        """The big part: ``(result, chunks)``, from the verified cache or streamed while it downloads.
 
-        Every check that can fail (HEAD, cache digest, ``check(path)`` of the caller, disk space) runs
-        before this returns, so the caller can still answer with a proper error status.
+        ``check(size, tail)`` sees the part's size and its last TAIL bytes before any byte streams; it
+        raises an IntegrityError to refuse the part (a cached one is then discarded and fetched again) and
+        its result is handed back. Every check that can fail (HEAD, cache digest, ``check``, disk space)
+        runs before this returns, so the caller can still answer with a proper error status.
         """
         try:
             info = cdn.head(bucket, key)
         except NotFound:
             raise
         except UpstreamError:
-            if self._usable(bucket, key, None, check):
+            cached = self._cached(bucket, key, None, check)
+            if cached is not None:
                 log.info("CDN unreachable: using the verified cache of %s/%s", bucket, key)
                 self.hits += 1
-                return self._iter_file(self.path(bucket, key))
+                return cached
             raise
-        if self._usable(bucket, key, info, check):
+        cached = self._cached(bucket, key, info, check)
+        if cached is not None:
             self.hits += 1
-            return self._iter_file(self.path(bucket, key))
+            return cached
         self.misses += 1
         with self._lock:
             download = self._downloads.get((bucket, key))
@@ -530,20 +590,17 @@ class BigPartCache:
                 log.info("downloading %s/%s (%d bytes) from the CDN", bucket, key, info.size)
             reader = download.open_reader()
         try:
-            download.wait_started()
+            download.wait_tail()
+            checked = _checked(check, info.size, read_tail(reader, info.size))
         except BaseException:
             reader.close()
             raise
-        return download.follow(reader, self._chunk)
+        return checked, download.follow(reader, self._chunk)
 
     def _finished(self, download):
         with self._lock:
             if self._downloads.get((download.bucket, download.key)) is download:
                 del self._downloads[(download.bucket, download.key)]
-
-    def _iter_file(self, path):
-        f = open(path, "rb")
-        return self._read_all(f)
 
     def _read_all(self, f):
         with f:

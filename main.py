@@ -271,13 +271,18 @@ async def login(body: Credentials, svc: Svc):
     "/load/{filename:path}",
     response_class=Response,
     responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "The decrypted resource"},
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "The decrypted resource; Content-Length is its exact size. A failure after the "
+            "first byte cuts the body off short of that length.",
+        },
         **errors_for(400, 401, 404, 409, 422, 502, 504, 507),
     },
 )
 async def load(filename: str, body: LoadRequest, svc: Svc):
-    chunks = await run_in_threadpool(svc.store.load, body.folder, filename)
-    return StreamingResponse(svc.count_loaded(chunks), media_type="application/octet-stream")
+    plaintext = await run_in_threadpool(svc.store.load, body.folder, filename)
+    return StreamingResponse(svc.count_loaded(plaintext), media_type="application/octet-stream",
+                             headers={"Content-Length": str(plaintext.size)})
 
 
 @app.post("/upload/{filename:path}", responses=errors_for(400, 401, 403, 422, 502, 504, 507))

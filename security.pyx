@@ -26,7 +26,7 @@ cdef enum:
     BLOCK = 16
 
 __all__ = ["DecryptionError", "Encryptor", "Decryptor", "encrypt", "decrypt", "encrypt_stream",
-           "decrypt_stream", "key_from_string", "hardware_hash", "api_key", "resource_key",
+           "decrypt_stream", "plaintext_size", "key_from_string", "hardware_hash", "api_key", "resource_key",
            "archive_key"]
 
 
@@ -209,6 +209,17 @@ def decrypt_stream(key, chunks):
     last = dec.finalize()
     if last:
         yield last
+
+
+def plaintext_size(key, blob_size, tail):
+    """The plaintext length of a blob of ``blob_size`` bytes whose last 32 bytes are ``tail``.
+
+    CBC lets the last block be decrypted alone, with the block before it as its IV: the padding, and
+    with it a wrong key or a damaged end, shows without reading the rest of the blob.
+    """
+    if blob_size < IV_SIZE + BLOCK or blob_size % BLOCK or len(tail) != IV_SIZE + BLOCK:
+        raise DecryptionError()
+    return blob_size - IV_SIZE - BLOCK + len(decrypt(key, tail))
 
 
 def encrypt(key, data, iv=None):

@@ -2,6 +2,7 @@
 
 import os
 import threading
+import time
 
 import boto3
 import pytest
@@ -9,8 +10,8 @@ from moto import mock_aws
 
 import security
 from binary_split import ModelStore, small_size, validate_folder, validate_name
-from cdn_manager import BigPartCache, CdnConfig, CdnManager
-from errors import BadRequest, Forbidden, NotFound, NotLoggedIn, PayloadTooLarge, UpstreamError
+from cdn_manager import BigPartCache, CdnConfig, CdnManager, segments
+from errors import BadRequest, DecryptionError, Forbidden, NotFound, NotLoggedIn, PayloadTooLarge, UpstreamError
 from user import User
 
 YAML = """host: http://127.0.0.1:1
@@ -47,20 +48,25 @@ class FakeApi:
 
 
 class FlakyClient:
-    """Wraps an S3 client; the bodies of the first ``failures`` GETs raise after ``after`` bytes."""
+    """Wraps an S3 client; the bodies of the first ``failures`` GETs (of those whose Range starts with
+    ``ranges``) raise after ``after`` bytes."""
 
-    def __init__(self, client, failures=0, after=0, end_early=False):
+    def __init__(self, client, failures=0, after=0, end_early=False, ranges="bytes="):
         self._c, self.failures, self.after, self.end_early = client, failures, after, end_early
+        self.ranges = ranges
         self.gets = []
+        self._lock = threading.Lock()
 
     def __getattr__(self, name):
         return getattr(self._c, name)
 
     def get_object(self, **kw):
-        self.gets.append(kw.get("Range"))
+        with self._lock:
+            self.gets.append(kw.get("Range"))
+            broken = self.failures > 0 and kw.get("Range", "").startswith(self.ranges)
+            self.failures -= broken
         r = self._c.get_object(**kw)
-        if self.failures > 0:
-            self.failures -= 1
+        if broken:
             r["Body"] = _Broken(r["Body"], self.after, self.end_early)
         return r
 
@@ -95,7 +101,10 @@ def make_store(tmp_path, s3, roles=("ResourceUploader",), download_client=None, 
 
 
 def load(store, name="m.bin", folder="models"):
-    return b"".join(bytes(c) for c in store.load(folder, name))
+    plaintext = store.load(folder, name)
+    data = b"".join(bytes(c) for c in plaintext)
+    assert plaintext.size == len(data)  # known before the first byte, and exact
+    return data
 
 
 def test_config_from_yaml_hides_secrets():
@@ -175,6 +184,20 @@ def test_a_changed_cache_byte_is_detected_and_refetched(tmp_path, s3, where):
     assert cache.downloads == 2
 
 
+def test_a_big_part_with_a_bad_end_fails_before_streaming(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    big = publish(s3, api, os.urandom(100_000))
+    s3.put_object(Bucket="models", Key="m.bin.big", Body=big[:-17] + bytes([big[-17] ^ 0x55]) + big[-16:])
+    with pytest.raises(DecryptionError):
+        store.load("models", "m.bin")  # the cold path: the end of the blob is checked before a byte streams
+    deadline = time.monotonic() + 10
+    while not os.path.exists(cache.path("models", "m.bin.big.meta")) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the download itself goes on into the cache
+    with pytest.raises(DecryptionError):
+        store.load("models", "m.bin")  # the cached part fails its check, is discarded and fetched once more
+    assert cache.downloads == 2
+
+
 def test_stale_cache_is_refreshed(tmp_path, s3):
     store, api, cache = make_store(tmp_path, s3)
     publish(s3, api, b"old" * 5000)
@@ -219,17 +242,31 @@ def test_a_body_that_ends_early_is_resumed_not_returned_short(tmp_path, s3):
 
 def test_large_objects_are_fetched_as_segments_in_parallel(tmp_path, s3):
     segment = 16 * 1024 * 1024
-    flaky = FlakyClient(s3, failures=1, after=5_000_000)
+    flaky = FlakyClient(s3, failures=1, after=5_000_000, ranges="bytes=0-")
     store, api, cache = make_store(tmp_path, s3, download_client=flaky)
     data = os.urandom(2 * segment + 12_345)
     big = publish(s3, api, data)
     assert load(store) == data
-    first_bytes = sorted(int(r.split("=")[1].split("-")[0]) for r in flaky.gets)
-    ends = {int(r.split("-")[1]) for r in flaky.gets}
-    assert ends == {segment - 1, 2 * segment - 1, len(big) - 1}
-    # one segment broke off after 5 MB and was resumed inside that segment only
-    assert len(flaky.gets) == 4 and first_bytes.count(0) == 1
+    # the first segment broke off after 5 MB and was resumed inside that segment only
+    assert sorted(flaky.gets, key=lambda r: int(r.split("=")[1].split("-")[0])) == [
+        f"bytes=0-{segment - 1}",
+        f"bytes=5000000-{segment - 1}",
+        f"bytes={segment}-{2 * segment - 1}",
+        f"bytes={2 * segment}-{len(big) - 1}",
+    ]
     assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+
+
+@pytest.mark.parametrize("size", [0, 1, 31, 32, 16 * 1024 * 1024, 16 * 1024 * 1024 + 31, 16 * 1024 * 1024 + 32,
+                                  40 * 1024 * 1024 + 5])
+def test_segments_cover_the_object_once_last_one_first(size):
+    order = segments(size)
+    covered = sorted(order)
+    assert [s for s, _ in covered] == [0, *[e for _, e in covered[:-1]]] or not covered
+    assert (covered[-1][1] if covered else 0) == size
+    if size:
+        assert order[0] == covered[-1] and order[1:] == covered[:-1]
+        assert order[0][1] - order[0][0] >= min(size, 32)
 
 
 def test_a_transfer_that_keeps_breaking_fails_and_leaves_no_partial_file(tmp_path, s3):

@@ -145,6 +145,34 @@ def test_stream_raises_only_at_the_end_for_a_bad_tail():
     assert sum(map(len, out)) <= len(bad) - 32
 
 
+@pytest.mark.parametrize("size", [*range(0, 50), 1000, 1_048_576 + 7])
+def test_plaintext_size_from_the_last_two_blocks(openssl, size):
+    plain = os.urandom(size)
+    blob = security.encrypt(KEY, plain)
+    assert security.plaintext_size(KEY, len(blob), blob[-32:]) == size
+    # the same for a blob openssl wrote
+    iv = os.urandom(16)
+    out = subprocess.run([openssl, "enc", "-aes-256-cbc", "-K", KEY.hex(), "-iv", iv.hex()], input=plain,
+                         capture_output=True, check=True).stdout
+    assert security.plaintext_size(KEY, 16 + len(out), (iv + out)[-32:]) == size
+
+
+@pytest.mark.parametrize(
+    "blob_size, tail",
+    [
+        pytest.param(64, lambda t: t[:15] + bytes([t[15] ^ 0x55]) + t[16:], id="damaged-padding"),
+        pytest.param(31, lambda t: t, id="shorter-than-two-blocks"),
+        pytest.param(65, lambda t: t, id="not-a-multiple-of-16"),
+        pytest.param(64, lambda t: t[1:], id="short-tail"),
+    ],
+)
+def test_plaintext_size_refuses_a_bad_end(blob_size, tail):
+    blob = security.encrypt(KEY, b"b" * 40, IV)
+    assert len(blob) == 64
+    with pytest.raises(DecryptionError):
+        security.plaintext_size(KEY, blob_size, tail(blob[-32:]))
+
+
 def test_key_must_be_32_bytes():
     with pytest.raises(ValueError):
         security.Encryptor(b"short")

@@ -11,7 +11,15 @@ from moto import mock_aws
 import security
 from binary_split import ModelStore, small_size, validate_folder, validate_name
 from cdn_manager import BigPartCache, CdnConfig, CdnManager, segments
-from errors import BadRequest, DecryptionError, Forbidden, NotFound, NotLoggedIn, PayloadTooLarge, UpstreamError
+from errors import (
+    BadRequest,
+    DecryptionError,
+    Forbidden,
+    NotFound,
+    NotLoggedIn,
+    PayloadTooLarge,
+    UpstreamError,
+)
 from user import User
 
 YAML = """host: http://127.0.0.1:1
@@ -257,8 +265,10 @@ def test_large_objects_are_fetched_as_segments_in_parallel(tmp_path, s3):
     assert open(cache.path("models", "m.bin.big"), "rb").read() == big
 
 
-@pytest.mark.parametrize("size", [0, 1, 31, 32, 16 * 1024 * 1024, 16 * 1024 * 1024 + 31, 16 * 1024 * 1024 + 32,
-                                  40 * 1024 * 1024 + 5])
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize("size", [0, 1, 31, 32, 16 * MIB, 16 * MIB + 31, 16 * MIB + 32, 40 * MIB + 5])
 def test_segments_cover_the_object_once_last_one_first(size):
     order = segments(size)
     covered = sorted(order)

@@ -281,8 +281,11 @@ async def login(body: Credentials, svc: Svc):
 )
 async def load(filename: str, body: LoadRequest, svc: Svc):
     plaintext = await run_in_threadpool(svc.store.load, body.folder, filename)
-    return StreamingResponse(svc.count_loaded(plaintext), media_type="application/octet-stream",
-                             headers={"Content-Length": str(plaintext.size)})
+    return StreamingResponse(
+        svc.count_loaded(plaintext),
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(plaintext.size)},
+    )
 
 
 @app.post("/upload/{filename:path}", responses=errors_for(400, 401, 403, 422, 502, 504, 507))

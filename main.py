@@ -4,7 +4,9 @@ This file only translates HTTP to module calls and errors to statuses. The compi
 imported lazily, on the first request that needs them, so the process answers /health at once.
 """
 
+import asyncio
 import logging
+import threading
 import time
 from functools import cache
 from typing import Annotated
@@ -106,10 +108,51 @@ class Services:
     def start_unlock(self, email: str, password: str):
         return self.unlocker.start(self.credentials(email, password))
 
-    def count_loaded(self, chunks):
-        for chunk in chunks:
-            self.bytes_loaded += len(chunk)
-            yield chunk
+    async def stream_loaded(self, chunks, depth: int = 4):
+        """Send a load's chunks as a worker thread reads and decrypts them, at most ``depth`` ahead.
+
+        The thread runs the blocking iterator on its own, so reading and decrypting the next chunks
+        overlaps with sending this one, and each chunk costs one wake-up of the event loop.
+        """
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Queue = asyncio.Queue()
+        room = threading.Semaphore(depth)
+        stop = threading.Event()
+
+        def hand_over(item) -> None:
+            try:
+                loop.call_soon_threadsafe(ready.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                stop.set()
+
+        def produce() -> None:
+            try:
+                for chunk in chunks:
+                    while not room.acquire(timeout=0.5):
+                        if stop.is_set():
+                            return
+                    if stop.is_set():
+                        return
+                    hand_over(chunk)
+                hand_over(None)
+            except BaseException as exc:  # noqa: BLE001 - raised on the event loop's side
+                hand_over(exc)
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()  # in this thread, which ran the generator: its files close here
+
+        threading.Thread(target=produce, daemon=True, name="load-stream").start()
+        try:
+            while (item := await ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                room.release()
+                self.bytes_loaded += len(item)
+                yield item
+        finally:
+            stop.set()
+            room.release()  # a producer waiting for room sees the stop at once
 
 
 @cache
@@ -282,7 +325,7 @@ async def login(body: Credentials, svc: Svc):
 async def load(filename: str, body: LoadRequest, svc: Svc):
     plaintext = await run_in_threadpool(svc.store.load, body.folder, filename)
     return StreamingResponse(
-        svc.count_loaded(plaintext),
+        svc.stream_loaded(iter(plaintext)),
         media_type="application/octet-stream",
         headers={"Content-Length": str(plaintext.size)},
     )

@@ -73,19 +73,28 @@ def test_truncated_body_is_detected_and_resumed(loader, proxy, published):
     assert resumed_at > 0 and gets[1].headers.get("if-match") == gets[0].headers.get("if-match")
 
 
-def test_truncated_body_every_time_is_never_a_whole_file(loader, proxy, published):
-    """Reliability: CDN truncates every body | the transfer is cut off (no final chunk), never a short file
-    that looks whole; no file under the final name; the next load works"""
-    n, data = published
-    proxy.truncate_next(n=None, method="GET", path=big_path(n))
-    got = b""
-    with pytest.raises(requests.RequestException):
-        with loader.load(n, "models", stream=True) as r:
-            if r.status_code != 200:
-                raise requests.HTTPError(f"refused with {r.status_code}")
-            for chunk in r.iter_content(64 * 1024):
-                got += chunk
-    assert got != data and len(got) < len(data)
-    assert not any(f.endswith(".big") or f.endswith(".part") for f in cached_files(loader))
-    proxy.clear_faults()
+def test_truncated_body_every_time_is_never_a_whole_file(stack, loader, user, proxy):
+    """Reliability: CDN truncates every body | refused with 502 before any byte when the object's end never
+    arrives (its last segment is fetched first), else cut off short of the announced Content-Length; never
+    a short file that looks whole; no file under the final name; the next load works"""
+    assert loader.login(user, PASSWORD).status_code == 200
+    for size, truncated, streamed in ((6 * MiB + 7, None, False), (40 * MiB + 7, range(16 * MiB), True)):
+        data = os.urandom(size)
+        n = model_name()
+        stack.publish("models", n, data)
+        # one segment: every GET of it is cut short; three: every GET inside the first 16 MiB segment is
+        proxy.truncate_next(n=None, method="GET", path=big_path(n), starts=truncated)
+        got, status = b"", None
+        with pytest.raises(requests.RequestException):
+            with loader.load(n, "models", stream=True) as r:
+                status = r.status_code
+                if r.status_code != 200:
+                    raise requests.HTTPError(f"refused with {r.status_code}")
+                assert r.headers["content-length"] == str(size)
+                for chunk in r.iter_content(64 * 1024):
+                    got += chunk
+        assert status == (200 if streamed else 502)
+        assert got == data[: len(got)] and len(got) < len(data)
+        assert not any(f.endswith(".big") or f.endswith(".part") for f in cached_files(loader))
+        proxy.clear_faults()
     assert loader.load(n, "models").content == data

@@ -57,9 +57,19 @@ class Fault:
     seconds: float = 0.0
     reset: bool = False
     body: bytes | None = None
+    starts: range | None = None  # only ranged requests whose first byte is in this range
 
-    def matches(self, method: str, path: str) -> bool:
-        return (self.method is None or self.method == method) and fnmatch.fnmatchcase(path, self.path)
+    def matches(self, method: str, path: str, headers: dict[str, str]) -> bool:
+        return (
+            (self.method is None or self.method == method)
+            and fnmatch.fnmatchcase(path, self.path)
+            and (self.starts is None or _range_start(headers) in self.starts)
+        )
+
+
+def _range_start(headers: dict[str, str]) -> int | None:
+    first = headers.get("range", "").removeprefix("bytes=").partition("-")[0]
+    return int(first) if first.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -271,9 +281,11 @@ class FaultProxy:
         """Forward the response head and ``after_bytes`` of its body, then close (``reset``: with a RST)."""
         self._add(Fault("cut", method, path, n, after_bytes=after_bytes, reset=reset))
 
-    def truncate_next(self, n: int | None = 1, *, method: str | None = None, path: str = "*") -> None:
+    def truncate_next(
+        self, n: int | None = 1, *, method: str | None = None, path: str = "*", starts: range | None = None
+    ) -> None:
         """Forward the real Content-Length but only half the body, then close cleanly."""
-        self._add(Fault("truncate", method, path, n))
+        self._add(Fault("truncate", method, path, n, starts=starts))
 
     def delay_next(
         self, seconds: float, n: int | None = 1, *, method: str | None = None, path: str = "*"
@@ -288,9 +300,10 @@ class FaultProxy:
         *,
         method: str | None = None,
         path: str = "*",
+        starts: range | None = None,
     ) -> None:
         """Forward ``after_bytes`` of the response body, pause ``seconds``, then forward the rest."""
-        self._add(Fault("stall", method, path, n, after_bytes=after_bytes, seconds=seconds))
+        self._add(Fault("stall", method, path, n, after_bytes=after_bytes, seconds=seconds, starts=starts))
 
     def drop_next(self, n: int | None = 1, *, method: str | None = None, path: str = "*") -> None:
         """Close the connection without any answer."""
@@ -309,7 +322,7 @@ class FaultProxy:
             self._counts[(method, path)] += 1
             self._seen.append(Seen(method, path, query, headers))
             for fault in self._faults:
-                if fault.matches(method, path):
+                if fault.matches(method, path, headers):
                     if fault.remaining is not None:
                         fault.remaining -= 1
                         if fault.remaining <= 0:

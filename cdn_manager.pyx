@@ -44,7 +44,12 @@ STREAM_ERRORS = (BotoCoreError, Urllib3Error, OSError)
 RESUME_ATTEMPTS = 5
 # Large objects are fetched as ranged segments by a few threads: socket reads, file writes and the
 # hash run outside the GIL, so they overlap.
-SEGMENT = 16 * 1024 * 1024
+# Each GET costs the CDN and botocore a few milliseconds, so the bulk goes in large segments; the last
+# FETCHERS segments before the tail are small, so the fetchers finish close together.
+SEGMENT = 64 * 1024 * 1024
+SMALL_SEGMENT = 16 * 1024 * 1024
+# The end of the object is fetched first, in a segment this large: a load checks it before streaming.
+TAIL_SEGMENT = 1024 * 1024
 FETCHERS = 3
 # Bytes at the end of a big part handed to a load's check before streaming: the last cipher block and
 # the block before it, which is all CBC needs to decrypt the last block alone.
@@ -230,13 +235,18 @@ def read_tail(f, size):
 
 
 def segments(size):
-    """The ranged segments of an object, in the order they are fetched: the last one first (a load checks
-    the object's end before it streams), then the rest from the start. The last holds TAIL bytes at least."""
-    starts = list(range(0, size, SEGMENT))
-    if len(starts) > 1 and size - starts[-1] < TAIL:
-        starts.pop()
-    bounds = [(start, end) for start, end in zip(starts, starts[1:] + [size])]
-    return bounds[-1:] + bounds[:-1]
+    """The ranged segments of an object, in the order they are fetched: its last TAIL_SEGMENT bytes first
+    (a load checks the object's end before it streams), then the rest from the start."""
+    if size <= TAIL_SEGMENT + TAIL:
+        return [(0, size)] if size else []
+    tail = size - TAIL_SEGMENT
+    order = [(tail, size)]
+    pos = 0
+    while pos < tail:
+        step = SEGMENT if tail - pos - SEGMENT >= FETCHERS * SMALL_SEGMENT else SMALL_SEGMENT
+        order.append((pos, min(tail, pos + step)))
+        pos = order[-1][1]
+    return order
 
 
 class _Download:
@@ -252,6 +262,7 @@ class _Download:
         self.part = cache.path(bucket, key) + f".{uuid.uuid4().hex}{PART_SUFFIX}"
         self._order = segments(info.size)
         self._segments = sorted(self._order)
+        self._index = {start: i for i, (start, _) in enumerate(self._segments)}
         self._progress = [0] * len(self._segments)
         self._next = self._frontier = 0
         self.tail_ready = not self._segments
@@ -313,7 +324,7 @@ class _Download:
                     return
                 start, end = self._order[self._next]
                 self._next += 1
-            index = start // SEGMENT
+            index = self._index[start]
             pos = start
             try:
                 for chunk in cdn.iter_object(self.bucket, self.key, self.info, start, end):

@@ -4,7 +4,8 @@
 
 Starts SeaweedFS and the reference Resource API (devstack), publishes a random model, starts the loader
 as `python main.py`, then measures: a cold /load (cache empty: CDN -> decrypt -> HTTP), a warm /load
-(verified cache), and `aws s3 cp s3://models/<name>.big -` to /dev/null with the downloader identity.
+(verified cache), both with curl to /dev/null, and `aws s3 cp s3://models/<name>.big -` to /dev/null
+with the downloader identity.
 The loader's peak RSS is its VmHWM. The last line is the RESULT line.
 """
 
@@ -17,8 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -29,14 +28,30 @@ MIB = 1024 * 1024
 
 
 def timed_load(loader, name, expected):
+    """One /load with curl writing to /dev/null, the loader's counterpart of `aws s3 cp ... -` to
+    /dev/null: a native client, so the Python of a client does not take the CPU the loader needs."""
     start = time.perf_counter()
-    size = 0
-    with requests.post(f"{loader.url}/load/{name}", json={"folder": "models"}, stream=True, timeout=600) as r:
-        r.raise_for_status()
-        for chunk in r.iter_content(MIB):
-            size += len(chunk)
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-o",
+            os.devnull,
+            "-w",
+            "%{http_code} %{size_download}",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            '{"folder": "models"}',
+            f"{loader.url}/load/{name}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
     elapsed = time.perf_counter() - start
-    assert size == expected, f"loaded {size} bytes, expected {expected}"
+    assert out == f"200 {expected}", f"curl: {out}, expected 200 and {expected} bytes"
     return expected / elapsed / MIB
 
 

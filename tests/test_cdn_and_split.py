@@ -10,7 +10,7 @@ from moto import mock_aws
 
 import security
 from binary_split import ModelStore, small_size, validate_folder, validate_name
-from cdn_manager import BigPartCache, CdnConfig, CdnManager, segments
+from cdn_manager import SEGMENT, SMALL_SEGMENT, TAIL_SEGMENT, BigPartCache, CdnConfig, CdnManager, segments
 from errors import (
     BadRequest,
     DecryptionError,
@@ -22,6 +22,7 @@ from errors import (
 )
 from user import User
 
+MIB = 1024 * 1024
 YAML = """host: http://127.0.0.1:1
 downloader_access_key: dk
 downloader_access_secret: ds-secret
@@ -249,34 +250,43 @@ def test_a_body_that_ends_early_is_resumed_not_returned_short(tmp_path, s3):
 
 
 def test_large_objects_are_fetched_as_segments_in_parallel(tmp_path, s3):
-    segment = 16 * 1024 * 1024
     flaky = FlakyClient(s3, failures=1, after=5_000_000, ranges="bytes=0-")
     store, api, cache = make_store(tmp_path, s3, download_client=flaky)
-    data = os.urandom(2 * segment + 12_345)
+    data = os.urandom(40 * MIB + 12_345)
     big = publish(s3, api, data)
     assert load(store) == data
-    # the first segment broke off after 5 MB and was resumed inside that segment only
+    tail = len(big) - TAIL_SEGMENT
+    # the last MiB, then 16 MiB segments near the end; the first segment broke off after 5 MB and was
+    # resumed inside that segment only
     assert sorted(flaky.gets, key=lambda r: int(r.split("=")[1].split("-")[0])) == [
-        f"bytes=0-{segment - 1}",
-        f"bytes=5000000-{segment - 1}",
-        f"bytes={segment}-{2 * segment - 1}",
-        f"bytes={2 * segment}-{len(big) - 1}",
+        f"bytes=0-{16 * MIB - 1}",
+        f"bytes=5000000-{16 * MIB - 1}",
+        f"bytes={16 * MIB}-{32 * MIB - 1}",
+        f"bytes={32 * MIB}-{tail - 1}",
+        f"bytes={tail}-{len(big) - 1}",
     ]
     assert open(cache.path("models", "m.bin.big"), "rb").read() == big
 
 
-MIB = 1024 * 1024
-
-
-@pytest.mark.parametrize("size", [0, 1, 31, 32, 16 * MIB, 16 * MIB + 31, 16 * MIB + 32, 40 * MIB + 5])
-def test_segments_cover_the_object_once_last_one_first(size):
+@pytest.mark.parametrize(
+    "size", [0, 1, 31, MIB, MIB + 32, MIB + 33, 40 * MIB + 5, 64 * MIB + 48 * MIB + MIB, 1024 * MIB - 3040]
+)
+def test_segments_cover_the_object_once_its_end_first(size):
     order = segments(size)
     covered = sorted(order)
     assert [s for s, _ in covered] == [0, *[e for _, e in covered[:-1]]] or not covered
     assert (covered[-1][1] if covered else 0) == size
-    if size:
-        assert order[0] == covered[-1] and order[1:] == covered[:-1]
-        assert order[0][1] - order[0][0] >= min(size, 32)
+    if size > TAIL_SEGMENT + 32:
+        # the end first and small, then from the start: large segments, the last few small
+        assert order[0] == (size - TAIL_SEGMENT, size) and order[1:] == covered[:-1]
+        lengths = [e - s for s, e in order[1:]]
+        assert all(x == SEGMENT or x <= SMALL_SEGMENT for x in lengths)
+        large = [x == SEGMENT for x in lengths]
+        assert large == sorted(large, reverse=True)
+        assert sum(x for x in lengths if x <= SMALL_SEGMENT) >= min(sum(lengths), 3 * SMALL_SEGMENT)
+        assert any(large) or sum(lengths) < SEGMENT + 3 * SMALL_SEGMENT
+    elif size:
+        assert order == [(0, size)]
 
 
 def test_a_transfer_that_keeps_breaking_fails_and_leaves_no_partial_file(tmp_path, s3):

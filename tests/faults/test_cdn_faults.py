@@ -36,7 +36,8 @@ def test_cdn_errors_for_a_while_are_retried(loader, proxy, published, method, st
     proxy.fail_next(status, n=2, method=method, path=big_path(n))
     r = loader.load(n, "models")
     assert r.status_code == 200 and r.content == data
-    assert proxy.count(method, big_path(n)) == 3
+    # the two refused requests, then one HEAD, or one GET per segment (the object's last MiB, the rest)
+    assert proxy.count(method, big_path(n)) == 2 + (1 if method == "HEAD" else 2)
 
 
 @pytest.mark.parametrize("method", ["HEAD", "GET"])
@@ -54,7 +55,8 @@ def test_cdn_failing_for_good_is_502(loader, proxy, published, method):
         )
     assert r.status_code == 502, r.text
     assert "CDN" in r.json()["detail"] and "503" in r.json()["detail"]
-    assert proxy.count(method, big_path(n)) <= 6
+    # a bounded number of tries for the HEAD, or for each of the two segments fetched at once
+    assert proxy.count(method, big_path(n)) <= (6 if method == "HEAD" else 2 * 6)
     assert not any(f.endswith(".big") for f in cached_files(loader))
     proxy.clear_faults()
     assert loader.load(n, "models").content == data
@@ -64,25 +66,28 @@ def test_truncated_body_is_detected_and_resumed(loader, proxy, published):
     """Reliability: CDN sends a truncated body (full Content-Length, half the bytes) once | detected; resumed
     with a Range GET pinned to the ETag; the right bytes"""
     n, data = published
-    proxy.truncate_next(method="GET", path=big_path(n))
+    proxy.truncate_next(method="GET", path=big_path(n), starts=range(1))  # the segment from byte 0
     r = loader.load(n, "models")
     assert r.status_code == 200 and r.content == data
     gets = [s for s in proxy.seen() if s.method == "GET" and s.path == big_path(n)]
-    assert len(gets) == 2, [g.headers.get("range") for g in gets]
-    resumed_at = int(gets[1].headers["range"].removeprefix("bytes=").partition("-")[0])
-    assert resumed_at > 0 and gets[1].headers.get("if-match") == gets[0].headers.get("if-match")
+    starts = {int(g.headers["range"].removeprefix("bytes=").partition("-")[0]): g for g in gets}
+    assert len(gets) == 3 and 0 in starts, [g.headers.get("range") for g in gets]  # end, start, resumed
+    tail = max(starts)
+    resumed_at, resumed = next((at, g) for at, g in starts.items() if 0 < at < tail)
+    # resumed where the first segment broke off, pinned to the same ETag
+    assert resumed.headers.get("if-match") == starts[0].headers.get("if-match") is not None
 
 
 def test_truncated_body_every_time_is_never_a_whole_file(stack, loader, user, proxy):
     """Reliability: CDN truncates every body | refused with 502 before any byte when the object's end never
-    arrives (its last segment is fetched first), else cut off short of the announced Content-Length; never
+    arrives (it is fetched first), else cut off short of the announced Content-Length; never
     a short file that looks whole; no file under the final name; the next load works"""
     assert loader.login(user, PASSWORD).status_code == 200
     for size, truncated, streamed in ((6 * MiB + 7, None, False), (40 * MiB + 7, range(16 * MiB), True)):
         data = os.urandom(size)
         n = model_name()
         stack.publish("models", n, data)
-        # one segment: every GET of it is cut short; three: every GET inside the first 16 MiB segment is
+        # every GET cut short (the end of the object never arrives), or only those inside the first segment
         proxy.truncate_next(n=None, method="GET", path=big_path(n), starts=truncated)
         got, status = b"", None
         with pytest.raises(requests.RequestException):

@@ -18,7 +18,7 @@ def sha256(data):
 def kill_mid_download(loader, proxy, name, data, after=4 * MiB):
     """Start a load, hold the CDN transfer of the object's start still after ``after`` bytes, read a
     little, SIGKILL the loader. The client must then see a broken transfer, never a response that ends as
-    if it were whole. (The last segment is fetched first and whole: the load checks the blob's end.)
+    if it were whole. (The object's end is fetched first and whole: the load checks it.)
     """
     proxy.stall_next(after, 60.0, method="GET", path=f"/models/{name}.big", starts=range(1))
     with loader.load(name, "models", stream=True, timeout=30) as r:
@@ -101,7 +101,7 @@ def test_sigkill_mid_download_then_restart_loads_the_right_bytes(tmp_path, stack
 def test_crash_leftovers_do_not_fill_a_small_disk(tmp_path, stack, user, proxy):
     """Reliability: loader killed mid-download on a small cache disk, then restarted | the leftover
     preallocated .part file is swept at start, so the next load has room and succeeds"""
-    # Two segments, so the load streams (the last one is fetched first) before the stall in the first.
+    # Larger than the first segment, so the stall in it holds the load mid-stream.
     with tmpfs(tmp_path / "cache", "32m") as disk:
         data = os.urandom(20 * MiB)
         n = model_name()

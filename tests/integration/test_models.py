@@ -10,14 +10,21 @@ import time
 import pytest
 import requests
 
+from cdn_manager import segments
 from tests.integration.conftest import PASSWORD
-from tests.support.loader import LoaderProcess, free_port
+from tests.support.loader import LoaderProcess, free_port, proc_field
 
 pytestmark = pytest.mark.integration
 
 
 def name():
     return f"m-{os.urandom(4).hex()}.bin"
+
+
+def segments_of(stack, n):
+    """How many ranged GETs one download of ``n``'s big part makes (the loader's own segment plan)."""
+    size = stack.s3_admin_client().head_object(Bucket="models", Key=n + ".big")["ContentLength"]
+    return len(segments(size))
 
 
 def test_login_returns_the_user_from_the_jwt(loader, user):
@@ -62,10 +69,10 @@ def test_load_is_byte_identical_and_cached(loader, stack, user, proxy):
     assert r.content == data
     # the exact size is announced up front (from the blob's last block), not chunked
     assert r.headers["content-length"] == str(len(data)) and "transfer-encoding" not in r.headers
-    assert proxy.count("GET", f"/models/{n}.big") == 1
+    assert proxy.count("GET", f"/models/{n}.big") == segments_of(stack, n) == 2  # the end, then the rest
     r = loader.load(n, "models")
     assert r.content == data and r.headers["content-length"] == str(len(data))
-    assert proxy.count("GET", f"/models/{n}.big") == 1  # second load from the cache
+    assert proxy.count("GET", f"/models/{n}.big") == 2  # second load from the cache
 
 
 def tmp_cache_file(loader, folder, n):
@@ -221,7 +228,7 @@ def test_changed_cache_file_is_detected_and_refetched(loader, stack, user, proxy
         f.write(bytes([byte[0] ^ 0x01]))
     r = loader.load(n, "models")
     assert r.status_code == 200 and r.content == data
-    assert proxy.count("GET", f"/models/{n}.big") == 2
+    assert proxy.count("GET", f"/models/{n}.big") == 2 * segments_of(stack, n)  # fetched again
 
 
 def test_uploader_uploads_and_operator_gets_403(loader, stack, user, uploader):
@@ -270,8 +277,8 @@ def test_parallel_loads_share_one_cdn_download(loader, stack, user, proxy):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert all(r == data for r in results)
-    # One download: its two 16 MiB segments fetched once each, whatever the number of loads.
-    assert proxy.count("GET", f"/models/{n}.big") == 2
+    # One download: each of its segments fetched once, whatever the number of loads.
+    assert proxy.count("GET", f"/models/{n}.big") == segments_of(stack, n) == 3
     assert "loader_cdn_downloads_total 1" in loader.get("/metrics").text
 
 
@@ -303,3 +310,30 @@ def test_metrics_count_requests_bytes_and_cache(loader, stack, user):
     assert "loader_cache_hits_total 1" in text and "loader_cache_misses_total 1" in text
     assert 'loader_requests_total{method="POST",route="/load/{filename:path}",status="200"} 2.0' in text
     assert 'loader_unlock_state{state="idle"} 1' in text
+
+
+def test_a_client_that_hangs_up_mid_load_leaves_nothing_running(loader, stack, user):
+    data = os.urandom(40 * 1024 * 1024 + 5)
+    warm, n = name(), name()
+    stack.publish("models", warm, b"warm-up" * 1000)
+    stack.publish("models", n, data)
+    loader.login(user, PASSWORD)
+    assert loader.load(warm, "models").status_code == 200  # the thread pool is up to size
+    threads = proc_field(loader.proc.pid, "Threads")
+    with loader.load(n, "models", stream=True) as r:
+        assert r.status_code == 200
+        first = next(r.iter_content(1024 * 1024))
+        assert data.startswith(first)
+    # The download goes on without its reader and commits; the reading thread and its file are gone.
+    path = loader.cached_big_part("models", n)
+    deadline = time.monotonic() + 10
+    while proc_field(loader.proc.pid, "Threads") > threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc_field(loader.proc.pid, "Threads") <= threads
+    assert not [
+        f
+        for f in os.listdir(f"/proc/{loader.proc.pid}/fd")
+        if os.readlink(f"/proc/{loader.proc.pid}/fd/{f}").startswith(str(path.parent))
+    ]
+    assert loader.get("/health").status_code == 200
+    assert loader.load(n, "models").content == data

@@ -109,6 +109,17 @@ class LoaderProcess:
             time.sleep(0.1)
         raise AssertionError(f"unlock still running after {timeout}s: {status}")
 
+    def cached_big_part(self, folder, name, timeout=30):
+        """Path of the committed cache file of ``name``'s big part, once its sidecar is written (a download
+        whose reader went away still finishes and commits on its own)."""
+        path = Path(self.env["MODEL_CACHE_DIR"]) / folder / (name + ".big")
+        deadline = time.monotonic() + timeout
+        while not path.with_name(path.name + ".meta").exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{path} was not committed within {timeout}s")
+            time.sleep(0.02)
+        return path
+
     def login(self, email, password):
         return self.post("/login", json={"email": email, "password": password})
 

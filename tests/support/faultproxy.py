@@ -277,9 +277,10 @@ class FaultProxy:
         method: str | None = None,
         path: str = "*",
         reset: bool = False,
+        starts: range | None = None,
     ) -> None:
         """Forward the response head and ``after_bytes`` of its body, then close (``reset``: with a RST)."""
-        self._add(Fault("cut", method, path, n, after_bytes=after_bytes, reset=reset))
+        self._add(Fault("cut", method, path, n, after_bytes=after_bytes, reset=reset, starts=starts))
 
     def truncate_next(
         self, n: int | None = 1, *, method: str | None = None, path: str = "*", starts: range | None = None

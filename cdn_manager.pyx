@@ -27,6 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from constants import CHUNK_SIZE
+from errors import IntegrityError, LoaderError, NotFound, StorageError, UpstreamError
 
 cdef extern from "fcntl.h" nogil:
     # Linux: start writeback of a file range now, without waiting for it (_GNU_SOURCE comes from
@@ -35,7 +36,6 @@ cdef extern from "fcntl.h" nogil:
     # end while the load waits.
     int sync_file_range(int fd, long long offset, long long nbytes, unsigned int flags)
     unsigned int SYNC_FILE_RANGE_WRITE
-from errors import IntegrityError, LoaderError, NotFound, StorageError, UpstreamError
 
 log = logging.getLogger("loader.cdn")
 

@@ -152,12 +152,7 @@ def test_plaintext_size_from_the_last_two_blocks(openssl, size):
     assert security.plaintext_size(KEY, len(blob), blob[-32:]) == size
     # the same for a blob openssl wrote
     iv = os.urandom(16)
-    out = subprocess.run(
-        [openssl, "enc", "-aes-256-cbc", "-K", KEY.hex(), "-iv", iv.hex()],
-        input=plain,
-        capture_output=True,
-        check=True,
-    ).stdout
+    out = _openssl_encrypt(plain, iv=iv)
     assert security.plaintext_size(KEY, 16 + len(out), (iv + out)[-32:]) == size
 
 

@@ -128,6 +128,7 @@ class ModelStore:
         validate_folder(folder)
         big_key = name + BIG_SUFFIX
         etag = self.cdn().upload_file(folder, big_key, part)
+        self._cache.discard(folder, big_key)  # also a download of the old part still in flight
         self._cache.commit(folder, big_key, part, blob_size - len(small), etag, digest)
         self._api.upload(folder, name + SMALL_SUFFIX, small)
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 
 import boto3
@@ -213,16 +214,30 @@ def storage_error(exc, what):
 def file_digest(f, chunk_size=CHUNK_SIZE):
     """SHA-256 of an open file's bytes, read with pread (the file position is left alone)."""
     h = hashlib.sha256()
-    buf = bytearray(chunk_size)
-    view = memoryview(buf)
-    pos = 0
-    while True:
-        n = os.preadv(f.fileno(), [view], pos)
-        if not n:
-            break
-        h.update(view[:n])
-        pos += n
+    _hash_file(h, f.fileno(), 0, os.fstat(f.fileno()).st_size, memoryview(bytearray(chunk_size)))
     return h.hexdigest()
+
+
+def _hash_file(h, int fd, long long pos, long long end, buf, until=None):
+    """Feed ``h`` the file's bytes from ``pos`` to ``end`` through ``buf``; returns the position reached:
+    ``end``, or less at the end of the file or once ``until()`` is true."""
+    cdef Py_ssize_t n
+    while pos < end and not (until is not None and until()):
+        n = os.preadv(fd, [buf[:min(len(buf), end - pos)]], pos)
+        if n <= 0:
+            break
+        h.update(buf[:n])
+        pos += n
+    return pos
+
+
+def _lowest_priority():
+    """Give the calling thread the lowest CPU priority (Linux: nice applies per thread). Lowering one's
+    own priority needs no privilege; where it fails the thread just runs at the usual priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 def read_tail(f, size):
@@ -259,6 +274,9 @@ class _Download:
         self.done = False
         self.error = None  # what readers see: set only once the .part file is gone
         self._stop = None  # the first fetcher failure: stops the other fetchers and the hasher
+        self._fetched = False  # every segment is on disk: the background hasher hands over to run()
+        self._hashed = 0  # how far the background hasher got
+        self._abandoned = False  # discarded while in flight: never committed
         self.part = cache.path(bucket, key) + f".{uuid.uuid4().hex}{PART_SUFFIX}"
         self._order = segments(info.size)
         self._segments = sorted(self._order)
@@ -281,25 +299,39 @@ class _Download:
         return fd
 
     def run(self, fd, cdn):
-        """Fetch the object as ranged segments on a few threads, writing each at its offset; this thread
-        hashes the contiguous prefix as it grows, then commits the file to the cache."""
+        """Fetch the object as ranged segments on a few threads, writing each at its offset, then commit
+        the file to the cache.
+
+        The sidecar's SHA-256 is taken in order as the written prefix grows: while the fetchers run, by a
+        thread at the lowest CPU priority, so it only takes CPU the load leaves idle; then the rest by
+        this thread. Readers follow the written bytes and never wait for the hash: a load ends with its
+        last byte, and the commit follows on its own.
+        """
         size = self.info.size
+        h = hashlib.sha256()
         workers = [threading.Thread(target=self._fetch, args=(fd, cdn), daemon=True,
                                     name=f"cdn-{self.bucket}/{self.key}-{n}")
                    for n in range(min(FETCHERS, len(self._segments)))]
+        hasher = threading.Thread(target=self._hash_while_fetching, args=(fd, h), daemon=True,
+                                  name=f"cdn-{self.bucket}/{self.key}-hash")
         try:
             for w in workers:
                 w.start()
-            digest = self._hash(fd)
+            hasher.start()
             for w in workers:
                 w.join()
             if self._stop is not None:
                 raise self._stop
+            self._handover(hasher)
+            if _hash_file(h, fd, self._hashed, size, memoryview(bytearray(CHUNK_SIZE))) != size:
+                raise IntegrityError("the cache file ended early")
             os.fsync(fd)
             os.close(fd)
             fd = -1
             with self.cond:
-                self.cache.commit(self.bucket, self.key, self.part, size, self.info.etag, digest)
+                if self._abandoned:
+                    raise IntegrityError(f"{self.bucket}/{self.key} was discarded while it downloaded")
+                self.cache.commit(self.bucket, self.key, self.part, size, self.info.etag, h.hexdigest())
                 self.done = True
                 self.cond.notify_all()
         except OSError as exc:
@@ -312,9 +344,41 @@ class _Download:
         finally:
             for w in workers:
                 w.join()
+            self._handover(hasher)
             if fd >= 0:
                 os.close(fd)
             self.cache._finished(self)
+
+    def _handover(self, hasher):
+        """Stop the background hasher (at its next chunk) and wait for it."""
+        with self.cond:
+            self._fetched = True
+            self.cond.notify_all()
+        if hasher.ident is not None:
+            hasher.join()
+
+    def _hash_while_fetching(self, fd, h):
+        """Hash the contiguous written prefix, at the lowest CPU priority, until run() takes over."""
+        _lowest_priority()
+        buf = memoryview(bytearray(CHUNK_SIZE))
+        until = lambda: self._fetched
+        pos = 0
+        try:
+            while True:
+                with self.cond:
+                    while self.written <= pos and self._stop is None and not self._fetched:
+                        self.cond.wait()
+                    if self._stop is not None or self._fetched:
+                        return
+                    end = self.written
+                reached = _hash_file(h, fd, pos, end, buf, until)
+                if reached < end and not self._fetched:
+                    return  # the file ended early: run() hashes from here and reports it
+                pos = reached
+        except OSError:
+            return  # run() hashes from here and meets the error itself
+        finally:
+            self._hashed = pos
 
     def _fetch(self, fd, cdn):
         """One fetcher: takes the next segment, streams it into place, until none is left or one fails."""
@@ -375,28 +439,6 @@ class _Download:
                 self._stop = exc
             self.cond.notify_all()
 
-    def _hash(self, fd):
-        """SHA-256 of the file in order, following the prefix the fetchers have completed."""
-        h = hashlib.sha256()
-        buf = bytearray(CHUNK_SIZE)
-        view = memoryview(buf)
-        pos, size = 0, self.info.size
-        while pos < size:
-            with self.cond:
-                while self.written <= pos and self._stop is None:
-                    self.cond.wait()
-                if self._stop is not None:
-                    return None
-                available = self.written - pos
-            while available > 0:
-                n = os.preadv(fd, [view[:min(CHUNK_SIZE, available)]], pos)
-                if n <= 0:
-                    raise IntegrityError("the cache file ended early")
-                h.update(view[:n])
-                pos += n
-                available -= n
-        return h.hexdigest()
-
     def _fail(self, exc):
         with self.cond:
             self._stop = self._stop or exc
@@ -428,25 +470,19 @@ class _Download:
             # that are not written yet and keep them.
             return open(path, "rb", buffering=0)
 
-    def _readable(self):
-        """Under the lock: how far readers may read. The last byte waits for the commit, so a load ends
-        only once its big part is in the cache for good (a client that knows the length stops reading
-        at the last byte, and the last cipher block may carry no plaintext)."""
-        return self.written if self.done else min(self.written, self.info.size - 1)
-
     def follow(self, f, chunk_size):
-        """Yield the file's bytes as the download writes them."""
-        pos = 0
+        """Yield the file's bytes as the fetchers write them. The stream ends with the last byte: the hash
+        and the commit to the cache finish on their own, and a failure of theirs no longer concerns a
+        reader that has every byte."""
+        pos, size = 0, self.info.size
         with f:
-            while True:
+            while pos < size:
                 with self.cond:
-                    while pos >= self._readable() and not self.done and self.error is None:
+                    while pos >= self.written and self.error is None:
                         self.cond.wait()
-                    if self.error is not None:
+                    available = self.written - pos
+                    if available <= 0:
                         raise self.error
-                    available = self._readable() - pos
-                    if available <= 0 and self.done:
-                        return
                 while available > 0:
                     data = f.read(min(chunk_size, available))
                     if not data:
@@ -454,6 +490,12 @@ class _Download:
                     pos += len(data)
                     available -= len(data)
                     yield data
+
+    def abandon(self):
+        """The part was discarded while in flight: the download finishes for its readers, but is never
+        committed to the cache."""
+        with self.cond:
+            self._abandoned = True
 
 
 cdef _start_writeback(int fd, long long start, long long end):
@@ -472,7 +514,8 @@ class BigPartCache:
         self.root = os.path.abspath(root)
         self._chunk = chunk_size
         self._lock = threading.Lock()
-        self._downloads = {}
+        self._downloads = {}  # (bucket, key) -> the download new loads of it join
+        self._running = set()  # every download not yet ended, also those no load may join any more
         self.hits = 0
         self.misses = 0
         self.downloads = 0
@@ -525,6 +568,11 @@ class BigPartCache:
         return None
 
     def discard(self, bucket, key):
+        """Forget the cached part, and any download of it still in flight (it is never committed)."""
+        with self._lock:
+            download = self._downloads.pop((bucket, key), None)
+        if download is not None:
+            download.abandon()
         for p in (self.path(bucket, key) + META_SUFFIX, self.path(bucket, key)):
             try:
                 os.unlink(p)
@@ -597,7 +645,14 @@ class BigPartCache:
                 log.info("CDN unreachable: using the verified cache of %s/%s", bucket, key)
                 self.hits += 1
                 return cached
-            raise
+            with self._lock:
+                download = self._downloads.get((bucket, key))
+                if download is None:
+                    raise
+                reader = download.open_reader()
+            log.info("CDN unreachable: following the download of %s/%s already under way", bucket, key)
+            self.misses += 1
+            return self._follow(download, reader, check)
         cached = self._cached(bucket, key, info, check)
         if cached is not None:
             self.hits += 1
@@ -606,24 +661,45 @@ class BigPartCache:
         with self._lock:
             download = self._downloads.get((bucket, key))
             if download is None or download.info.etag != info.etag:
+                if download is not None:
+                    download.abandon()  # an older version: it must not land over this one
                 download = _Download(self, bucket, key, info)
                 fd = download.prepare()
                 self.downloads += 1
                 self._downloads[(bucket, key)] = download
+                self._running.add(download)
                 threading.Thread(target=download.run, args=(fd, cdn), daemon=True,
                                  name=f"cdn-{bucket}/{key}").start()
                 log.info("downloading %s/%s (%d bytes) from the CDN", bucket, key, info.size)
             reader = download.open_reader()
+        return self._follow(download, reader, check)
+
+    def _follow(self, download, reader, check):
+        """(check's result, chunks) of a download: once the object's end is in, checked before streaming."""
         try:
             download.wait_tail()
-            checked = _checked(check, info.size, read_tail(reader, info.size))
+            checked = _checked(check, download.info.size, read_tail(reader, download.info.size))
         except BaseException:
             reader.close()
             raise
         return checked, download.follow(reader, self._chunk)
 
+    def settle(self, timeout=None):
+        """Wait for the downloads in flight to end (committed to the cache, or failed): a load ends with its
+        last byte, before its part's hash and commit. False when ``timeout`` seconds ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            downloads = list(self._running)
+        for download in downloads:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with download.cond:
+                if not download.cond.wait_for(lambda: download.done, left):
+                    return False
+        return True
+
     def _finished(self, download):
         with self._lock:
+            self._running.discard(download)
             if self._downloads.get((download.bucket, download.key)) is download:
                 del self._downloads[(download.bucket, download.key)]
 

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import threading
 import time
+from contextlib import asynccontextmanager
 from functools import cache
 from typing import Annotated
 
@@ -162,8 +163,22 @@ def services() -> Services:
 
 Svc = Annotated[Services, Depends(services)]
 
+# On a stop, how long the downloads in flight may take to commit (a load ends with its last byte; the hash
+# and the commit of its big part follow). Docker waits 10 s before it kills.
+SETTLE_SECONDS = 5.0
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI):
+    yield
+    if not services.cache_info().currsize:
+        return  # the compiled modules were never loaded: nothing can be in flight
+    if not await run_in_threadpool(services().cache.settle, SETTLE_SECONDS):
+        log.warning("stopping with a download not yet committed: it is fetched again next time")
+
+
 # 413 on every route: the middleware refuses any body over the limits before routing.
-app = FastAPI(title="Azaion.Loader", version="1.0.0", responses=errors_for(413))
+app = FastAPI(title="Azaion.Loader", version="1.0.0", responses=errors_for(413), lifespan=lifespan)
 
 
 # --- errors: the one place where exceptions become statuses ----------------------------------------

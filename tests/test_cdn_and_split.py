@@ -1,13 +1,16 @@
 """cdn_manager and binary_split against moto's in-process S3 and an in-memory Resource API."""
 
+import hashlib
+import json
 import os
 import threading
-import time
+import types
 
 import boto3
 import pytest
 from moto import mock_aws
 
+import cdn_manager
 import security
 from binary_split import ModelStore, small_size, validate_folder, validate_name
 from cdn_manager import SEGMENT, SMALL_SEGMENT, TAIL_SEGMENT, BigPartCache, CdnConfig, CdnManager, segments
@@ -173,6 +176,7 @@ def test_load_fills_the_cache_then_hits_it(tmp_path, s3):
     data = os.urandom(200_000)
     publish(s3, api, data)
     assert load(store) == data
+    assert cache.settle(10)  # the load ends with its last byte; the commit follows
     assert (cache.misses, cache.hits, cache.downloads) == (1, 0, 1)
     assert load(store) == data
     assert (cache.misses, cache.hits, cache.downloads) == (1, 1, 1)
@@ -184,6 +188,7 @@ def test_a_changed_cache_byte_is_detected_and_refetched(tmp_path, s3, where):
     data = os.urandom(100_000)
     publish(s3, api, data)
     load(store)
+    assert cache.settle(10)
     path = cache.path("models", "m.bin.big")
     raw = bytearray(open(path, "rb").read())
     i = len(raw) - 1 if where == "last" else len(raw) // 2
@@ -199,9 +204,8 @@ def test_a_big_part_with_a_bad_end_fails_before_streaming(tmp_path, s3):
     s3.put_object(Bucket="models", Key="m.bin.big", Body=big[:-17] + bytes([big[-17] ^ 0x55]) + big[-16:])
     with pytest.raises(DecryptionError):
         store.load("models", "m.bin")  # the cold path: the end of the blob is checked before a byte streams
-    deadline = time.monotonic() + 10
-    while not os.path.exists(cache.path("models", "m.bin.big.meta")) and time.monotonic() < deadline:
-        time.sleep(0.01)  # the download itself goes on into the cache
+    assert cache.settle(10)  # the download itself goes on into the cache
+    assert os.path.exists(cache.path("models", "m.bin.big.meta"))
     with pytest.raises(DecryptionError):
         store.load("models", "m.bin")  # the cached part fails its check, is discarded and fetched once more
     assert cache.downloads == 2
@@ -221,6 +225,7 @@ def test_offline_uses_the_verified_cache_only(tmp_path, s3):
     data = os.urandom(50_000)
     publish(s3, api, data)
     load(store)
+    assert cache.settle(10)
     offline = CdnManager(config=CdnConfig.from_yaml(YAML))  # nothing listens on 127.0.0.1:1
     store._cdn_factory = lambda text: offline
     store._cdn_key = None
@@ -228,6 +233,87 @@ def test_offline_uses_the_verified_cache_only(tmp_path, s3):
     cache.discard("models", "m.bin.big")
     with pytest.raises(UpstreamError):
         store.load("models", "m.bin")
+
+
+class GatedSha256:
+    """hashlib.sha256 whose ``update`` waits for ``gate``: holds a download's hash (and so its commit)."""
+
+    def __init__(self, gate):
+        self._h, self._gate = hashlib.sha256(), gate
+
+    def update(self, data):
+        assert self._gate.wait(30), "the test never opened the gate"
+        self._h.update(data)
+
+    def hexdigest(self):
+        return self._h.hexdigest()
+
+
+@pytest.fixture
+def held_hash(monkeypatch):
+    """An Event: until it is set, no download's hash (and so no commit) gets past its first chunk."""
+    gate = threading.Event()
+    monkeypatch.setattr(cdn_manager, "hashlib", types.SimpleNamespace(sha256=lambda: GatedSha256(gate)))
+    yield gate
+    gate.set()
+
+
+def _nice(thread):
+    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
+def test_a_load_ends_with_its_last_byte_and_the_commit_follows(tmp_path, s3, held_hash):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(300_000)
+    big = publish(s3, api, data)
+    assert load(store) == data  # complete while the hash is held
+    meta = cache.path("models", "m.bin.big.meta")
+    assert not os.path.exists(meta) and not cache.settle(0.2)
+    # The hash runs at the lowest CPU priority while the fetchers run; the rest of the process does not.
+    hasher = next(t for t in threading.enumerate() if t.name.endswith("m.bin.big-hash"))
+    assert _nice(hasher) == 19 and _nice(threading.current_thread()) == os.getpriority(os.PRIO_PROCESS, 0)
+    held_hash.set()
+    assert cache.settle(10)
+    assert json.load(open(meta))["sha256"] == hashlib.sha256(big).hexdigest()
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+    assert not list((tmp_path / "cache").rglob("*.part"))
+
+
+def test_offline_follows_a_download_still_in_flight(tmp_path, s3, held_hash):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(300_000)
+    publish(s3, api, data)
+    assert load(store) == data
+    store._cdn_factory = lambda text: CdnManager(config=CdnConfig.from_yaml(YAML))  # nothing listens
+    store._cdn_key = None
+    assert load(store) == data  # the download is not committed yet, but every byte of it is in
+    held_hash.set()
+    assert cache.settle(10) and cache.downloads == 1
+    assert load(store) == data and cache.hits == 1
+
+
+def test_a_part_discarded_in_flight_is_never_committed(tmp_path, s3, held_hash):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(300_000)
+    publish(s3, api, data)
+    assert load(store) == data
+    cache.discard("models", "m.bin.big")
+    held_hash.set()
+    assert cache.settle(10)
+    assert not list((tmp_path / "cache").rglob("m.bin.big*"))  # no part, no cache file, no sidecar
+
+
+def test_a_newer_version_is_not_overwritten_by_an_older_download(tmp_path, s3, held_hash):
+    store, api, cache = make_store(tmp_path, s3)
+    publish(s3, api, b"old" * 50_000)
+    assert load(store) == b"old" * 50_000  # its commit is held
+    big = publish(s3, api, b"new" * 60_000)
+    assert load(store) == b"new" * 60_000
+    held_hash.set()
+    assert cache.settle(10) and cache.downloads == 2
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+    assert load(store) == b"new" * 60_000 and cache.hits == 1
 
 
 def test_interrupted_download_resumes_pinned_to_the_etag(tmp_path, s3):

@@ -81,3 +81,20 @@ def test_status_and_health(client):
 def test_upload_requires_multipart(client):
     r = client.post("/upload/m.bin", content=b"raw", headers={"Content-Type": "application/octet-stream"})
     assert r.status_code == 400
+
+
+def test_a_stop_lets_the_downloads_in_flight_commit(tmp_path, monkeypatch):
+    # A load ends with its last byte, before its big part is hashed and committed: a stop waits for that.
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
+    main.settings.cache_clear()
+    main.services.cache_clear()
+    waited = []
+    try:
+        with TestClient(main.app):
+            cache = main.services().cache
+            monkeypatch.setattr(cache, "settle", lambda timeout: waited.append(timeout) or True)
+            assert not waited
+        assert waited == [main.SETTLE_SECONDS]
+    finally:
+        main.settings.cache_clear()
+        main.services.cache_clear()

@@ -92,7 +92,7 @@ def test_sigkill_mid_download_then_restart_loads_the_right_bytes(tmp_path, stack
         assert r.status_code == 200 and sha256(r.content) == sha256(data)
         # All of it fetched afresh, nothing pieced onto the leftover .part.
         assert fetched_ranges(proxy, len(big)) == [(0, len(big))]
-        assert (cache / "models" / (n + ".big")).read_bytes() == big
+        assert second.cached_big_part("models", n).read_bytes() == big
         before = gets(proxy)
         assert second.load(n, "models").content == data  # and now served from the cache
         assert gets(proxy) == before

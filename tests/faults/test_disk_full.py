@@ -32,6 +32,7 @@ def test_disk_full_on_load_is_507_and_leaves_nothing(tmp_path, stack, user, prox
         small_disk.resize("64m")
         r = loader.load(big_name, "models")
         assert r.status_code == 200 and r.content == big
+        loader.cached_big_part("models", big_name)
         assert not [f for f in files_under(small_disk.path) if f.endswith(".part")]
 
 

@@ -70,13 +70,10 @@ def test_load_is_byte_identical_and_cached(loader, stack, user, proxy):
     # the exact size is announced up front (from the blob's last block), not chunked
     assert r.headers["content-length"] == str(len(data)) and "transfer-encoding" not in r.headers
     assert proxy.count("GET", f"/models/{n}.big") == segments_of(stack, n) == 2  # the end, then the rest
+    loader.cached_big_part("models", n)  # the commit follows the load's last byte
     r = loader.load(n, "models")
     assert r.content == data and r.headers["content-length"] == str(len(data))
     assert proxy.count("GET", f"/models/{n}.big") == 2  # second load from the cache
-
-
-def tmp_cache_file(loader, folder, n):
-    return os.path.join(loader.env["MODEL_CACHE_DIR"], folder, n + ".big")
 
 
 def test_large_model_loads_byte_identical(loader, stack, user, tmp_path):
@@ -193,6 +190,7 @@ def test_cache_is_used_while_the_cdn_is_offline(loader, stack, user, proxy):
     stack.publish("models", n, data)
     loader.login(user, PASSWORD)
     assert loader.load(n, "models").content == data
+    loader.cached_big_part("models", n)
     proxy.drop_next(None)
     r = loader.load(n, "models")
     assert r.status_code == 200 and r.content == data
@@ -213,13 +211,13 @@ def test_stale_cache_is_refreshed(loader, stack, user):
 @pytest.mark.parametrize("where", ["last", "middle"])
 def test_changed_cache_file_is_detected_and_refetched(loader, stack, user, proxy, where):
     # A multiple of 16 bytes: the blob's last block is all padding, so a client that knows the length has
-    # every byte before that block decrypts. The response still ends only once the cache is committed.
+    # every byte before that block decrypts.
     data = os.urandom(2 * 1024 * 1024)
     n = name()
     stack.publish("models", n, data)
     loader.login(user, PASSWORD)
     assert loader.load(n, "models").content == data
-    path = tmp_cache_file(loader, "models", n)
+    path = loader.cached_big_part("models", n)
     with open(path, "r+b") as f:
         f.seek(0, os.SEEK_END)
         pos = f.tell() - 1 if where == "last" else f.tell() // 2
@@ -305,6 +303,7 @@ def test_metrics_count_requests_bytes_and_cache(loader, stack, user):
     stack.publish("models", n, data)
     loader.login(user, PASSWORD)
     loader.load(n, "models")
+    loader.cached_big_part("models", n)
     loader.load(n, "models")
     text = loader.get("/metrics").text
     assert f"loader_bytes_loaded_total {2 * len(data)}" in text

@@ -211,7 +211,7 @@ def test_stale_cache_is_refreshed(loader, stack, user):
 @pytest.mark.parametrize("where", ["last", "middle"])
 def test_changed_cache_file_is_detected_and_refetched(loader, stack, user, proxy, where):
     # A multiple of 16 bytes: the blob's last block is all padding, so a client that knows the length has
-    # every byte before that block decrypts.
+    # every byte before that block reaches it.
     data = os.urandom(2 * 1024 * 1024)
     n = name()
     stack.publish("models", n, data)

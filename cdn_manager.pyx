@@ -211,10 +211,10 @@ def storage_error(exc, what):
     return StorageError(f"the model cache could not write {what} ({errno.errorcode.get(exc.errno, 'error')})")
 
 
-def file_digest(f, chunk_size=CHUNK_SIZE):
-    """SHA-256 of an open file's bytes, read with pread (the file position is left alone)."""
+def file_digest(f, size, chunk_size=CHUNK_SIZE):
+    """SHA-256 of the first ``size`` bytes of an open file, read with pread (its position is left alone)."""
     h = hashlib.sha256()
-    _hash_file(h, f.fileno(), 0, os.fstat(f.fileno()).st_size, memoryview(bytearray(chunk_size)))
+    _hash_file(h, f.fileno(), 0, size, memoryview(bytearray(chunk_size)))
     return h.hexdigest()
 
 
@@ -309,10 +309,11 @@ class _Download:
         """
         size = self.info.size
         h = hashlib.sha256()
+        buf = memoryview(bytearray(CHUNK_SIZE))  # the background hasher's, then this thread's
         workers = [threading.Thread(target=self._fetch, args=(fd, cdn), daemon=True,
                                     name=f"cdn-{self.bucket}/{self.key}-{n}")
                    for n in range(min(FETCHERS, len(self._segments)))]
-        hasher = threading.Thread(target=self._hash_while_fetching, args=(fd, h), daemon=True,
+        hasher = threading.Thread(target=self._hash_while_fetching, args=(fd, h, buf), daemon=True,
                                   name=f"cdn-{self.bucket}/{self.key}-hash")
         try:
             for w in workers:
@@ -323,7 +324,7 @@ class _Download:
             if self._stop is not None:
                 raise self._stop
             self._handover(hasher)
-            if _hash_file(h, fd, self._hashed, size, memoryview(bytearray(CHUNK_SIZE))) != size:
+            if _hash_file(h, fd, self._hashed, size, buf) != size:
                 raise IntegrityError("the cache file ended early")
             os.fsync(fd)
             os.close(fd)
@@ -357,10 +358,9 @@ class _Download:
         if hasher.ident is not None:
             hasher.join()
 
-    def _hash_while_fetching(self, fd, h):
+    def _hash_while_fetching(self, fd, h, buf):
         """Hash the contiguous written prefix, at the lowest CPU priority, until run() takes over."""
         _lowest_priority()
-        buf = memoryview(bytearray(CHUNK_SIZE))
         until = lambda: self._fetched
         pos = 0
         try:
@@ -560,7 +560,7 @@ class BigPartCache:
         except OSError:
             return None
         try:
-            if os.fstat(f.fileno()).st_size == size and file_digest(f) == digest:
+            if os.fstat(f.fileno()).st_size == size and file_digest(f, size) == digest:
                 return f
         except OSError:
             pass

@@ -220,15 +220,20 @@ def test_stale_cache_is_refreshed(tmp_path, s3):
     assert cache.downloads == 2
 
 
+def go_offline(store):
+    """From now on the store's CDN is one where nothing listens (127.0.0.1:1)."""
+    offline = CdnManager(config=CdnConfig.from_yaml(YAML))
+    store._cdn_factory = lambda text: offline
+    store._cdn_key = None
+
+
 def test_offline_uses_the_verified_cache_only(tmp_path, s3):
     store, api, cache = make_store(tmp_path, s3)
     data = os.urandom(50_000)
     publish(s3, api, data)
     load(store)
     assert cache.settle(10)
-    offline = CdnManager(config=CdnConfig.from_yaml(YAML))  # nothing listens on 127.0.0.1:1
-    store._cdn_factory = lambda text: offline
-    store._cdn_key = None
+    go_offline(store)
     assert load(store) == data
     cache.discard("models", "m.bin.big")
     with pytest.raises(UpstreamError):
@@ -285,8 +290,7 @@ def test_offline_follows_a_download_still_in_flight(tmp_path, s3, held_hash):
     data = os.urandom(300_000)
     publish(s3, api, data)
     assert load(store) == data
-    store._cdn_factory = lambda text: CdnManager(config=CdnConfig.from_yaml(YAML))  # nothing listens
-    store._cdn_key = None
+    go_offline(store)
     assert load(store) == data  # the download is not committed yet, but every byte of it is in
     held_hash.set()
     assert cache.settle(10) and cache.downloads == 1

@@ -12,19 +12,24 @@ first load starts it, every load streams from the growing file.
 """
 
 import errno
+import fcntl
 import hashlib
+import http.client
 import json
 import logging
+import mmap
 import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import yaml
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.response import StreamingBody
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from constants import CHUNK_SIZE
@@ -41,7 +46,7 @@ cdef extern from "fcntl.h" nogil:
 log = logging.getLogger("loader.cdn")
 
 # Errors while a body streams in that a ranged GET from the current offset can cure.
-STREAM_ERRORS = (BotoCoreError, Urllib3Error, OSError)
+STREAM_ERRORS = (BotoCoreError, Urllib3Error, http.client.HTTPException, OSError)
 RESUME_ATTEMPTS = 5
 # Large objects are fetched as ranged segments by a few threads: socket reads, file writes and the
 # hash run outside the GIL, so they overlap.
@@ -55,6 +60,11 @@ FETCHERS = 3
 # Bytes at the end of a big part handed to a load's check before streaming: the last cipher block and
 # the block before it, which is all CBC needs to decrypt the last block alone.
 TAIL = 32
+# Cache files are written and read with O_DIRECT where the filesystem allows it: the bytes go between the
+# disk and a reused buffer, not through the page cache. Filling fresh page-cache pages costs more CPU than
+# anything else in a cold load, and a model streamed once would only push other pages out. O_DIRECT wants
+# offsets, lengths and buffer addresses aligned to the logical block size; a page covers every device.
+DIRECT_ALIGN = 4096
 META_SUFFIX = ".meta"
 PART_SUFFIX = ".part"
 
@@ -131,7 +141,7 @@ class CdnManager:
                 raise ValueError("a CdnConfig or both clients are required")
         self._download = download_client or config.client("downloader")
         self._upload = upload_client or config.client("uploader")
-        self._chunk = chunk_size
+        self.chunk_size = chunk_size
 
     def head(self, bucket, key):
         try:
@@ -143,37 +153,69 @@ class CdnManager:
         return ObjectInfo(r["ContentLength"], r["ETag"])
 
     def iter_object(self, bucket, key, info, start=0, end=None):
-        """Yield bytes ``start``..``end`` (default: to the end) of the object; resume interrupted
-        transfers from where they broke off, pinned to ``info.etag``."""
+        """Yield bytes ``start``..``end`` (default: to the end) of the object as chunks of bytes; resume
+        interrupted transfers from where they broke off, pinned to ``info.etag``."""
+        buf = memoryview(bytearray(self.chunk_size))
+        for n in self.fill(bucket, key, info, buf, start, end):
+            yield bytes(buf[:n])
+
+    def fill(self, bucket, key, info, buf, start=0, end=None):
+        """Read bytes ``start``..``end`` of the object into ``buf``, one buffer at a time: each step yields
+        how many bytes ``buf`` holds (all of it, but at the end), to be used before the next step.
+
+        Where botocore has nothing to check in the body (no checksum came with it), the bytes go from the
+        socket straight into ``buf``: no chunk objects, no copies. A transfer that breaks off is resumed
+        from the first byte missing, pinned to ``info.etag``, so a resumed download can never splice two
+        versions of an object.
+        """
         end = info.size if end is None else end
-        offset, failures = start, 0
-        while offset < end:
+        cdef long long pos = start  # the object offset of buf[0]
+        cdef Py_ssize_t n = 0  # bytes in buf, not yet handed out
+        cdef Py_ssize_t want, got
+        failures = 0
+        while pos + n < end:
             try:
-                body = self._download.get_object(Bucket=bucket, Key=key, IfMatch=info.etag,
-                                                 Range=f"bytes={offset}-{end - 1}")["Body"]
+                r = self._download.get_object(Bucket=bucket, Key=key, IfMatch=info.etag,
+                                              Range=f"bytes={pos + n}-{end - 1}")
             except ClientError as exc:
                 raise _map_client_error(exc, f"{bucket}/{key}") from None
             except BotoCoreError as exc:
                 failures += 1
                 if failures > RESUME_ATTEMPTS:
                     raise UpstreamError(f"the CDN is unreachable ({type(exc).__name__})") from None
-                log.warning("GET %s/%s at %d failed (%s): retrying", bucket, key, offset, type(exc).__name__)
+                log.warning("GET %s/%s at %d failed (%s): retrying", bucket, key, pos + n, type(exc).__name__)
                 continue
+            body = r["Body"]
             try:
-                for chunk in body.iter_chunks(self._chunk):
-                    offset += len(chunk)
-                    if offset > end:
-                        raise IntegrityError(f"the CDN sent more bytes than asked of {bucket}/{key}")
-                    yield chunk
+                if r.get("ContentLength", end - pos - n) != end - pos - n:
+                    raise IntegrityError(f"the CDN answered a ranged GET of {bucket}/{key} with "
+                                         f"{r.get('ContentLength')} bytes instead of {end - pos - n}")
+                sock = _socket_reader(body)
+                while pos + n < end:
+                    want = min(len(buf), end - pos)
+                    if sock is not None:
+                        got = sock.readinto(buf[n:want])
+                    else:
+                        data = body.read(want - n)
+                        got = len(data)
+                        buf[n:n + got] = data
+                    if not got:
+                        break
+                    n += got
+                    if n == want:
+                        yield n
+                        pos += n
+                        n = 0
+                if pos + n < end:
+                    log.warning("GET %s/%s ended early at %d of %d: resuming", bucket, key, pos + n, end)
+                elif (body if sock is None else body._raw_stream).read(1):  # also frees the connection
+                    raise IntegrityError(f"the CDN sent more bytes than asked of {bucket}/{key}")
             except STREAM_ERRORS as exc:
-                log.warning("GET %s/%s broke off at %d (%s): resuming", bucket, key, offset,
+                log.warning("GET %s/%s broke off at %d (%s): resuming", bucket, key, pos + n,
                             type(exc).__name__)
-            else:
-                if offset < end:
-                    log.warning("GET %s/%s ended early at %d of %d: resuming", bucket, key, offset, end)
             finally:
                 body.close()
-            if offset < end:
+            if pos + n < end:
                 failures += 1
                 if failures > RESUME_ATTEMPTS:
                     raise UpstreamError(f"the CDN transfer of {bucket}/{key} kept breaking off")
@@ -211,23 +253,120 @@ def storage_error(exc, what):
     return StorageError(f"the model cache could not write {what} ({errno.errorcode.get(exc.errno, 'error')})")
 
 
+def _socket_reader(body):
+    """The HTTP response under a botocore body, to read it straight into a buffer; None when botocore must
+    read the body itself (a checksum to validate as it goes) or the body is not urllib3's (test doubles)."""
+    if type(body) is not StreamingBody:
+        return None
+    fp = getattr(getattr(body, "_raw_stream", None), "_fp", None)
+    return fp if isinstance(fp, http.client.HTTPResponse) else None
+
+
+def aligned_buffer(Py_ssize_t size):
+    """A page-aligned buffer for O_DIRECT reads of up to ``size`` bytes from any offset: one block more,
+    for a read that starts at the block before the offset."""
+    size += (-size) % DIRECT_ALIGN
+    return memoryview(mmap.mmap(-1, size + DIRECT_ALIGN))
+
+
+def open_direct(path, int flags):
+    """A descriptor of ``path`` that bypasses the page cache, or a plain one where the filesystem does not
+    allow that (tmpfs, some network and FUSE filesystems)."""
+    try:
+        return os.open(path, flags | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    return os.open(path, flags)
+
+
+def open_reader(path):
+    """The file at ``path``, open for read_at (unbuffered; O_DIRECT where allowed)."""
+    return os.fdopen(open_direct(path, os.O_RDONLY), "rb", buffering=0)
+
+
+def read_at(int fd, buf, long long pos, long long n):
+    """Up to ``n`` bytes of the file at ``pos`` (fewer at its end), as a view of ``buf``, an
+    aligned_buffer. Reads whole aligned blocks, as O_DIRECT wants; the file's position is left alone."""
+    cdef long long start = pos - pos % DIRECT_ALIGN
+    cdef long long length = pos + n - start
+    length = min(length + (-length) % DIRECT_ALIGN, len(buf) - len(buf) % DIRECT_ALIGN)
+    try:
+        got = os.preadv(fd, [buf[:length]], start)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        # O_DIRECT was accepted at open but not for this read: read through the page cache from now on.
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        got = os.preadv(fd, [buf[:length]], start)
+    return buf[pos - start:max(pos - start, min(got, pos - start + n))]
+
+
+def _write_all(int fd, view, long long pos):
+    cdef Py_ssize_t done = 0
+    while done < len(view):  # a short write is legal: finish it
+        done += os.pwrite(fd, view[done:], pos + done)
+
+
+def _released(view):
+    """Invalidate a view handed out of a reused buffer: a caller that kept it fails loudly instead of
+    reading bytes that were overwritten since."""
+    try:
+        view.release()
+    except BufferError:
+        pass
+
+
+def stream_file(f, size, chunk_size=CHUNK_SIZE, ready=None):
+    """Yield bytes ``0..size`` of the open file ``f`` (closed at the end) as views of one reused buffer,
+    each valid until the next is asked for. ``ready(pos)``, when given, waits until bytes past ``pos``
+    are written and returns where the written bytes end."""
+    buf = aligned_buffer(chunk_size)
+    cdef long long pos = 0
+    cdef long long limit
+    with f:
+        while pos < size:
+            limit = size if ready is None else ready(pos)
+            while pos < limit:
+                view = read_at(f.fileno(), buf, pos, min(chunk_size, limit - pos))
+                if not len(view):
+                    raise IntegrityError("the cache file ended early")
+                pos += len(view)
+                yield view
+                _released(view)
+
+
 def file_digest(f, size, chunk_size=CHUNK_SIZE):
-    """SHA-256 of the first ``size`` bytes of an open file, read with pread (its position is left alone)."""
+    """SHA-256 of the first ``size`` bytes of a file open for read_at. A helper thread reads the next block
+    while this one hashes the last, so the disk and the hash overlap."""
     h = hashlib.sha256()
-    _hash_file(h, f.fileno(), 0, size, memoryview(bytearray(chunk_size)))
+    bufs = (aligned_buffer(chunk_size), aligned_buffer(chunk_size))
+    fd = f.fileno()
+    cdef long long pos = 0
+    cdef int i = 0
+    with ThreadPoolExecutor(1, thread_name_prefix="cache-verify") as pool:
+        pending = pool.submit(read_at, fd, bufs[0], 0, min(chunk_size, size)) if size else None
+        while pending is not None:
+            view = pending.result()
+            pos += len(view)
+            i = 1 - i
+            pending = None
+            if len(view) and pos < size:
+                pending = pool.submit(read_at, fd, bufs[i], pos, min(chunk_size, size - pos))
+            h.update(view)
     return h.hexdigest()
 
 
 def _hash_file(h, int fd, long long pos, long long end, buf, until=None):
-    """Feed ``h`` the file's bytes from ``pos`` to ``end`` through ``buf``; returns the position reached:
-    ``end``, or less at the end of the file or once ``until()`` is true."""
-    cdef Py_ssize_t n
+    """Feed ``h`` the file's bytes from ``pos`` to ``end`` through ``buf``, an aligned_buffer; returns the
+    position reached: ``end``, or less at the end of the file or once ``until()`` is true."""
+    cdef Py_ssize_t step = len(buf) - DIRECT_ALIGN
     while pos < end and not (until is not None and until()):
-        n = os.preadv(fd, [buf[:min(len(buf), end - pos)]], pos)
-        if n <= 0:
+        view = read_at(fd, buf, pos, min(step, end - pos))
+        if not len(view):
             break
-        h.update(buf[:n])
-        pos += n
+        h.update(view)
+        pos += len(view)
     return pos
 
 
@@ -243,7 +382,7 @@ def _lowest_priority():
 def read_tail(f, size):
     """The last TAIL bytes (or all, when shorter) of an open file that holds ``size`` bytes."""
     start = max(0, size - TAIL)
-    data = os.pread(f.fileno(), size - start, start)
+    data = bytes(read_at(f.fileno(), aligned_buffer(TAIL), start, size - start))
     if len(data) != size - start:
         raise IntegrityError("the cache file ended early")
     return data
@@ -277,6 +416,7 @@ class _Download:
         self._fetched = False  # every segment is on disk: the background hasher hands over to run()
         self._hashed = 0  # how far the background hasher got
         self._abandoned = False  # discarded while in flight: never committed
+        self._direct = -1  # the .part file, O_DIRECT where allowed: the fetchers' writes and the hash
         self.part = cache.path(bucket, key) + f".{uuid.uuid4().hex}{PART_SUFFIX}"
         self._order = segments(info.size)
         self._segments = sorted(self._order)
@@ -296,6 +436,10 @@ class _Download:
             os.close(fd)
             os.unlink(self.part)
             raise storage_error(exc, f"{self.bucket}/{self.key}") from None
+        try:
+            self._direct = open_direct(self.part, os.O_RDWR)
+        except OSError:
+            self._direct = -1  # the plain descriptor does it all
         return fd
 
     def run(self, fd, cdn):
@@ -309,11 +453,12 @@ class _Download:
         """
         size = self.info.size
         h = hashlib.sha256()
-        buf = memoryview(bytearray(CHUNK_SIZE))  # the background hasher's, then this thread's
+        buf = aligned_buffer(CHUNK_SIZE)  # the background hasher's, then this thread's
+        direct = self._direct if self._direct >= 0 else fd
         workers = [threading.Thread(target=self._fetch, args=(fd, cdn), daemon=True,
                                     name=f"cdn-{self.bucket}/{self.key}-{n}")
                    for n in range(min(FETCHERS, len(self._segments)))]
-        hasher = threading.Thread(target=self._hash_while_fetching, args=(fd, h, buf), daemon=True,
+        hasher = threading.Thread(target=self._hash_while_fetching, args=(direct, h, buf), daemon=True,
                                   name=f"cdn-{self.bucket}/{self.key}-hash")
         try:
             for w in workers:
@@ -324,7 +469,7 @@ class _Download:
             if self._stop is not None:
                 raise self._stop
             self._handover(hasher)
-            if _hash_file(h, fd, self._hashed, size, buf) != size:
+            if _hash_file(h, direct, self._hashed, size, buf) != size:
                 raise IntegrityError("the cache file ended early")
             os.fsync(fd)
             os.close(fd)
@@ -346,8 +491,9 @@ class _Download:
             for w in workers:
                 w.join()
             self._handover(hasher)
-            if fd >= 0:
-                os.close(fd)
+            for d in (fd, self._direct):
+                if d >= 0:
+                    os.close(d)
             self.cache._finished(self)
 
     def _handover(self, hasher):
@@ -381,7 +527,9 @@ class _Download:
             self._hashed = pos
 
     def _fetch(self, fd, cdn):
-        """One fetcher: takes the next segment, streams it into place, until none is left or one fails."""
+        """One fetcher: takes the next segment, reads it into its buffer and writes it into place, until
+        none is left or one fails."""
+        buf = aligned_buffer(cdn.chunk_size)[:cdn.chunk_size]
         while True:
             with self.cond:
                 if self._stop is not None or self._next >= len(self._order):
@@ -391,15 +539,13 @@ class _Download:
             index = self._index[start]
             pos = start
             try:
-                for chunk in cdn.iter_object(self.bucket, self.key, self.info, start, end):
-                    written = os.pwrite(fd, chunk, pos)
-                    while written < len(chunk):  # a short write is legal: finish it
-                        written += os.pwrite(fd, memoryview(chunk)[written:], pos + written)
-                    pos += len(chunk)
+                for n in cdn.fill(self.bucket, self.key, self.info, buf, start, end):
+                    self._write(fd, buf[:n], pos)
+                    pos += n
                     with self.cond:
                         if self._stop is not None:
                             return
-                        self._progress[index] += len(chunk)
+                        self._progress[index] += n
                         if pos == end == self.info.size:
                             self.tail_ready = True
                             self.cond.notify_all()
@@ -418,6 +564,24 @@ class _Download:
                 self._record(IntegrityError(f"the CDN sent {pos - start} of {end - start} bytes of a segment"))
                 return
             _start_writeback(fd, start, end)
+
+    def _write(self, int fd, view, long long pos):
+        """Write ``view`` (the start of an aligned buffer) at ``pos``: its whole blocks past the page cache
+        when ``pos`` is aligned, the rest (the end of the object, or a segment starting mid-block)
+        through the plain descriptor."""
+        cdef Py_ssize_t bulk = 0
+        direct = self._direct
+        if direct >= 0 and pos % DIRECT_ALIGN == 0:
+            bulk = len(view) - len(view) % DIRECT_ALIGN
+            try:
+                _write_all(direct, view[:bulk], pos)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # O_DIRECT was accepted at open but not for writing: write through the page cache.
+                fcntl.fcntl(direct, fcntl.F_SETFL, fcntl.fcntl(direct, fcntl.F_GETFL) & ~os.O_DIRECT)
+                bulk = 0
+        _write_all(fd, view[bulk:], pos + bulk)
 
     def _advance(self):
         """Under the lock: move ``written`` to the end of the contiguous prefix that is on disk."""
@@ -465,31 +629,22 @@ class _Download:
         with self.cond:
             if self.error is not None:
                 raise self.error
-            path = self.cache.path(self.bucket, self.key) if self.done else self.part
-            # Unbuffered: the file is preallocated, so a buffered reader would read ahead into bytes
-            # that are not written yet and keep them.
-            return open(path, "rb", buffering=0)
+            return open_reader(self.cache.path(self.bucket, self.key) if self.done else self.part)
 
     def follow(self, f, chunk_size):
-        """Yield the file's bytes as the fetchers write them. The stream ends with the last byte: the hash
-        and the commit to the cache finish on their own, and a failure of theirs no longer concerns a
-        reader that has every byte."""
-        pos, size = 0, self.info.size
-        with f:
-            while pos < size:
-                with self.cond:
-                    while pos >= self.written and self.error is None:
-                        self.cond.wait()
-                    available = self.written - pos
-                    if available <= 0:
-                        raise self.error
-                while available > 0:
-                    data = f.read(min(chunk_size, available))
-                    if not data:
-                        raise IntegrityError("the cache file ended early")
-                    pos += len(data)
-                    available -= len(data)
-                    yield data
+        """Yield the file's bytes as the fetchers write them (views, as stream_file). The stream ends with
+        the last byte: the hash and the commit to the cache finish on their own, and a failure of theirs
+        no longer concerns a reader that has every byte."""
+        return stream_file(f, self.info.size, chunk_size, self._written_past)
+
+    def _written_past(self, pos):
+        """Wait until bytes past ``pos`` are written; where they end. Raises the download's failure."""
+        with self.cond:
+            while pos >= self.written and self.error is None:
+                self.cond.wait()
+            if pos >= self.written:
+                raise self.error
+            return self.written
 
     def abandon(self):
         """The part was discarded while in flight: the download finishes for its readers, but is never
@@ -556,7 +711,7 @@ class BigPartCache:
         if info is not None and (size != info.size or etag != info.etag):
             return None
         try:
-            f = open(self.path(bucket, key), "rb")
+            f = open_reader(self.path(bucket, key))
         except OSError:
             return None
         try:
@@ -618,7 +773,7 @@ class BigPartCache:
             return None
         try:
             size = os.fstat(f.fileno()).st_size
-            return _checked(check, size, read_tail(f, size)), self._read_all(f)
+            return _checked(check, size, read_tail(f, size)), stream_file(f, size, self._chunk)
         except IntegrityError:
             f.close()
             log.warning("cached %s/%s failed its check: discarding it", bucket, key)
@@ -628,7 +783,8 @@ class BigPartCache:
         return None
 
     def open(self, bucket, key, cdn, check=None):
-        """The big part: ``(result, chunks)``, from the verified cache or streamed while it downloads.
+        """The big part: ``(result, chunks)``, from the verified cache or streamed while it downloads. The
+        chunks are views of one reused buffer: each is valid until the next is asked for.
 
         ``check(size, tail)`` sees the part's size and its last TAIL bytes before any byte streams; it
         raises an IntegrityError to refuse the part (a cached one is then discarded and fetched again) and
@@ -702,11 +858,3 @@ class BigPartCache:
             self._running.discard(download)
             if self._downloads.get((download.bucket, download.key)) is download:
                 del self._downloads[(download.bucket, download.key)]
-
-    def _read_all(self, f):
-        with f:
-            while True:
-                data = f.read(self._chunk)
-                if not data:
-                    return
-                yield data

@@ -1,5 +1,7 @@
 """cdn_manager and binary_split against moto's in-process S3 and an in-memory Resource API."""
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +20,7 @@ from errors import (
     BadRequest,
     DecryptionError,
     Forbidden,
+    IntegrityError,
     NotFound,
     NotLoggedIn,
     PayloadTooLarge,
@@ -84,14 +87,19 @@ class FlakyClient:
 
 
 class _Broken:
+    """A body that gives its first ``after`` bytes, then breaks off (or, ``end_early``, just ends)."""
+
     def __init__(self, body, after, end_early):
         self._data = body.read()[:after]
         self.end_early = end_early
 
-    def iter_chunks(self, size):
-        yield self._data
+    def read(self, amt=None):
+        if self._data:
+            data, self._data = self._data[:amt], self._data[amt:]
+            return data
         if not self.end_early:
             raise ConnectionResetError("cut")
+        return b""
 
     def close(self):
         pass
@@ -247,6 +255,9 @@ class GatedSha256:
         self._h, self._gate = hashlib.sha256(), gate
 
     def update(self, data):
+        me = threading.current_thread()
+        self._gate.callers.append((me.name, _nice(me)))
+        self._gate.hashing.set()
         assert self._gate.wait(30), "the test never opened the gate"
         self._h.update(data)
 
@@ -256,11 +267,42 @@ class GatedSha256:
 
 @pytest.fixture
 def held_hash(monkeypatch):
-    """An Event: until it is set, no download's hash (and so no commit) gets past its first chunk."""
+    """An Event: until it is set, no download's hash (and so no commit) gets past its first chunk.
+    ``callers`` lists (thread name, nice) of each hash update; ``hashing`` is set at the first."""
     gate = threading.Event()
+    gate.callers, gate.hashing = [], threading.Event()
     monkeypatch.setattr(cdn_manager, "hashlib", types.SimpleNamespace(sha256=lambda: GatedSha256(gate)))
     yield gate
     gate.set()
+
+
+class EndAfter:
+    """Wraps an S3 client: a GET's body holds back its last bytes until ``event`` is set."""
+
+    def __init__(self, client, event):
+        self._c, self._event = client, event
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def get_object(self, **kw):
+        r = self._c.get_object(**kw)
+        r["Body"] = _HeldEnd(r["Body"].read(), self._event)
+        return r
+
+
+class _HeldEnd:
+    def __init__(self, data, event):
+        self._data, self._event = data, event
+
+    def read(self, amt=None):
+        if amt is None or amt >= len(self._data):
+            assert self._event.wait(30), "the event never came"
+        data, self._data = self._data[:amt], self._data[amt:]
+        return data
+
+    def close(self):
+        pass
 
 
 def _nice(thread):
@@ -269,20 +311,124 @@ def _nice(thread):
 
 
 def test_a_load_ends_with_its_last_byte_and_the_commit_follows(tmp_path, s3, held_hash):
-    store, api, cache = make_store(tmp_path, s3)
+    # The download's last bytes wait until hashing has begun: the hash starts while the fetchers run.
+    store, api, cache = make_store(tmp_path, s3, download_client=EndAfter(s3, held_hash.hashing))
     data = os.urandom(300_000)
     big = publish(s3, api, data)
     assert load(store) == data  # complete while the hash is held
     meta = cache.path("models", "m.bin.big.meta")
     assert not os.path.exists(meta) and not cache.settle(0.2)
-    # The hash runs at the lowest CPU priority while the fetchers run; the rest of the process does not.
-    hasher = next(t for t in threading.enumerate() if t.name.endswith("m.bin.big-hash"))
-    assert _nice(hasher) == 19 and _nice(threading.current_thread()) == os.getpriority(os.PRIO_PROCESS, 0)
+    # That hash ran at the lowest CPU priority, in its own thread; the rest of the process does not.
+    name, nice = held_hash.callers[0]
+    assert name.endswith("m.bin.big-hash") and nice == 19
+    assert _nice(threading.current_thread()) == os.getpriority(os.PRIO_PROCESS, 0)
     held_hash.set()
     assert cache.settle(10)
     assert json.load(open(meta))["sha256"] == hashlib.sha256(big).hexdigest()
     assert open(cache.path("models", "m.bin.big"), "rb").read() == big
     assert not list((tmp_path / "cache").rglob("*.part"))
+
+
+def _open_flags(path_part):
+    """The open flags of this process's descriptors whose path contains ``path_part``."""
+    flags = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if path_part in os.readlink(f"/proc/self/fd/{fd}"):
+                with open(f"/proc/self/fdinfo/{fd}") as f:
+                    flags.append(int(next(x for x in f if x.startswith("flags:")).split()[1], 8))
+        except (OSError, StopIteration):
+            pass
+    return flags
+
+
+def test_a_download_writes_its_part_past_the_page_cache(tmp_path, s3, held_hash):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(300_000)
+    big = publish(s3, api, data)
+    assert load(store) == data
+    # The download (its commit held) still has the .part open: one descriptor bypasses the page cache.
+    assert any(f & os.O_DIRECT for f in _open_flags(".part"))
+    held_hash.set()
+    assert cache.settle(10)
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+    assert load(store) == data and cache.hits == 1
+
+
+def test_the_cache_works_where_the_filesystem_refuses_o_direct(tmp_path, s3, monkeypatch):
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "O_DIRECT refused")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(300_000)
+    big = publish(s3, api, data)
+    assert load(store) == data
+    assert cache.settle(10)
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+    assert load(store) == data and (cache.hits, cache.downloads) == (1, 1)
+
+
+def test_read_at_reads_any_range(tmp_path):
+    data = os.urandom(3 * 4096 + 123)
+    (tmp_path / "f").write_bytes(data)
+    buf = cdn_manager.aligned_buffer(8192)
+    with cdn_manager.open_reader(str(tmp_path / "f")) as f:
+        assert fcntl.fcntl(f.fileno(), fcntl.F_GETFL) & os.O_DIRECT  # this filesystem allows it
+        end = len(data)
+        ranges = [(0, 4096), (1, 100), (4095, 4098), (5000, 8192), (end - 5, 5), (end - 5, 50), (end, 10)]
+        for pos, n in ranges:
+            assert bytes(cdn_manager.read_at(f.fileno(), buf, pos, n)) == data[pos : pos + n]
+
+
+def test_read_at_reads_through_the_page_cache_when_o_direct_refuses_a_read(tmp_path):
+    data = os.urandom(10_000)
+    (tmp_path / "f").write_bytes(data)
+    fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_DIRECT)
+    try:
+        misaligned = memoryview(bytearray(3 * 4096 + 1))[1:]  # an odd address: O_DIRECT refuses it
+        assert bytes(cdn_manager.read_at(fd, misaligned, 10, 100)) == data[10:110]
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        os.close(fd)
+
+
+def test_a_chunk_kept_past_the_next_one_fails_loudly(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    big = publish(s3, api, os.urandom(300_000))
+    for _ in range(2):  # while it downloads, then from the cache
+        _, chunks = cache.open("models", "m.bin.big", store.cdn())
+        first = next(chunks)
+        n = len(first)
+        assert bytes(first) == big[:n]
+        second = next(chunks)
+        with pytest.raises(ValueError):
+            bytes(first)  # its buffer now holds the second chunk: the old view is released
+        assert bytes(second) == big[n : n + len(second)]
+        chunks.close()
+        assert cache.settle(10)
+    assert cache.hits == 1
+
+
+def test_a_ranged_get_answered_with_the_wrong_length_is_refused(s3):
+    s3.put_object(Bucket="models", Key="x.big", Body=os.urandom(100_000))
+
+    class WholeObject:  # a CDN that ignores Range and sends the whole object
+        def __getattr__(self, name):
+            return getattr(s3, name)
+
+        def get_object(self, **kw):
+            kw.pop("Range")
+            return s3.get_object(**kw)
+
+    cdn = CdnManager(download_client=WholeObject(), upload_client=s3)
+    info = cdn.head("models", "x.big")
+    with pytest.raises(IntegrityError):
+        list(cdn.iter_object("models", "x.big", info, 1000, 2000))
 
 
 def test_offline_follows_a_download_still_in_flight(tmp_path, s3, held_hash):

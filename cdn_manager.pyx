@@ -318,22 +318,38 @@ def _released(view):
 
 
 def stream_file(f, size, chunk_size=CHUNK_SIZE, ready=None):
-    """Yield bytes ``0..size`` of the open file ``f`` (closed at the end) as views of one reused buffer,
-    each valid until the next is asked for. ``ready(pos)``, when given, waits until bytes past ``pos``
-    are written and returns where the written bytes end."""
-    buf = aligned_buffer(chunk_size)
+    """Yield bytes ``0..size`` of the open file ``f`` (closed at the end) as views of two reused buffers,
+    each valid until the next is asked for. A helper thread reads the next block while the caller uses
+    this one, so the disk and the caller's work overlap.
+
+    ``ready(pos, wait)``, when given, tells where the written bytes end: with ``wait``, once bytes past
+    ``pos`` are written (or it raises the writer's failure); without, at once (read-ahead never waits).
+    """
+    bufs = (aligned_buffer(chunk_size), aligned_buffer(chunk_size))
+    fd = f.fileno()
     cdef long long pos = 0
-    cdef long long limit
-    with f:
+    cdef long long limit = size if ready is None else 0
+    cdef int i = 0
+    pending = None
+    with f, ThreadPoolExecutor(1, thread_name_prefix="cache-read") as pool:
         while pos < size:
-            limit = size if ready is None else ready(pos)
-            while pos < limit:
-                view = read_at(f.fileno(), buf, pos, min(chunk_size, limit - pos))
-                if not len(view):
-                    raise IntegrityError("the cache file ended early")
-                pos += len(view)
-                yield view
-                _released(view)
+            if pending is None:
+                if pos >= limit:
+                    limit = ready(pos, True)
+                pending = pool.submit(read_at, fd, bufs[i], pos, min(chunk_size, limit - pos))
+            view = pending.result()
+            pending = None
+            if not len(view):
+                raise IntegrityError("the cache file ended early")
+            pos += len(view)
+            i = 1 - i
+            if pos < size:
+                if pos >= limit and ready is not None:
+                    limit = ready(pos, False)
+                if pos < limit:
+                    pending = pool.submit(read_at, fd, bufs[i], pos, min(chunk_size, limit - pos))
+            yield view
+            _released(view)
 
 
 def file_digest(f, size, chunk_size=CHUNK_SIZE):
@@ -415,6 +431,8 @@ class _Download:
         self._stop = None  # the first fetcher failure: stops the other fetchers and the hasher
         self._fetched = False  # every segment is on disk: the background hasher hands over to run()
         self._hashed = 0  # how far the background hasher got
+        self._hasher_done = False
+        self._readers = 0  # loads streaming this download right now
         self._abandoned = False  # discarded while in flight: never committed
         self._direct = -1  # the .part file, O_DIRECT where allowed: the fetchers' writes and the hash
         self.part = cache.path(bucket, key) + f".{uuid.uuid4().hex}{PART_SUFFIX}"
@@ -446,10 +464,10 @@ class _Download:
         """Fetch the object as ranged segments on a few threads, writing each at its offset, then commit
         the file to the cache.
 
-        The sidecar's SHA-256 is taken in order as the written prefix grows: while the fetchers run, by a
-        thread at the lowest CPU priority, so it only takes CPU the load leaves idle; then the rest by
-        this thread. Readers follow the written bytes and never wait for the hash: a load ends with its
-        last byte, and the commit follows on its own.
+        The sidecar's SHA-256 is taken in order as the written prefix grows: while the fetchers run and
+        loads still stream the download, by a thread at the lowest CPU priority, so it only takes CPU the
+        loads leave idle; then the rest by this thread. Readers follow the written bytes and never wait
+        for the hash: a load ends with its last byte, and the commit follows on its own.
         """
         size = self.info.size
         h = hashlib.sha256()
@@ -468,6 +486,11 @@ class _Download:
                 w.join()
             if self._stop is not None:
                 raise self._stop
+            with self.cond:
+                # Loads still streaming this download need the CPU: until they are done the hash stays
+                # with the thread at the lowest priority.
+                while self._readers and not self._hasher_done:
+                    self.cond.wait()
             self._handover(hasher)
             if _hash_file(h, direct, self._hashed, size, buf) != size:
                 raise IntegrityError("the cache file ended early")
@@ -508,9 +531,9 @@ class _Download:
         """Hash the contiguous written prefix, at the lowest CPU priority, until run() takes over."""
         _lowest_priority()
         until = lambda: self._fetched
-        pos = 0
+        pos, size = 0, self.info.size
         try:
-            while True:
+            while pos < size:
                 with self.cond:
                     while self.written <= pos and self._stop is None and not self._fetched:
                         self.cond.wait()
@@ -524,7 +547,10 @@ class _Download:
         except OSError:
             return  # run() hashes from here and meets the error itself
         finally:
-            self._hashed = pos
+            with self.cond:
+                self._hashed = pos
+                self._hasher_done = True
+                self.cond.notify_all()
 
     def _fetch(self, fd, cdn):
         """One fetcher: takes the next segment, reads it into its buffer and writes it into place, until
@@ -635,14 +661,22 @@ class _Download:
         """Yield the file's bytes as the fetchers write them (views, as stream_file). The stream ends with
         the last byte: the hash and the commit to the cache finish on their own, and a failure of theirs
         no longer concerns a reader that has every byte."""
-        return stream_file(f, self.info.size, chunk_size, self._written_past)
-
-    def _written_past(self, pos):
-        """Wait until bytes past ``pos`` are written; where they end. Raises the download's failure."""
         with self.cond:
-            while pos >= self.written and self.error is None:
+            self._readers += 1
+        try:
+            yield from stream_file(f, self.info.size, chunk_size, self._written_past)
+        finally:
+            with self.cond:
+                self._readers -= 1
+                self.cond.notify_all()
+
+    def _written_past(self, pos, wait):
+        """Where the written bytes end; with ``wait``, once bytes past ``pos`` are written (else it raises
+        the download's failure)."""
+        with self.cond:
+            while wait and pos >= self.written and self.error is None:
                 self.cond.wait()
-            if pos >= self.written:
+            if wait and pos >= self.written:
                 raise self.error
             return self.written
 

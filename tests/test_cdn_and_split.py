@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import types
 
 import boto3
@@ -277,17 +278,19 @@ def held_hash(monkeypatch):
 
 
 class EndAfter:
-    """Wraps an S3 client: a GET's body holds back its last bytes until ``event`` is set."""
+    """Wraps an S3 client: the body of a GET (whose Range starts with ``ranges``) holds back its last bytes
+    until ``event`` is set."""
 
-    def __init__(self, client, event):
-        self._c, self._event = client, event
+    def __init__(self, client, event, ranges="bytes="):
+        self._c, self._event, self._ranges = client, event, ranges
 
     def __getattr__(self, name):
         return getattr(self._c, name)
 
     def get_object(self, **kw):
         r = self._c.get_object(**kw)
-        r["Body"] = _HeldEnd(r["Body"].read(), self._event)
+        if kw.get("Range", "").startswith(self._ranges):
+            r["Body"] = _HeldEnd(r["Body"].read(), self._event)
         return r
 
 
@@ -327,6 +330,31 @@ def test_a_load_ends_with_its_last_byte_and_the_commit_follows(tmp_path, s3, hel
     assert json.load(open(meta))["sha256"] == hashlib.sha256(big).hexdigest()
     assert open(cache.path("models", "m.bin.big"), "rb").read() == big
     assert not list((tmp_path / "cache").rglob("*.part"))
+
+
+def _until(condition, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        time.sleep(0.01)
+
+
+def test_the_hash_stays_at_the_lowest_priority_while_a_load_still_streams(tmp_path, s3, held_hash):
+    started = threading.Event()  # the object's start arrives in full only once a load streams it
+    store, api, cache = make_store(tmp_path, s3, download_client=EndAfter(s3, started, "bytes=0-"))
+    big = publish(s3, api, os.urandom(3 * 1024 * 1024))
+    _, chunks = cache.open("models", "m.bin.big", store.cdn())
+    next(chunks)  # a load is streaming this download
+    started.set()
+    download = cache._downloads[("models", "m.bin.big")]
+    _until(lambda: download.written == len(big))  # every byte is fetched
+    time.sleep(0.3)
+    assert not download._fetched  # the download's own thread has not taken the hash over
+    chunks.close()  # the load is done (here: gone)
+    _until(lambda: download._fetched)  # now it takes over, at normal priority
+    held_hash.set()
+    assert cache.settle(10)
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
 
 
 def _open_flags(path_part):

@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 
 import boto3
 import yaml
@@ -186,10 +187,11 @@ class CdnManager:
                 log.warning("GET %s/%s at %d failed (%s): retrying", bucket, key, pos + n, type(exc).__name__)
                 continue
             body = r["Body"]
+            asked = end - pos - n
             try:
-                if r.get("ContentLength", end - pos - n) != end - pos - n:
+                if r.get("ContentLength", asked) != asked:
                     raise IntegrityError(f"the CDN answered a ranged GET of {bucket}/{key} with "
-                                         f"{r.get('ContentLength')} bytes instead of {end - pos - n}")
+                                         f"{r.get('ContentLength')} bytes instead of {asked}")
                 sock = _socket_reader(body)
                 while pos + n < end:
                     want = min(len(buf), end - pos)
@@ -296,10 +298,14 @@ def read_at(int fd, buf, long long pos, long long n):
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-        # O_DIRECT was accepted at open but not for this read: read through the page cache from now on.
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        _without_direct(fd)
         got = os.preadv(fd, [buf[:length]], start)
     return buf[pos - start:max(pos - start, min(got, pos - start + n))]
+
+
+def _without_direct(int fd):
+    """O_DIRECT was accepted at open but refused for a transfer: go through the page cache from now on."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
 
 def _write_all(int fd, view, long long pos):
@@ -317,21 +323,20 @@ def _released(view):
         pass
 
 
-def stream_file(f, size, chunk_size=CHUNK_SIZE, ready=None):
-    """Yield bytes ``0..size`` of the open file ``f`` (closed at the end) as views of two reused buffers,
-    each valid until the next is asked for. A helper thread reads the next block while the caller uses
-    this one, so the disk and the caller's work overlap.
+def _blocks(int fd, long long size, Py_ssize_t chunk_size, ready=None):
+    """Yield bytes ``0..size`` of the file (fewer when it ends early) as views of two reused buffers, each
+    valid until the next is asked for. A helper thread reads the next block while the caller uses this
+    one, so the disk and the caller's work overlap.
 
     ``ready(pos, wait)``, when given, tells where the written bytes end: with ``wait``, once bytes past
     ``pos`` are written (or it raises the writer's failure); without, at once (read-ahead never waits).
     """
     bufs = (aligned_buffer(chunk_size), aligned_buffer(chunk_size))
-    fd = f.fileno()
     cdef long long pos = 0
     cdef long long limit = size if ready is None else 0
     cdef int i = 0
     pending = None
-    with f, ThreadPoolExecutor(1, thread_name_prefix="cache-read") as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="cache-read") as pool:
         while pos < size:
             if pending is None:
                 if pos >= limit:
@@ -340,7 +345,7 @@ def stream_file(f, size, chunk_size=CHUNK_SIZE, ready=None):
             view = pending.result()
             pending = None
             if not len(view):
-                raise IntegrityError("the cache file ended early")
+                return
             pos += len(view)
             i = 1 - i
             if pos < size:
@@ -352,23 +357,24 @@ def stream_file(f, size, chunk_size=CHUNK_SIZE, ready=None):
             _released(view)
 
 
-def file_digest(f, size, chunk_size=CHUNK_SIZE):
-    """SHA-256 of the first ``size`` bytes of a file open for read_at. A helper thread reads the next block
-    while this one hashes the last, so the disk and the hash overlap."""
-    h = hashlib.sha256()
-    bufs = (aligned_buffer(chunk_size), aligned_buffer(chunk_size))
-    fd = f.fileno()
+def stream_file(f, size, chunk_size=CHUNK_SIZE, ready=None):
+    """Yield bytes ``0..size`` of the open file ``f`` (closed at the end) as _blocks does; raises when the
+    file ends early."""
     cdef long long pos = 0
-    cdef int i = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="cache-verify") as pool:
-        pending = pool.submit(read_at, fd, bufs[0], 0, min(chunk_size, size)) if size else None
-        while pending is not None:
-            view = pending.result()
+    # The helper thread is stopped (closing) before the file closes: it never reads a closed descriptor.
+    with f, closing(_blocks(f.fileno(), size, chunk_size, ready)) as blocks:
+        for view in blocks:
             pos += len(view)
-            i = 1 - i
-            pending = None
-            if len(view) and pos < size:
-                pending = pool.submit(read_at, fd, bufs[i], pos, min(chunk_size, size - pos))
+            yield view
+    if pos < size:
+        raise IntegrityError("the cache file ended early")
+
+
+def file_digest(f, size, chunk_size=CHUNK_SIZE):
+    """SHA-256 of the first ``size`` bytes of a file open for read_at; the disk and the hash overlap."""
+    h = hashlib.sha256()
+    with closing(_blocks(f.fileno(), size, chunk_size)) as blocks:
+        for view in blocks:
             h.update(view)
     return h.hexdigest()
 
@@ -604,8 +610,7 @@ class _Download:
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                # O_DIRECT was accepted at open but not for writing: write through the page cache.
-                fcntl.fcntl(direct, fcntl.F_SETFL, fcntl.fcntl(direct, fcntl.F_GETFL) & ~os.O_DIRECT)
+                _without_direct(direct)
                 bulk = 0
         _write_all(fd, view[bulk:], pos + bulk)
 

@@ -63,13 +63,12 @@ class FakeApi:
         return YAML
 
 
-class FlakyClient:
-    """Wraps an S3 client; the bodies of the first ``failures`` GETs (of those whose Range starts with
-    ``ranges``) raise after ``after`` bytes."""
+class WrappedClient:
+    """Wraps an S3 client and records each GET's Range; the body of a GET whose Range starts with
+    ``ranges`` (and that ``_takes``) is replaced by ``wrap(body)``."""
 
-    def __init__(self, client, failures=0, after=0, end_early=False, ranges="bytes="):
-        self._c, self.failures, self.after, self.end_early = client, failures, after, end_early
-        self.ranges = ranges
+    def __init__(self, client, ranges="bytes="):
+        self._c, self.ranges = client, ranges
         self.gets = []
         self._lock = threading.Lock()
 
@@ -79,12 +78,32 @@ class FlakyClient:
     def get_object(self, **kw):
         with self._lock:
             self.gets.append(kw.get("Range"))
-            broken = self.failures > 0 and kw.get("Range", "").startswith(self.ranges)
-            self.failures -= broken
+            wrapped = kw.get("Range", "").startswith(self.ranges) and self._takes()
         r = self._c.get_object(**kw)
-        if broken:
-            r["Body"] = _Broken(r["Body"], self.after, self.end_early)
+        if wrapped:
+            r["Body"] = self.wrap(r["Body"])
         return r
+
+    def _takes(self):
+        return True
+
+
+class FlakyClient(WrappedClient):
+    """The bodies of the first ``failures`` GETs (of those whose Range starts with ``ranges``) raise after
+    ``after`` bytes."""
+
+    def __init__(self, client, failures=0, after=0, end_early=False, ranges="bytes="):
+        super().__init__(client, ranges)
+        self.failures, self.after, self.end_early = failures, after, end_early
+
+    def _takes(self):
+        if self.failures <= 0:
+            return False
+        self.failures -= 1
+        return True
+
+    def wrap(self, body):
+        return _Broken(body, self.after, self.end_early)
 
 
 class _Broken:
@@ -277,21 +296,16 @@ def held_hash(monkeypatch):
     gate.set()
 
 
-class EndAfter:
-    """Wraps an S3 client: the body of a GET (whose Range starts with ``ranges``) holds back its last bytes
-    until ``event`` is set."""
+class EndAfter(WrappedClient):
+    """The body of a GET (whose Range starts with ``ranges``) holds back its last bytes until ``event`` is
+    set."""
 
     def __init__(self, client, event, ranges="bytes="):
-        self._c, self._event, self._ranges = client, event, ranges
+        super().__init__(client, ranges)
+        self._event = event
 
-    def __getattr__(self, name):
-        return getattr(self._c, name)
-
-    def get_object(self, **kw):
-        r = self._c.get_object(**kw)
-        if kw.get("Range", "").startswith(self._ranges):
-            r["Body"] = _HeldEnd(r["Body"].read(), self._event)
-        return r
+    def wrap(self, body):
+        return _HeldEnd(body.read(), self._event)
 
 
 class _HeldEnd:

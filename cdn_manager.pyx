@@ -68,6 +68,11 @@ TAIL = 32
 DIRECT_ALIGN = 4096
 META_SUFFIX = ".meta"
 PART_SUFFIX = ".part"
+# A download's hash waits for the loads that still stream it: hashing beside a load that runs as fast as
+# the machine allows slows it, even at the lowest CPU priority (the hash's reads and cache misses are not
+# prioritised). A load still streaming this long after the fetch ended is paced by its client instead: the
+# hash then starts beside it at the lowest priority, so the commit does not wait for a slow client.
+HASH_GRACE = 5.0
 
 
 class CdnConfig:
@@ -435,8 +440,8 @@ class _Download:
         self.done = False
         self.error = None  # what readers see: set only once the .part file is gone
         self._stop = None  # the first fetcher failure: stops the other fetchers and the hasher
-        self._fetched = False  # every segment is on disk: the background hasher hands over to run()
-        self._hashed = 0  # how far the background hasher got
+        self._taken_over = False  # the loads are gone: run() takes the hash over from the slow hasher
+        self._hashed = 0  # how far the slow hasher got; -1: it failed
         self._hasher_done = False
         self._readers = 0  # loads streaming this download right now
         self._abandoned = False  # discarded while in flight: never committed
@@ -467,46 +472,33 @@ class _Download:
         return fd
 
     def run(self, fd, cdn):
-        """Fetch the object as ranged segments on a few threads, writing each at its offset, then commit
-        the file to the cache.
+        """Fetch the object as ranged segments on a few threads, writing each at its offset, then hash the
+        file and commit it to the cache.
 
-        The sidecar's SHA-256 is taken in order as the written prefix grows: while the fetchers run and
-        loads still stream the download, by a thread at the lowest CPU priority, so it only takes CPU the
-        loads leave idle; then the rest by this thread. Readers follow the written bytes and never wait
-        for the hash: a load ends with its last byte, and the commit follows on its own.
+        Readers follow the written bytes and never wait for the hash: a load ends with its last byte, and
+        the hash and the commit follow on their own, once no load streams the download any more (see
+        ``_digest``).
         """
         size = self.info.size
-        h = hashlib.sha256()
-        buf = aligned_buffer(CHUNK_SIZE)  # the background hasher's, then this thread's
         direct = self._direct if self._direct >= 0 else fd
         workers = [threading.Thread(target=self._fetch, args=(fd, cdn), daemon=True,
                                     name=f"cdn-{self.bucket}/{self.key}-{n}")
                    for n in range(min(FETCHERS, len(self._segments)))]
-        hasher = threading.Thread(target=self._hash_while_fetching, args=(direct, h, buf), daemon=True,
-                                  name=f"cdn-{self.bucket}/{self.key}-hash")
         try:
             for w in workers:
                 w.start()
-            hasher.start()
             for w in workers:
                 w.join()
             if self._stop is not None:
                 raise self._stop
-            with self.cond:
-                # Loads still streaming this download need the CPU: until they are done the hash stays
-                # with the thread at the lowest priority.
-                while self._readers and not self._hasher_done:
-                    self.cond.wait()
-            self._handover(hasher)
-            if _hash_file(h, direct, self._hashed, size, buf) != size:
-                raise IntegrityError("the cache file ended early")
+            digest = self._digest(direct)
             os.fsync(fd)
             os.close(fd)
             fd = -1
             with self.cond:
                 if self._abandoned:
                     raise IntegrityError(f"{self.bucket}/{self.key} was discarded while it downloaded")
-                self.cache.commit(self.bucket, self.key, self.part, size, self.info.etag, h.hexdigest())
+                self.cache.commit(self.bucket, self.key, self.part, size, self.info.etag, digest)
                 self.done = True
                 self.cond.notify_all()
         except OSError as exc:
@@ -519,42 +511,51 @@ class _Download:
         finally:
             for w in workers:
                 w.join()
-            self._handover(hasher)
             for d in (fd, self._direct):
                 if d >= 0:
                     os.close(d)
             self.cache._finished(self)
 
-    def _handover(self, hasher):
-        """Stop the background hasher (at its next chunk) and wait for it."""
-        with self.cond:
-            self._fetched = True
-            self.cond.notify_all()
-        if hasher.ident is not None:
-            hasher.join()
+    def _digest(self, int fd):
+        """The SHA-256 of the complete file, taken once no load streams the download any more: the loads
+        get the CPU and the disk first, and the hash costs a device nothing while it waits.
 
-    def _hash_while_fetching(self, fd, h, buf):
-        """Hash the contiguous written prefix, at the lowest CPU priority, until run() takes over."""
-        _lowest_priority()
-        until = lambda: self._fetched
-        pos, size = 0, self.info.size
-        try:
-            while pos < size:
+        A load still streaming HASH_GRACE seconds after the fetch ended is paced by its client. The hash
+        then starts beside it on a thread at the lowest CPU priority, and this thread takes over at normal
+        priority, from where that one got, once the load is gone.
+        """
+        cdef long long size = self.info.size
+        h = hashlib.sha256()
+        buf = aligned_buffer(CHUNK_SIZE)
+        with self.cond:
+            self.cond.wait_for(lambda: not self._readers, HASH_GRACE)
+            beside = self._readers > 0
+        if beside:
+            hasher = threading.Thread(target=self._hash_beside_loads, args=(fd, h, buf), daemon=True,
+                                      name=f"cdn-{self.bucket}/{self.key}-hash")
+            hasher.start()
+            try:
                 with self.cond:
-                    while self.written <= pos and self._stop is None and not self._fetched:
-                        self.cond.wait()
-                    if self._stop is not None or self._fetched:
-                        return
-                    end = self.written
-                reached = _hash_file(h, fd, pos, end, buf, until)
-                if reached < end and not self._fetched:
-                    return  # the file ended early: run() hashes from here and reports it
-                pos = reached
+                    self.cond.wait_for(lambda: not self._readers or self._hasher_done)
+            finally:
+                with self.cond:
+                    self._taken_over = True
+                hasher.join()
+        if self._hashed < 0:  # the slow hasher failed somewhere: start afresh (and meet its error)
+            h, self._hashed = hashlib.sha256(), 0
+        if _hash_file(h, fd, self._hashed, size, buf) != size:
+            raise IntegrityError("the cache file ended early")
+        return h.hexdigest()
+
+    def _hash_beside_loads(self, fd, h, buf):
+        """Hash the file at the lowest CPU priority until run() takes over."""
+        _lowest_priority()
+        try:
+            self._hashed = _hash_file(h, fd, 0, self.info.size, buf, lambda: self._taken_over)
         except OSError:
-            return  # run() hashes from here and meets the error itself
+            self._hashed = -1
         finally:
             with self.cond:
-                self._hashed = pos
                 self._hasher_done = True
                 self.cond.notify_all()
 

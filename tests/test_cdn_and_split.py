@@ -328,17 +328,15 @@ def _nice(thread):
 
 
 def test_a_load_ends_with_its_last_byte_and_the_commit_follows(tmp_path, s3, held_hash):
-    # The download's last bytes wait until hashing has begun: the hash starts while the fetchers run.
-    store, api, cache = make_store(tmp_path, s3, download_client=EndAfter(s3, held_hash.hashing))
+    store, api, cache = make_store(tmp_path, s3)
     data = os.urandom(300_000)
     big = publish(s3, api, data)
     assert load(store) == data  # complete while the hash is held
     meta = cache.path("models", "m.bin.big.meta")
     assert not os.path.exists(meta) and not cache.settle(0.2)
-    # That hash ran at the lowest CPU priority, in its own thread; the rest of the process does not.
+    # With no load left, the download's own thread hashes, at the process's usual priority.
     name, nice = held_hash.callers[0]
-    assert name.endswith("m.bin.big-hash") and nice == 19
-    assert _nice(threading.current_thread()) == os.getpriority(os.PRIO_PROCESS, 0)
+    assert name == "cdn-models/m.bin.big" and nice == os.getpriority(os.PRIO_PROCESS, 0)
     held_hash.set()
     assert cache.settle(10)
     assert json.load(open(meta))["sha256"] == hashlib.sha256(big).hexdigest()
@@ -353,22 +351,48 @@ def _until(condition, timeout=10):
         time.sleep(0.01)
 
 
-def test_the_hash_stays_at_the_lowest_priority_while_a_load_still_streams(tmp_path, s3, held_hash):
+def _streaming(tmp_path, s3, size):
+    """A download whose every byte is fetched while a load has taken its first chunk and streams on."""
     started = threading.Event()  # the object's start arrives in full only once a load streams it
     store, api, cache = make_store(tmp_path, s3, download_client=EndAfter(s3, started, "bytes=0-"))
-    big = publish(s3, api, os.urandom(3 * 1024 * 1024))
+    big = publish(s3, api, os.urandom(size))
     _, chunks = cache.open("models", "m.bin.big", store.cdn())
-    next(chunks)  # a load is streaming this download
+    next(chunks)
     started.set()
     download = cache._downloads[("models", "m.bin.big")]
-    _until(lambda: download.written == len(big))  # every byte is fetched
+    _until(lambda: download.written == len(big))
+    return cache, chunks, download, big
+
+
+def test_the_hash_waits_for_the_loads_that_still_stream(tmp_path, s3, held_hash, monkeypatch):
+    monkeypatch.setattr(cdn_manager, "HASH_GRACE", 30.0)
+    cache, chunks, download, big = _streaming(tmp_path, s3, 3 * 1024 * 1024)
     time.sleep(0.3)
-    assert not download._fetched  # the download's own thread has not taken the hash over
+    assert not held_hash.hashing.is_set()  # every byte is in, but a load still streams: no hash yet
     chunks.close()  # the load is done (here: gone)
-    _until(lambda: download._fetched)  # now it takes over, at normal priority
+    assert held_hash.hashing.wait(10)  # now the download's own thread hashes
+    assert held_hash.callers[0] == ("cdn-models/m.bin.big", os.getpriority(os.PRIO_PROCESS, 0))
     held_hash.set()
     assert cache.settle(10)
     assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+
+
+def test_a_load_that_outlasts_the_grace_has_the_hash_start_beside_it_at_the_lowest_priority(
+    tmp_path, s3, held_hash, monkeypatch
+):
+    monkeypatch.setattr(cdn_manager, "HASH_GRACE", 0.2)
+    cache, chunks, download, big = _streaming(tmp_path, s3, 3 * 1024 * 1024)  # several hash chunks
+    assert held_hash.hashing.wait(10)  # a slow load: the hash starts while it still streams
+    name, nice = held_hash.callers[0]
+    assert name == "cdn-models/m.bin.big-hash" and nice == 19
+    assert _nice(threading.current_thread()) == os.getpriority(os.PRIO_PROCESS, 0)
+    chunks.close()  # the load is gone: the download's own thread takes the hash over
+    _until(lambda: download._taken_over)
+    held_hash.set()
+    assert cache.settle(10)
+    assert held_hash.callers[-1] == ("cdn-models/m.bin.big", os.getpriority(os.PRIO_PROCESS, 0))
+    meta = json.load(open(cache.path("models", "m.bin.big.meta")))
+    assert meta["sha256"] == hashlib.sha256(big).hexdigest()  # one digest across the two threads
 
 
 def _open_flags(path_part):
@@ -543,6 +567,7 @@ def test_large_objects_are_fetched_as_segments_in_parallel(tmp_path, s3):
         f"bytes={32 * MIB}-{tail - 1}",
         f"bytes={tail}-{len(big) - 1}",
     ]
+    assert cache.settle(10)  # the commit follows the load
     assert open(cache.path("models", "m.bin.big"), "rb").read() == big
 
 

@@ -33,7 +33,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from botocore.response import StreamingBody
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from constants import CHUNK_SIZE
+from constants import CHUNK_SIZE, LOAD_CHUNK_SIZE
 from errors import IntegrityError, LoaderError, NotFound, StorageError, UpstreamError
 
 cdef extern from "fcntl.h" nogil:
@@ -705,7 +705,7 @@ def _checked(check, size, tail):
 class BigPartCache:
     """Verified local cache of big parts under ``root``; one download per object at a time."""
 
-    def __init__(self, root, chunk_size=CHUNK_SIZE):
+    def __init__(self, root, chunk_size=LOAD_CHUNK_SIZE):
         self.root = os.path.abspath(root)
         self._chunk = chunk_size
         self._lock = threading.Lock()

@@ -43,6 +43,12 @@ KEY_SIZE = 32
 
 # Streaming granularity: large enough to amortise per-call overhead, small enough to keep memory flat.
 CHUNK_SIZE = 1024 * 1024
+# A load's unit: its reads of the cache file, its decryption and its sends. Each chunk costs thread
+# hand-offs, an event-loop wake-up and a few system calls; at 4 MiB a cold 1 GiB load ran about 10 %
+# faster than at 1 MiB (8 and 16 MiB gained nothing more), for about 16 MiB of buffers per load. A read
+# takes what is written so far, so it never waits for a whole chunk; the fetchers keep CHUNK_SIZE, so a
+# slow CDN's bytes reach the cache file (and the client) a MiB at a time.
+LOAD_CHUNK_SIZE = 4 * 1024 * 1024
 
 # Names of resources and folders (contract section 2).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

@@ -109,7 +109,7 @@ class Services:
     def start_unlock(self, email: str, password: str):
         return self.unlocker.start(self.credentials(email, password))
 
-    async def stream_loaded(self, chunks, depth: int = 4):
+    async def stream_loaded(self, chunks, depth: int = 2):
         """Send a load's chunks as a worker thread reads and decrypts them, at most ``depth`` ahead.
 
         The thread runs the blocking iterator on its own, so reading and decrypting the next chunks

@@ -72,14 +72,25 @@ class ModelStore:
         self._cdn_factory = cdn_factory or (lambda text: CdnManager(CdnConfig.from_yaml(text)))
         self._cdn_key = None
         self._cdn = None
+        self._cdn_lock = threading.Lock()
         self.max_upload = max_upload
 
     def cdn(self):
         """The CDN manager for the session's cdn.yaml, rebuilt only when the configuration changes."""
-        text = self._api.cdn_yaml()
-        if text != self._cdn_key:
-            self._cdn, self._cdn_key = self._cdn_factory(text), text
-        return self._cdn
+        with self._cdn_lock:  # built once, also when loads (or prepare) ask for it together
+            text = self._api.cdn_yaml()
+            if text != self._cdn_key:
+                self._cdn, self._cdn_key = self._cdn_factory(text), text
+            return self._cdn
+
+    def prepare(self):
+        """Fetch the session's cdn.yaml and build the CDN clients ahead of the first load (after a login):
+        that costs a few hundred milliseconds, which the first load then no longer waits for. A failure
+        here is only logged; the load that needs the CDN meets it again and reports it."""
+        try:
+            self.cdn()
+        except LoaderError as exc:
+            log.info("could not prepare the CDN clients yet (%s)", type(exc).__name__)
 
     def load(self, folder, name):
         """Check everything that can fail early, then return an iterator of the decrypted resource."""

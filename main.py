@@ -104,7 +104,10 @@ class Services:
 
     def authenticate(self, email: str, password: str):
         creds = self.credentials(email, password)
-        return self.api.login(creds)
+        user = self.api.login(creds)
+        # cdn.yaml and the CDN clients, ready before the first load asks for them
+        threading.Thread(target=self.store.prepare, daemon=True, name="cdn-prepare").start()
+        return user
 
     def start_unlock(self, email: str, password: str):
         return self.unlocker.start(self.credentials(email, password))

@@ -4,6 +4,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -253,6 +254,29 @@ def go_offline(store):
     offline = CdnManager(config=CdnConfig.from_yaml(YAML))
     store._cdn_factory = lambda text: offline
     store._cdn_key = None
+
+
+def test_prepare_builds_the_cdn_clients_once_ahead_of_the_first_load(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    built = []
+    cdn = store._cdn_factory("")
+    store._cdn_factory = lambda text: built.append(text) or cdn
+    data = os.urandom(50_000)
+    publish(s3, api, data)
+    store.prepare()
+    assert built == [YAML]
+    assert load(store) == data and built == [YAML]  # the first load found the clients built
+
+
+def test_prepare_only_logs_a_failure_the_load_then_reports(tmp_path, s3, caplog):
+    store, api, cache = make_store(tmp_path, s3)
+    api.cdn_yaml = lambda: (_ for _ in ()).throw(UpstreamError("the Resource API is unreachable"))
+    caplog.set_level(logging.INFO, logger="loader.split")
+    store.prepare()  # no exception: a login does not fail for it
+    assert "could not prepare the CDN clients yet (UpstreamError)" in caplog.text
+    publish(s3, api, os.urandom(1000))
+    with pytest.raises(UpstreamError):
+        store.load("models", "m.bin")
 
 
 def test_offline_uses_the_verified_cache_only(tmp_path, s3):

@@ -3,6 +3,7 @@
 import inspect
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,23 @@ def test_a_stop_lets_the_downloads_in_flight_commit(tmp_path, monkeypatch):
             monkeypatch.setattr(cache, "settle", lambda timeout: waited.append(timeout) or True)
             assert not waited
         assert waited == [main.SETTLE_SECONDS]
+    finally:
+        main.settings.cache_clear()
+        main.services.cache_clear()
+
+
+def test_a_login_prepares_the_cdn_clients_in_the_background(tmp_path, monkeypatch):
+    # The first load then finds cdn.yaml fetched and the CDN clients built.
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
+    main.settings.cache_clear()
+    main.services.cache_clear()
+    try:
+        svc = main.services()
+        prepared = threading.Event()
+        monkeypatch.setattr(svc.api, "login", lambda creds: "the user")
+        monkeypatch.setattr(svc.store, "prepare", prepared.set)
+        assert svc.authenticate("u@example.com", "pw") == "the user"
+        assert prepared.wait(5)
     finally:
         main.settings.cache_clear()
         main.services.cache_clear()

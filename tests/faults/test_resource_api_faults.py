@@ -109,8 +109,14 @@ def test_garbage_cdn_config_is_502(slow_loader, api_faults, stack, user):
     n = model_name()
     data = os.urandom(50_000)
     stack.publish("models", n, data)
+    # A login fetches cdn.yaml ahead of the first load (in the background, its failure only logged), and
+    # the load asks again: garbage for both.
+    api_faults.set_fault("POST /resources/get", status=200, garbage="html", count=2)
     assert slow_loader.login(user, PASSWORD).status_code == 200
-    api_faults.set_fault("POST /resources/get", status=200, garbage="html")
+    deadline = time.monotonic() + 10
+    while "could not prepare the CDN clients yet (DecryptionError)" not in slow_loader.log():
+        assert time.monotonic() < deadline, "the login did not fetch cdn.yaml"
+        time.sleep(0.05)
     r = slow_loader.load(n, "models")
     assert r.status_code == 502 and "decrypt" in r.json()["detail"], r.text
     assert slow_loader.load(n, "models").content == data

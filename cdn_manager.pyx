@@ -328,16 +328,16 @@ def _released(view):
         pass
 
 
-def _blocks(int fd, long long size, Py_ssize_t chunk_size, ready=None):
-    """Yield bytes ``0..size`` of the file (fewer when it ends early) as views of two reused buffers, each
-    valid until the next is asked for. A helper thread reads the next block while the caller uses this
+def _blocks(int fd, long long size, Py_ssize_t chunk_size, ready=None, long long start=0):
+    """Yield bytes ``start..size`` of the file (fewer when it ends early) as views of two reused buffers,
+    each valid until the next is asked for. A helper thread reads the next block while the caller uses this
     one, so the disk and the caller's work overlap.
 
     ``ready(pos, wait)``, when given, tells where the written bytes end: with ``wait``, once bytes past
     ``pos`` are written (or it raises the writer's failure); without, at once (read-ahead never waits).
     """
     bufs = (aligned_buffer(chunk_size), aligned_buffer(chunk_size))
-    cdef long long pos = 0
+    cdef long long pos = start
     cdef long long limit = size if ready is None else 0
     cdef int i = 0
     pending = None
@@ -378,22 +378,19 @@ def stream_file(f, size, chunk_size=CHUNK_SIZE, ready=None):
 def file_digest(f, size, chunk_size=CHUNK_SIZE):
     """SHA-256 of the first ``size`` bytes of a file open for read_at; the disk and the hash overlap."""
     h = hashlib.sha256()
-    with closing(_blocks(f.fileno(), size, chunk_size)) as blocks:
-        for view in blocks:
-            h.update(view)
+    _hash_file(h, f.fileno(), 0, size, chunk_size)
     return h.hexdigest()
 
 
-def _hash_file(h, int fd, long long pos, long long end, buf, until=None):
-    """Feed ``h`` the file's bytes from ``pos`` to ``end`` through ``buf``, an aligned_buffer; returns the
-    position reached: ``end``, or less at the end of the file or once ``until()`` is true."""
-    cdef Py_ssize_t step = len(buf) - DIRECT_ALIGN
-    while pos < end and not (until is not None and until()):
-        view = read_at(fd, buf, pos, min(step, end - pos))
-        if not len(view):
-            break
-        h.update(view)
-        pos += len(view)
+def _hash_file(h, int fd, long long pos, long long end, Py_ssize_t chunk_size=CHUNK_SIZE, until=None):
+    """Feed ``h`` the file's bytes from ``pos`` to ``end`` (read one block ahead, as _blocks does); returns
+    the position reached: ``end``, or less at the end of the file or once ``until()`` is true."""
+    with closing(_blocks(fd, end, chunk_size, None, pos)) as blocks:
+        for view in blocks:
+            if until is not None and until():
+                break
+            h.update(view)
+            pos += len(view)
     return pos
 
 
@@ -526,12 +523,11 @@ class _Download:
         """
         cdef long long size = self.info.size
         h = hashlib.sha256()
-        buf = aligned_buffer(CHUNK_SIZE)
         with self.cond:
             self.cond.wait_for(lambda: not self._readers, HASH_GRACE)
             beside = self._readers > 0
         if beside:
-            hasher = threading.Thread(target=self._hash_beside_loads, args=(fd, h, buf), daemon=True,
+            hasher = threading.Thread(target=self._hash_beside_loads, args=(fd, h), daemon=True,
                                       name=f"cdn-{self.bucket}/{self.key}-hash")
             hasher.start()
             try:
@@ -543,15 +539,15 @@ class _Download:
                 hasher.join()
         if self._hashed < 0:  # the slow hasher failed somewhere: start afresh (and meet its error)
             h, self._hashed = hashlib.sha256(), 0
-        if _hash_file(h, fd, self._hashed, size, buf) != size:
+        if _hash_file(h, fd, self._hashed, size) != size:
             raise IntegrityError("the cache file ended early")
         return h.hexdigest()
 
-    def _hash_beside_loads(self, fd, h, buf):
+    def _hash_beside_loads(self, fd, h):
         """Hash the file at the lowest CPU priority until run() takes over."""
         _lowest_priority()
         try:
-            self._hashed = _hash_file(h, fd, 0, self.info.size, buf, lambda: self._taken_over)
+            self._hashed = _hash_file(h, fd, 0, self.info.size, until=lambda: self._taken_over)
         except OSError:
             self._hashed = -1
         finally:

@@ -28,6 +28,7 @@ from errors import (
     PayloadTooLarge,
     UpstreamError,
 )
+from tests.support.wait import until
 from user import User
 
 MIB = 1024 * 1024
@@ -368,13 +369,6 @@ def test_a_load_ends_with_its_last_byte_and_the_commit_follows(tmp_path, s3, hel
     assert not list((tmp_path / "cache").rglob("*.part"))
 
 
-def _until(condition, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never came true"
-        time.sleep(0.01)
-
-
 def _streaming(tmp_path, s3, size):
     """A download whose every byte is fetched while a load has taken its first chunk and streams on."""
     started = threading.Event()  # the object's start arrives in full only once a load streams it
@@ -384,7 +378,7 @@ def _streaming(tmp_path, s3, size):
     next(chunks)
     started.set()
     download = cache._downloads[("models", "m.bin.big")]
-    _until(lambda: download.written == len(big))
+    until(lambda: download.written == len(big))
     return cache, chunks, download, big
 
 
@@ -411,7 +405,7 @@ def test_a_load_that_outlasts_the_grace_has_the_hash_start_beside_it_at_the_lowe
     assert name == "cdn-models/m.bin.big-hash" and nice == 19
     assert _nice(threading.current_thread()) == os.getpriority(os.PRIO_PROCESS, 0)
     chunks.close()  # the load is gone: the download's own thread takes the hash over
-    _until(lambda: download._taken_over)
+    until(lambda: download._taken_over)
     held_hash.set()
     assert cache.settle(10)
     assert held_hash.callers[-1] == ("cdn-models/m.bin.big", os.getpriority(os.PRIO_PROCESS, 0))

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from tests.faults.conftest import PASSWORD, model_name, start_loader
+from tests.support.wait import until
 
 pytestmark = pytest.mark.integration
 
@@ -113,10 +114,11 @@ def test_garbage_cdn_config_is_502(slow_loader, api_faults, stack, user):
     # the load asks again: garbage for both.
     api_faults.set_fault("POST /resources/get", status=200, garbage="html", count=2)
     assert slow_loader.login(user, PASSWORD).status_code == 200
-    deadline = time.monotonic() + 10
-    while "could not prepare the CDN clients yet (DecryptionError)" not in slow_loader.log():
-        assert time.monotonic() < deadline, "the login did not fetch cdn.yaml"
-        time.sleep(0.05)
+    until(
+        lambda: "could not prepare the CDN clients yet (DecryptionError)" in slow_loader.log(),
+        what="the login did not fetch cdn.yaml",
+        every=0.05,
+    )
     r = slow_loader.load(n, "models")
     assert r.status_code == 502 and "decrypt" in r.json()["detail"], r.text
     assert slow_loader.load(n, "models").content == data

@@ -1,22 +1,32 @@
 # cython: language_level=3, embedsignature=True
-"""The binary split: models stored as a small part (Resource API) and a big part (CDN), and the
-Docker image archive unlocked with a key fragment (contract sections 2 and 5).
+"""The binary split: models stored as a small part (Resource API) and a big part (CDN), sealed by a
+manifest on the Resource API, and the Docker image archive unlocked with a key fragment (contract
+sections 2, 5 and 7).
+
+Every upload is sealed (format 2): a data key of its own, the blob split as ever, and the manifest as the
+commit point. A load fetches the manifest with the small part, and nothing leaves the loader that the
+manifest does not vouch for. Models uploaded before (format 1: no manifest) still load under the resource
+key, with a warning, unless ``require_manifest`` refuses them.
 """
 
-import hashlib
 import logging
 import os
 import queue
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 
 import security
-from cdn_manager import TAIL, CdnConfig, CdnManager, read_tail, storage_error
-from constants import (BIG_SUFFIX, BUCKET_PATTERN, CHUNK_SIZE, NAME_PATTERN, SMALL_SUFFIX, SPLIT_SMALL_DENOMINATOR,
-                       SPLIT_SMALL_MAX, SPLIT_SMALL_NUMERATOR)
+from aligned_io import read_tail
+from cdn_manager import CdnConfig, CdnManager, ObjectInfo
+from constants import (BIG_SUFFIX, BUCKET_PATTERN, CHUNK_SIZE, MANIFEST_BLOCK_SIZE, MANIFEST_SUFFIX, NAME_PATTERN,
+                       SMALL_SUFFIX, SPLIT_SMALL_DENOMINATOR, SPLIT_SMALL_MAX, SPLIT_SMALL_NUMERATOR)
+from download import TAIL
 from errors import (BadRequest, DecryptionError, EngineError, Forbidden, IntegrityError, LoaderError, NotFound,
-                    PayloadTooLarge, StorageError)
+                    PayloadTooLarge, StorageError, storage_error)
+from manifest import Manifest, SealedParts, small_size
+from model_cache import Expect
 from unlock_state import DECRYPTING, DOWNLOADING_KEY, LOADING_IMAGES
 
 log = logging.getLogger("loader.split")
@@ -47,11 +57,6 @@ def validate_folder(folder):
     return folder
 
 
-def small_size(blob_length):
-    """Bytes of the blob that go to the Resource API: min(3072, floor(0.3 * len))."""
-    return min(SPLIT_SMALL_MAX, blob_length * SPLIT_SMALL_NUMERATOR // SPLIT_SMALL_DENOMINATOR)
-
-
 class Plaintext:
     """A resource on its way out: its exact ``size``, known before the first byte, and its chunks."""
 
@@ -66,14 +71,20 @@ class Plaintext:
 class ModelStore:
     """Load and upload models over the split. ``api`` is a ResourceApi, ``cache`` a BigPartCache."""
 
-    def __init__(self, api, cache, cdn_factory=None, max_upload=None):
+    def __init__(self, api, cache, cdn_factory=None, max_upload=None, require_manifest=False,
+                 block_size=MANIFEST_BLOCK_SIZE):
         self._api = api
         self._cache = cache
         self._cdn_factory = cdn_factory or (lambda text: CdnManager(CdnConfig.from_yaml(text)))
         self._cdn_key = None
         self._cdn = None
         self._cdn_lock = threading.Lock()
+        # The manifest and the small part are fetched side by side: a load waits for one round trip.
+        self._calls = ThreadPoolExecutor(4, thread_name_prefix="api-call")
         self.max_upload = max_upload
+        self.require_manifest = require_manifest
+        self.block_size = block_size  # of the manifests uploads write (the contract's; tests use less)
+        self.format1_loads = 0
 
     def cdn(self):
         """The CDN manager for the session's cdn.yaml, rebuilt only when the configuration changes."""
@@ -93,30 +104,80 @@ class ModelStore:
             log.info("could not prepare the CDN clients yet (%s)", type(exc).__name__)
 
     def load(self, folder, name):
-        """Check everything that can fail early, then return an iterator of the decrypted resource."""
+        """Check everything that can fail early, then return the decrypted resource as a Plaintext.
+
+        Before this returns, the small part and the big part's first block have been checked (and, for a
+        format-1 part, the blob's last block decrypted), so a mismatch is still an error status. Every
+        later block is checked before any plaintext that depends on it is handed out."""
         validate_folder(folder)
         validate_name(name)
         self._api.credentials()
+        what = f"{folder}/{name}"
+        manifest = self._calls.submit(self._api.get_resource, folder, name + MANIFEST_SUFFIX)
         small = self._api.get_resource(folder, name + SMALL_SUFFIX)
+        try:
+            raw = manifest.result()
+        except NotFound:
+            raw = None
+        big_key = name + BIG_SUFFIX
+        if raw is None:
+            size, key, big = self._open_format1(folder, big_key, what, small)
+        else:
+            sealed = Manifest.parse(raw, what)
+            sealed.check_small(small, what)
+            key = sealed.key
+
+            def check(big_size, tail):
+                # The verified last block's padding must give the manifest's size.
+                if _plaintext_size(key, small, big_size, tail) != sealed.size:
+                    raise IntegrityError(f"{what} decrypts to another size than its manifest says")
+
+            expect = Expect(what, sealed.big_size(len(small)), sealed.blocks, sealed.identity, sealed.block_size,
+                            check)
+            _, big = self._cache.open(folder, big_key, self.cdn(), expect)
+            size = sealed.size
+        return Plaintext(size, self._decrypt(folder, big_key, key, small, _primed(big), size))
+
+    def _open_format1(self, folder, big_key, what, small):
+        """(size, key, blocks) of a resource uploaded before manifests: under the resource key, checked
+        only by its last block's padding."""
+        if self.require_manifest:
+            raise IntegrityError(f"{what} has no manifest (format 1), and REQUIRE_MANIFEST refuses that")
+        log.warning("%s has no manifest: loading it as format 1, unverified", what)
+        self.format1_loads += 1
         key = security.resource_key()
 
         def check(big_size, tail):
             # The blob's last block decrypts (else: wrong key, or a damaged or mismatched part) and its
             # padding gives the plaintext size before a byte is streamed.
-            return security.plaintext_size(key, len(small) + big_size, (small + tail)[-TAIL:])
+            return _plaintext_size(key, small, big_size, tail)
 
-        big_key = name + BIG_SUFFIX
-        size, big = self._cache.open(folder, big_key, self.cdn(), check)
-        return Plaintext(size, self._decrypt(folder, big_key, key, small, big))
+        size, big = self._cache.open(folder, big_key, self.cdn(), Expect(what, check=check))
+        return size, key, big
 
-    def _decrypt(self, folder, big_key, key, small, big):
+    def _decrypt(self, folder, big_key, key, small, big, long long size):
+        """The plaintext of ``small ‖ big``, which must come to ``size`` bytes (the manifest's, or the
+        padding's): the last bytes are held back until that is certain."""
+        cdef long long sent = 0
+        dec = security.Decryptor(key)
         try:
-            yield from security.decrypt_stream(key, chain((small,), big))
+            for chunk in chain((small,), big):
+                out = dec.update(chunk)
+                sent += len(out)
+                if sent > size:
+                    break
+                if len(out):
+                    yield out
+            last = dec.finalize() if sent <= size else b""
         except DecryptionError:
             # The stream was already on its way: drop the cache so the next load fetches afresh.
             self._cache.discard(folder, big_key)
             log.warning("%s/%s failed to decrypt: cache discarded", folder, big_key)
             raise
+        if sent + len(last) != size:
+            raise IntegrityError(f"{folder}/{big_key} decrypts to another size than its manifest says")
+        if last:
+            yield last
 
     def check_upload(self, name, folder=None):
         """Refuse an upload before its body is read: bad names, no session, a role that may not upload."""
@@ -133,25 +194,54 @@ class ModelStore:
         self.check_upload(name, folder)
         return StagedUpload(self, name, self._cache.new_part(STAGING, name + BIG_SUFFIX), self.max_upload)
 
-    def publish(self, folder, name, part, blob_size, small, digest):
-        """Big part to the CDN and the cache, then the small part to the API (so no reader ever pairs a
-        new small part with an old big one)."""
+    def publish(self, folder, name, part, small, parts, manifest):
+        """Big part to the CDN, the small part, then the manifest to the API: the manifest is the commit
+        point, so a load of ``name`` meanwhile is refused (its parts do not match the old manifest), never
+        spliced. The big part then joins the cache; a failure there costs a download later, not the
+        upload."""
         validate_folder(folder)
         big_key = name + BIG_SUFFIX
         etag = self.cdn().upload_file(folder, big_key, part)
         self._cache.discard(folder, big_key)  # also a download of the old part still in flight
-        self._cache.commit(folder, big_key, part, blob_size - len(small), etag, digest)
         self._api.upload(folder, name + SMALL_SUFFIX, small)
+        self._api.upload(folder, name + MANIFEST_SUFFIX, manifest)
+        try:
+            self._cache.commit(folder, big_key, part, ObjectInfo(parts.big_size, etag), parts.identity,
+                               parts.blocks, parts.block_size)
+        except StorageError as exc:
+            log.warning("uploaded %s/%s, but could not keep it in the cache: %s", folder, name, exc.detail)
+
+
+def _plaintext_size(key, small, big_size, tail):
+    return security.plaintext_size(key, len(small) + big_size, (small + tail)[-TAIL:])
+
+
+def _primed(blocks):
+    """``blocks`` with the first one already read and checked, so that a part refused at its first block
+    is still an error status; the rest as they come."""
+    first = next(blocks, None)
+
+    def rest():
+        try:
+            if first is not None:
+                yield first
+                yield from blocks
+        finally:
+            blocks.close()
+
+    return rest()
 
 
 class StagedUpload:
-    """Encrypts a plaintext stream into a staging ``.part`` file, keeping back the blob's first bytes
-    until it is certain where the split falls. Memory stays bounded by the chunk size."""
+    """Encrypts a plaintext stream under a fresh data key into a staging ``.part`` file, keeping back the
+    blob's first bytes until it is certain where the split falls, and hashing the parts for the manifest.
+    Memory stays bounded by the chunk size."""
 
     def __init__(self, store, name, part, limit):
         self._store, self.name, self._part, self._limit = store, name, part, limit
-        self._enc = security.Encryptor(security.resource_key())
-        self._hash = hashlib.sha256()
+        self._key = security.data_key()
+        self._enc = security.Encryptor(self._key)
+        self._parts = SealedParts(store.block_size)
         self._head = bytearray()
         self._small = None
         self.size = 0
@@ -174,8 +264,13 @@ class StagedUpload:
             self._head += data
             if len(self._head) < _SPLIT_FULL:
                 return
-            self._small, data, self._head = bytes(self._head[:SPLIT_SMALL_MAX]), self._head[SPLIT_SMALL_MAX:], None
+            self._split(SPLIT_SMALL_MAX)
+            data, self._head = self._head[SPLIT_SMALL_MAX:], None
         self._put(data)
+
+    def _split(self, k):
+        self._small = bytes(self._head[:k])
+        self._parts.set_small(self._small)
 
     def _put(self, data):
         try:
@@ -183,7 +278,7 @@ class StagedUpload:
         except OSError as exc:
             self.abort()
             raise storage_error(exc, "the upload") from None
-        self._hash.update(data)
+        self._parts.update_big(data)
 
     def finish(self, folder):
         """Seal the blob and publish it under ``folder``; returns the plaintext size."""
@@ -192,7 +287,7 @@ class StagedUpload:
             self._emit(self._enc.finalize())
             if self._small is None:
                 k = small_size(self._blob_size)
-                self._small = bytes(self._head[:k])
+                self._split(k)
                 self._put(self._head[k:])
             try:
                 self._file.flush()
@@ -200,8 +295,8 @@ class StagedUpload:
                 self._file.close()
             except OSError as exc:
                 raise storage_error(exc, "the upload") from None
-            self._store.publish(folder, self.name, self._part, self._blob_size, self._small,
-                                self._hash.hexdigest())
+            manifest = self._parts.manifest(self._key, self.size)
+            self._store.publish(folder, self.name, self._part, self._small, self._parts, manifest)
         finally:
             self.abort()
         log.info("uploaded %s/%s (%d bytes)", folder, self.name, self.size)
@@ -377,7 +472,7 @@ def _archive_decrypts(path, key):
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         try:
-            security.plaintext_size(key, size, read_tail(f, size))
+            security.plaintext_size(key, size, read_tail(f, size, TAIL))
             return True
         except IntegrityError:  # a DecryptionError, or the file shrank under us
             return False

@@ -84,3 +84,12 @@ class StorageError(LoaderError):
 
 class EngineError(LoaderError):
     pass
+
+
+def storage_error(exc, what):
+    """The StorageError for an OSError of the local disk while it held ``what``."""
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StorageError(f"the model cache has no room for {what}")
+    return StorageError(f"the model cache could not write {what} ({errno.errorcode.get(exc.errno, 'error')})")

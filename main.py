@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     api_timeout: float = 30.0
     max_upload_bytes: int = 20 * 1024**3
     max_json_bytes: int = 64 * 1024
+    require_manifest: bool = False
 
 
 class Credentials(BaseModel):
@@ -77,8 +78,8 @@ class Services:
     def __init__(self, s: Settings):
         import api_client
         import binary_split
-        import cdn_manager
         import hardware_service
+        import model_cache
         import unlock_state
 
         self.hardware = hardware_service.HardwareService()
@@ -87,8 +88,10 @@ class Services:
             lambda: self.hardware.hardware,
             timeout=(min(5.0, s.api_timeout), s.api_timeout),
         )
-        self.cache = cdn_manager.BigPartCache(s.model_cache_dir)
-        self.store = binary_split.ModelStore(self.api, self.cache, max_upload=s.max_upload_bytes)
+        self.cache = model_cache.BigPartCache(s.model_cache_dir)
+        self.store = binary_split.ModelStore(
+            self.api, self.cache, max_upload=s.max_upload_bytes, require_manifest=s.require_manifest
+        )
         self.unlock_status = unlock_state.UnlockStatus()
         self.unlocker = binary_split.Unlocker(
             self.api, self.unlock_status, s.images_path, s.unlock_images.split(), s.docker_host
@@ -527,6 +530,18 @@ class Metrics:
             ),
             _metric("loader_cache_misses_total", "counter", "Loads that needed the CDN", svc.cache.misses),
             _metric("loader_cdn_downloads_total", "counter", "CDN downloads started", svc.cache.downloads),
+            _metric(
+                "loader_cache_refetches_total",
+                "counter",
+                "Cached big parts that failed a block check and were fetched again",
+                svc.cache.refetches,
+            ),
+            _metric(
+                "loader_format1_loads_total",
+                "counter",
+                "Loads of resources without a manifest (format 1, unverified)",
+                svc.store.format1_loads,
+            ),
             _metric(
                 "loader_unlock_duration_seconds",
                 "gauge",

@@ -27,7 +27,7 @@ cdef enum:
 
 __all__ = ["DecryptionError", "Encryptor", "Decryptor", "encrypt", "decrypt", "encrypt_stream",
            "decrypt_stream", "plaintext_size", "key_from_string", "hardware_hash", "api_key", "resource_key",
-           "archive_key"]
+           "archive_key", "data_key"]
 
 
 # --- keys -----------------------------------------------------------------------------------------
@@ -51,6 +51,11 @@ def api_key(str email, str password, str hardware):
 def resource_key():
     """The key every resource blob is encrypted under (compiled in, never configured)."""
     return key_from_string(RESOURCE_KEY_STRING)
+
+
+def data_key():
+    """A fresh key for one sealed upload, from the OS CSPRNG."""
+    return os.urandom(KEY_SIZE)
 
 
 def archive_key(fragment):

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--data-dir", type=Path, default=Path("devstack-data"))
     stack.add_argument("--api-port", type=int, default=None, help="default: a free port")
     stack.add_argument("--s3-port", type=int, default=None, help="default: a free port")
-    stack.add_argument("--no-seed", action="store_true", help="skip the demo users, model and key fragment")
+    stack.add_argument("--no-seed", action="store_true", help="skip the demo users, models and key fragment")
     stack.set_defaults(func=cmd_stack)
 
     run = commands.add_parser("run", help="the stack, a Docker Engine, a demo archive and the loader")

@@ -68,6 +68,16 @@ class AdminClient:
                 return None
             raise
 
+    def delete_file(self, folder: str | None, name: str) -> bool:
+        """Removes a stored file; False when there was none."""
+        try:
+            self._call("DELETE", self._file_path(folder, name))
+        except requests.HTTPError as exc:
+            if exc.response.status_code == 404:
+                return False
+            raise
+        return True
+
     def set_key_fragment(self, fragment: bytes | None) -> None:
         if fragment is None:
             self._call("DELETE", "/key-fragment")

@@ -139,6 +139,24 @@ def get_file(folder: str, name: str, store: StoreDep) -> Response:
     return _get_file(store, folder, name)
 
 
+def _delete_file(store: Store, folder: str | None, name: str) -> None:
+    try:
+        if not store.delete_resource(folder, name):
+            raise HTTPException(404, "no such file")
+    except InvalidName as exc:
+        raise HTTPException(400, str(exc)) from exc
+
+
+@guarded.delete("/files/{name}", status_code=204)
+def delete_root_file(name: str, store: StoreDep) -> None:
+    _delete_file(store, None, name)
+
+
+@guarded.delete("/files/{folder}/{name}", status_code=204)
+def delete_file(folder: str, name: str, store: StoreDep) -> None:
+    _delete_file(store, folder, name)
+
+
 @guarded.get("/counters")
 def counters(request: Request) -> dict[str, int]:
     return request.app.state.faults.counters()

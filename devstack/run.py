@@ -1,9 +1,10 @@
 """`python -m devstack run` (what `make run` calls): the whole local setup in the foreground.
 
-SeaweedFS + the reference Resource API (seeded with demo users, a demo model and a key fragment), a
-Docker Engine (the one DOCKER_HOST or the default socket names, else a private dockerd), a demo image
-published as the encrypted archive, and the loader itself on LOADER_PORT (default 8080) — then the curl
-commands that log in, load, upload and unlock. Ctrl-C stops everything this command started.
+SeaweedFS + the reference Resource API (seeded with demo users, a format-2 demo model, a format-1 legacy
+model and a key fragment), a Docker Engine (the one DOCKER_HOST or the default socket names, else a
+private dockerd), a demo image published as the encrypted archive, and the loader itself on LOADER_PORT
+(default 8080) — then the curl commands that log in, load, upload and unlock. Ctrl-C stops everything
+this command started.
 """
 
 import json
@@ -13,7 +14,15 @@ import sys
 from pathlib import Path
 
 from devstack.images import publish_images
-from devstack.seed import DEMO_FOLDER, DEMO_MODEL, DEMO_USERS, seed
+from devstack.seed import (
+    DEMO_FOLDER,
+    DEMO_MODEL,
+    DEMO_MODEL_SHA256,
+    DEMO_USERS,
+    LEGACY_MODEL,
+    LEGACY_MODEL_SHA256,
+    seed,
+)
 from devstack.stack import REPO_ROOT, Stack
 from tests.support.dockerd import Dockerd, import_image, running_engine
 
@@ -56,7 +65,9 @@ Try it:
   curl -s {url}/health
   curl -s -X POST {url}/login -H "$J" -d '{operator}'
   curl -s -X POST {url}/load/{DEMO_MODEL} -H "$J" -d '{{"folder":"{DEMO_FOLDER}"}}' -o {DEMO_MODEL}
-  sha256sum {DEMO_MODEL}
+  sha256sum {DEMO_MODEL}    # {DEMO_MODEL_SHA256}
+  curl -s -X POST {url}/load/{LEGACY_MODEL} -H "$J" -d '{{"folder":"{DEMO_FOLDER}"}}' -o {LEGACY_MODEL}
+  sha256sum {LEGACY_MODEL}  # {LEGACY_MODEL_SHA256} (format 1: a warning in the log)
   curl -s -X POST {url}/login -H "$J" -d '{uploader}'
   curl -s -X POST {url}/upload/my-model.bin -F data=@{DEMO_MODEL} -F folder={DEMO_FOLDER}
   curl -s -X POST {url}/unlock -H "$J" -d '{operator}'

@@ -2,10 +2,12 @@
 
     operator@azaion.local / operator-demo-password   (Operator)
     uploader@azaion.local / uploader-demo-password   (ResourceUploader)
-    models/demo-model.bin: 5 MiB of deterministic bytes (DEMO_MODEL_SHA256 checks a download)
+    models/demo-model.bin:   5 MiB of deterministic bytes, format 2 (DEMO_MODEL_SHA256 checks a download)
+    models/legacy-model.bin: 1 MiB of deterministic bytes, format 1, no manifest (LEGACY_MODEL_SHA256)
 
-Seeding again keeps the accounts (and their hardware binding), the key fragment and the model, so an
-archive encrypted for this stack and a loader's model cache stay valid across restarts.
+Seeding again keeps the accounts (and their hardware binding), the key fragment and the models, so an
+archive encrypted for this stack and a loader's model cache stay valid across restarts. A model stored in
+the wrong format (a stack seeded before format 2 has a demo model without a manifest) is published again.
 """
 
 import hashlib
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 from botocore.exceptions import ClientError
 
+from devstack.split import manifest_name
 from devstack.stack import Stack
 
 DEMO_USERS = {
@@ -23,6 +26,8 @@ DEMO_USERS = {
 DEMO_FOLDER = "models"
 DEMO_MODEL = "demo-model.bin"
 DEMO_MODEL_SIZE = 5 * 1024 * 1024
+LEGACY_MODEL = "legacy-model.bin"
+LEGACY_MODEL_SIZE = 1024 * 1024
 KEY_FRAGMENT_SIZE = 64
 
 
@@ -30,23 +35,34 @@ def demo_model_bytes() -> bytes:
     return hashlib.shake_256(b"azaion devstack demo model").digest(DEMO_MODEL_SIZE)
 
 
+def legacy_model_bytes() -> bytes:
+    return hashlib.shake_256(b"azaion devstack legacy model").digest(LEGACY_MODEL_SIZE)
+
+
 DEMO_MODEL_SHA256 = hashlib.sha256(demo_model_bytes()).hexdigest()
+LEGACY_MODEL_SHA256 = hashlib.sha256(legacy_model_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
 class Seeded:
     users: dict[str, tuple[str, list[str]]]
     folder: str
-    model: str
+    model: str  # format 2
     model_sha256: str
     key_fragment: bytes
+    legacy_model: str = LEGACY_MODEL  # format 1
+    legacy_model_sha256: str = LEGACY_MODEL_SHA256
 
 
-def _published(stack: Stack) -> bool:
-    if stack.admin.get_file(DEMO_FOLDER, DEMO_MODEL + ".small") is None:
+def _published(stack: Stack, name: str, model_format: int) -> bool:
+    """Both parts are there, and a manifest exactly when ``model_format`` is 2."""
+    if stack.admin.get_file(DEMO_FOLDER, name + ".small") is None:
+        return False
+    has_manifest = stack.admin.get_file(DEMO_FOLDER, manifest_name(name)) is not None
+    if has_manifest != (model_format == 2):
         return False
     try:
-        stack.s3_admin_client().head_object(Bucket=DEMO_FOLDER, Key=DEMO_MODEL + ".big")
+        stack.s3_admin_client().head_object(Bucket=DEMO_FOLDER, Key=name + ".big")
     except ClientError:
         return False
     return True
@@ -57,8 +73,12 @@ def seed(stack: Stack, force: bool = False) -> Seeded:
     for email, (password, roles) in DEMO_USERS.items():
         if force or email not in existing:
             stack.add_user(email, password, roles)
-    if force or not _published(stack):
-        stack.publish(DEMO_FOLDER, DEMO_MODEL, demo_model_bytes())
+    for name, model_bytes, model_format in (
+        (DEMO_MODEL, demo_model_bytes, 2),
+        (LEGACY_MODEL, legacy_model_bytes, 1),
+    ):
+        if force or not _published(stack, name, model_format):
+            stack.publish(DEMO_FOLDER, name, model_bytes(), format=model_format)
     fragment = None if force else stack.admin.key_fragment()
     if fragment is None:
         fragment = os.urandom(KEY_FRAGMENT_SIZE)

@@ -2,7 +2,8 @@
 
     with Stack(tmp_path) as stack:
         stack.add_user("op@x", "pw", ["Operator"])
-        stack.publish("models", "m.bin", b"...")
+        stack.publish("models", "m.bin", b"...")              # format 2: sealed, with a manifest
+        stack.publish("models", "old.bin", b"...", format=1)  # the old split under the resource key
 
 The API runs as its own process (``python -m devstack.resource_api``) so a test can stop and restart it
 like a real upstream; both servers come back on the same ports and the same data.
@@ -11,6 +12,7 @@ like a real upstream; both servers come back on the same ports and the same data
     data_dir/s3/    SeaweedFS data, its S3 identities and its log
 """
 
+import json
 import os
 import secrets
 import signal
@@ -22,7 +24,7 @@ from pathlib import Path
 from devstack.admin import AdminClient
 from devstack.ports import free_port
 from devstack.seaweed import SeaweedFS
-from devstack.split import Published, Source, publish_resource
+from devstack.split import Published, Source, manifest_name, publish_resource
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,13 +167,53 @@ class Stack:
     def reset_hardware(self, email: str) -> None:
         self.admin.reset_hardware(email)
 
-    def publish(self, folder: str, name: str, data_or_path: Source) -> Published:
+    def publish(self, folder: str, name: str, data_or_path: Source, format: int = 2) -> Published:
+        """Publishes ``name`` in format 2 (sealed, with ``name.manifest``) or, ``format=1``, the old way."""
         return publish_resource(
-            self.admin, self.s3_admin_client(), folder, name, data_or_path, tmp_dir=self.data_dir
+            self.admin,
+            self.s3_admin_client(),
+            folder,
+            name,
+            data_or_path,
+            tmp_dir=self.data_dir,
+            format=format,
         )
 
     def put_file(self, folder: str | None, name: str, data: Source) -> dict:
         return self.admin.put_file(folder, name, data)
+
+    def delete_file(self, folder: str | None, name: str) -> bool:
+        """Removes a file the API stores (e.g. ``N.small`` or ``N.manifest``); False when there was none."""
+        return self.admin.delete_file(folder, name)
+
+    def manifest(self, folder: str, name: str) -> dict | None:
+        """The manifest stored for resource ``name`` (parsed JSON), or None when it has none (format 1)."""
+        stored = self.admin.get_file(folder, manifest_name(name))
+        return None if stored is None else json.loads(stored)
+
+    def put_manifest(self, folder: str, name: str, manifest: bytes | dict) -> None:
+        """Stores ``manifest`` as ``name.manifest``: bytes as they are (a broken one), a dict as JSON."""
+        data = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode("utf-8")
+        self.admin.put_file(folder, manifest_name(name), data)
+
+    # --- the CDN's objects (as admin) -----------------------------------------------------------
+
+    def read_cdn(self, folder: str, key: str) -> bytes:
+        """The whole object ``folder/key`` (test-sized objects only)."""
+        return self.s3_admin_client().get_object(Bucket=folder, Key=key)["Body"].read()
+
+    def replace_cdn(self, folder: str, key: str, data: bytes) -> str:
+        """Overwrites ``folder/key`` with ``data`` (as anyone with the uploader keys could); the new ETag."""
+        return self.s3_admin_client().put_object(Bucket=folder, Key=key, Body=data)["ETag"]
+
+    def tamper_cdn(self, folder: str, key: str, offset: int, xor: int = 0x01) -> str:
+        """Flips the bits ``xor`` of the byte at ``offset`` of ``folder/key`` (negative: from the end),
+        rewriting the object in place; the new ETag. Reads the object whole: test-sized objects only."""
+        if not 0 < xor < 256:
+            raise ValueError("xor must change the byte: 1..255")
+        data = bytearray(self.read_cdn(folder, key))
+        data[offset] ^= xor
+        return self.replace_cdn(folder, key, bytes(data))
 
     def set_key_fragment(self, fragment: bytes | None) -> None:
         self.admin.set_key_fragment(fragment)

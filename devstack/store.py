@@ -171,6 +171,15 @@ class Store:
                 shutil.copyfileobj(source, out, 1024 * 1024)
             return out.tell()
 
+    def delete_resource(self, folder: str | None, name: str) -> bool:
+        """False when there was no such file."""
+        path = self.resource_path(folder, name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     # --- key fragment ---------------------------------------------------------------------------
 
     def key_fragment(self) -> bytes | None:

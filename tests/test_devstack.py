@@ -1,9 +1,11 @@
 """The dev stack itself: the reference Resource API against contract section 3, the publisher's split
-against section 2, SeaweedFS's identities, and the fault proxy. One stack serves the whole module."""
+against sections 2 and 7 (format 1 and the sealed format 2), SeaweedFS's identities, and the fault proxy.
+One stack serves the whole module."""
 
 import base64
 import hashlib
 import io
+import json
 import subprocess
 import time
 import tracemalloc
@@ -16,11 +18,20 @@ import requests
 import yaml
 from botocore.config import Config
 from botocore.exceptions import ClientError, ResponseStreamingError
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from devstack import crypto
 from devstack.seaweed import SeaweedFS
-from devstack.seed import DEMO_MODEL_SHA256, DEMO_USERS, seed
-from devstack.split import small_size
+from devstack.seed import (
+    DEMO_FOLDER,
+    DEMO_MODEL,
+    DEMO_MODEL_SHA256,
+    DEMO_USERS,
+    LEGACY_MODEL,
+    LEGACY_MODEL_SHA256,
+    seed,
+)
+from devstack.split import MANIFEST_BLOCK_SIZE, BigPartDigests, publish_resource, small_size
 from devstack.stack import Stack
 from tests.support.faultproxy import FaultProxy
 
@@ -207,18 +218,220 @@ def test_key_fragment(stack, http, account):
 # --- the split -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fmt", [1, 2])
 @pytest.mark.parametrize("size", [0, 1, 15, 16, 1000, 10207, 10208, 3 * 1024 * 1024 + 5])
-def test_publish_splits_by_the_k_rule(stack, size):
+def test_publish_splits_by_the_k_rule(stack, size, fmt):
     data = hashlib.shake_256(str(size).encode()).digest(size)
-    published = stack.publish("splits", f"r{size}.bin", data)
+    published = stack.publish("splits", f"r{size}-{fmt}.bin", data, format=fmt)
     encrypted = crypto.encrypted_size(size)
+    assert published.format == fmt
     assert published.encrypted_size == encrypted
     assert published.small_size == min(3072, int(encrypted * 3 // 10))
 
-    small = stack.admin.get_file("splits", f"r{size}.bin.small")
-    big = stack.s3_admin_client().get_object(Bucket="splits", Key=f"r{size}.bin.big")["Body"].read()
+    small = stack.admin.get_file("splits", f"r{size}-{fmt}.bin.small")
+    big = stack.read_cdn("splits", f"r{size}-{fmt}.bin.big")
     assert (len(small), len(big)) == (published.small_size, encrypted - published.small_size)
+    key = crypto.resource_key() if fmt == 1 else published.data_key
+    assert crypto.decrypt(key, small + big) == data
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stored_parts(stack, folder: str, name: str) -> tuple[bytes, bytes]:
+    return stack.admin.get_file(folder, name + ".small"), stack.read_cdn(folder, name + ".big")
+
+
+def test_format_2_manifest_matches_what_is_stored(stack, http, account):
+    data = hashlib.shake_256(b"sealed").digest(100_000)
+    published = stack.publish("sealed", "m.bin", data)
+    assert published.format == 2 and len(published.data_key) == 32
+
+    stored = stack.admin.get_file("sealed", "m.bin.manifest")
+    manifest = json.loads(stored.decode("utf-8"))  # stored as plain UTF-8 JSON
+    assert manifest == stack.manifest("sealed", "m.bin") == published.manifest
+    small, big = stored_parts(stack, "sealed", "m.bin")
+    assert set(manifest) == {"format", "key", "size", "blobSize", "small", "big", "blockSize", "blocks"}
+    assert manifest["format"] == 2
+    assert base64.b64decode(manifest["key"], validate=True) == published.data_key
+    assert manifest["size"] == len(data)
+    assert manifest["blobSize"] == len(small) + len(big) == crypto.encrypted_size(len(data))
+    assert manifest["small"] == sha256(small) == published.small_sha256
+    assert manifest["big"] == sha256(big) == published.big_sha256
+    assert manifest["blockSize"] == MANIFEST_BLOCK_SIZE == 4194304
+    assert manifest["blocks"] == [sha256(big)]
+    assert crypto.decrypt(published.data_key, small + big) == data
+
+    # The reference API hands the manifest out like every resource: a blob under the API key.
+    email, password = account
+    response = get_resource(
+        http, stack, login(http, stack, email, password), "sealed", "m.bin.manifest", password, "HW"
+    )
+    assert response.status_code == 200
+    assert json.loads(crypto.decrypt(crypto.api_key(email, password, "HW"), response.content)) == manifest
+
+
+def test_format_2_uses_a_fresh_data_key_for_every_publish(stack):
+    first = stack.publish("sealed", "again.bin", b"same bytes" * 2000)
+    second = stack.publish("sealed", "again.bin", b"same bytes" * 2000)
+    assert first.data_key != second.data_key
+    assert stack.manifest("sealed", "again.bin")["key"] == base64.b64encode(second.data_key).decode()
+    assert crypto.resource_key() not in (first.data_key, second.data_key)
+
+
+def test_format_2_blocks_cover_the_big_part_in_4_mib_steps(stack):
+    data = hashlib.shake_256(b"three blocks").digest(9 * 1024 * 1024 + 5)
+    published = stack.publish("sealed", "blocks.bin", data)
+    manifest = stack.manifest("sealed", "blocks.bin")
+    small, big = stored_parts(stack, "sealed", "blocks.bin")
+    bs = manifest["blockSize"]
+    assert len(small) == 3072 and len(big) == crypto.encrypted_size(len(data)) - 3072
+    assert len(manifest["blocks"]) == 3 and 0 < len(big) - 2 * bs < bs  # the last block is short
+    assert manifest["blocks"] == [sha256(big[i * bs : (i + 1) * bs]) for i in range(3)]
+    assert list(published.block_sha256) == manifest["blocks"]
+    assert manifest["big"] == sha256(big) and manifest["small"] == sha256(small)
+    assert crypto.decrypt(published.data_key, small + big) == data
+
+
+@pytest.mark.parametrize("size", [1000, 200_000])
+def test_format_2_is_what_openssl_decrypts(stack, openssl, size):
+    data = hashlib.shake_256(f"openssl {size}".encode()).digest(size)
+    published = stack.publish("sealed", f"openssl-{size}.bin", data)
+    small, big = stored_parts(stack, "sealed", f"openssl-{size}.bin")
+    blob = small + big
+    key = base64.b64decode(stack.manifest("sealed", f"openssl-{size}.bin")["key"])
+    assert key == published.data_key
+    plain = subprocess.run(
+        [openssl, "enc", "-d", "-aes-256-cbc", "-K", key.hex(), "-iv", blob[:16].hex()],
+        input=blob[16:],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert plain == data
+
+
+def _decrypt_without_padding_check(key: bytes, iv: bytes, ciphertext: bytes) -> bytes:
+    whole = len(ciphertext) // 16 * 16
+    return Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor().update(ciphertext[:whole])
+
+
+def _shares_a_4k_window(resource: bytes, text: bytes) -> bool:
+    """Whether ``text`` holds any 4 KiB window of ``resource``: every such window contains a whole
+    2 KiB-aligned 2 KiB piece of ``resource``, so looking for those pieces is enough."""
+    return any(resource[i : i + 2048] in text for i in range(0, len(resource) - 2047, 2048))
+
+
+@pytest.mark.parametrize("fmt, leaks", [(1, True), (2, False)])
+def test_the_big_part_alone_under_the_resource_key(stack, fmt, leaks):
+    """Format 1's big part decrypts to all of the model but its head under the compiled-in key; format 2's
+    to noise. Format 1 is the control that shows the check can see a leak."""
+    data = hashlib.shake_256(b"leak check").digest(512 * 1024)
+    stack.publish("sealed", f"leak-{fmt}.bin", data, format=fmt)
+    big = stack.read_cdn("sealed", f"leak-{fmt}.bin.big")
+    revealed = _decrypt_without_padding_check(crypto.resource_key(), big[:16], big[16:])
+    assert _shares_a_4k_window(data, revealed) is leaks
+
+
+def test_format_1_over_a_format_2_name_leaves_no_manifest(stack):
+    stack.publish("sealed", "downgrade.bin", b"two" * 5000)
+    assert stack.manifest("sealed", "downgrade.bin") is not None
+    data = b"one" * 6000
+    published = stack.publish("sealed", "downgrade.bin", data, format=1)
+    assert published.format == 1 and published.data_key is None and published.manifest is None
+    assert published.key == crypto.resource_key()
+    assert stack.manifest("sealed", "downgrade.bin") is None
+    assert stack.admin.get_file("sealed", "downgrade.bin.manifest") is None
+    small, big = stored_parts(stack, "sealed", "downgrade.bin")
+    assert sha256(small) == published.small_sha256 and sha256(big) == published.big_sha256
     assert crypto.decrypt(crypto.resource_key(), small + big) == data
+
+
+class _Recorder:
+    """Passes every call through to ``target`` and notes which upload it was."""
+
+    def __init__(self, target, log: list, what):
+        self._target, self._log, self._what = target, log, what
+
+    def __getattr__(self, attr):
+        method = getattr(self._target, attr)
+
+        def call(*args, **kwargs):
+            note = self._what(attr, args)
+            if note:
+                self._log.append(note)
+            return method(*args, **kwargs)
+
+        return call
+
+
+def test_format_2_uploads_big_then_small_then_manifest(stack):
+    log: list[str] = []
+    api = _Recorder(stack.admin, log, lambda attr, args: f"api {attr} {args[1]}" if "file" in attr else None)
+    s3 = _Recorder(
+        stack.s3_admin_client(),
+        log,
+        lambda attr, args: f"s3 {attr} {args[2]}" if attr == "upload_file" else None,
+    )
+    publish_resource(api, s3, "sealed", "order.bin", b"x" * 50_000, stack.data_dir)
+    publish_resource(api, s3, "sealed", "order.bin", b"y" * 50_000, stack.data_dir, format=1)
+    assert log == [
+        "s3 upload_file order.bin.big",
+        "api put_file order.bin.small",
+        "api put_file order.bin.manifest",
+        "s3 upload_file order.bin.big",
+        "api put_file order.bin.small",
+        "api delete_file order.bin.manifest",
+    ]
+
+
+def test_publish_refuses_an_unknown_format(stack):
+    with pytest.raises(ValueError, match="format"):
+        stack.publish("sealed", "nope.bin", b"x", format=3)
+
+
+@pytest.mark.parametrize(
+    "pieces, blocks",
+    [
+        ([], 0),
+        ([b"a" * 10], 1),
+        ([b"a" * 16], 1),
+        ([b"a" * 16, b"b"], 2),
+        ([b"a" * 5, b"b" * 20, b"c" * 23], 3),  # 48 bytes: three whole blocks, pieces across the edges
+    ],
+)
+def test_block_digests_do_not_depend_on_how_the_bytes_arrive(pieces, blocks):
+    digests = BigPartDigests(block_size=16)
+    for piece in pieces:
+        digests.update(piece)
+    whole = b"".join(pieces)
+    assert digests.finish() == (sha256(whole), [sha256(whole[i : i + 16]) for i in range(0, len(whole), 16)])
+    assert len(digests.blocks) == blocks
+
+
+def test_stack_helpers_change_what_is_stored(stack):
+    published = stack.publish("sealed", "helpers.bin", b"helpers" * 3000)
+    big = stack.read_cdn("sealed", "helpers.bin.big")
+
+    etag = stack.tamper_cdn("sealed", "helpers.bin.big", 100)
+    tampered = stack.read_cdn("sealed", "helpers.bin.big")
+    assert etag != published.etag and len(tampered) == len(big)
+    assert [i for i in range(len(big)) if big[i] != tampered[i]] == [100]
+    assert tampered[100] == big[100] ^ 0x01
+    stack.tamper_cdn("sealed", "helpers.bin.big", -1, xor=0x80)
+    assert stack.read_cdn("sealed", "helpers.bin.big")[-1] == big[-1] ^ 0x80
+
+    stack.replace_cdn("sealed", "helpers.bin.big", big)
+    assert stack.read_cdn("sealed", "helpers.bin.big") == big
+
+    stack.put_manifest("sealed", "helpers.bin", b"{not json")
+    assert stack.admin.get_file("sealed", "helpers.bin.manifest") == b"{not json"
+    stack.put_manifest("sealed", "helpers.bin", published.manifest)
+    assert stack.manifest("sealed", "helpers.bin") == published.manifest
+
+    assert stack.delete_file("sealed", "helpers.bin.manifest") is True
+    assert stack.manifest("sealed", "helpers.bin") is None
+    assert stack.delete_file("sealed", "helpers.bin.manifest") is False
 
 
 def test_small_size_switches_to_the_cap_at_10240():
@@ -284,16 +497,53 @@ def test_api_restart_keeps_its_state(stack, http, account):
     assert get_resource(http, stack, token, "models", "keep.small", password, "HW-2").status_code == 409
 
 
-def test_seed_is_repeatable(stack, http):
-    first = seed(stack)
-    again = seed(stack)
-    assert again.key_fragment == first.key_fragment
+def _seeded_model(http, stack, name: str) -> tuple[dict | None, bytes]:
+    """The manifest (None: format 1) and the decrypted model, fetched as an operator would."""
     email, (password, _) = next(iter(DEMO_USERS.items()))
     token = login(http, stack, email, password)
-    small_blob = get_resource(http, stack, token, "models", "demo-model.bin.small", password, "HW")
-    small = crypto.decrypt(crypto.api_key(email, password, "HW"), small_blob.content)
-    big = stack.s3_client("downloader").get_object(Bucket="models", Key="demo-model.bin.big")["Body"].read()
-    assert hashlib.sha256(crypto.decrypt(crypto.resource_key(), small + big)).hexdigest() == DEMO_MODEL_SHA256
+    api_key = crypto.api_key(email, password, "HW")
+
+    def fetch(file_name: str) -> bytes | None:
+        response = get_resource(http, stack, token, DEMO_FOLDER, file_name, password, "HW")
+        if response.status_code == 404:
+            return None
+        assert response.status_code == 200, response.text
+        return crypto.decrypt(api_key, response.content)
+
+    manifest = fetch(name + ".manifest")
+    manifest = None if manifest is None else json.loads(manifest)
+    small = fetch(name + ".small")
+    big = stack.s3_client("downloader").get_object(Bucket=DEMO_FOLDER, Key=name + ".big")["Body"].read()
+    key = crypto.resource_key() if manifest is None else base64.b64decode(manifest["key"])
+    return manifest, crypto.decrypt(key, small + big)
+
+
+def test_seed_is_repeatable(stack, http):
+    first = seed(stack)
+    demo_manifest = stack.manifest(DEMO_FOLDER, DEMO_MODEL)
+    again = seed(stack)
+    assert again.key_fragment == first.key_fragment
+    assert stack.manifest(DEMO_FOLDER, DEMO_MODEL) == demo_manifest  # not published again
+
+    manifest, demo = _seeded_model(http, stack, DEMO_MODEL)
+    assert manifest is not None and manifest["format"] == 2
+    assert sha256(demo) == DEMO_MODEL_SHA256 == again.model_sha256
+    manifest, legacy = _seeded_model(http, stack, LEGACY_MODEL)
+    assert manifest is None
+    assert sha256(legacy) == LEGACY_MODEL_SHA256 == again.legacy_model_sha256
+    assert len(legacy) == 1024 * 1024 and again.legacy_model == LEGACY_MODEL
+
+
+def test_seed_brings_models_of_an_older_stack_to_their_format(stack, http):
+    seed(stack)
+    # A stack seeded before format 2: the demo model has no manifest. And a stray manifest on the legacy one.
+    stack.publish(DEMO_FOLDER, DEMO_MODEL, b"an old demo model", format=1)
+    stack.put_manifest(DEMO_FOLDER, LEGACY_MODEL, {"format": 2})
+    seed(stack)
+    manifest, demo = _seeded_model(http, stack, DEMO_MODEL)
+    assert manifest is not None and sha256(demo) == DEMO_MODEL_SHA256
+    manifest, legacy = _seeded_model(http, stack, LEGACY_MODEL)
+    assert manifest is None and sha256(legacy) == LEGACY_MODEL_SHA256
 
 
 # --- the fault proxy in front of SeaweedFS ---------------------------------------------------------

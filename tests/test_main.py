@@ -39,7 +39,8 @@ def test_importing_main_imports_no_compiled_service_module():
     code = (
         "import sys, main; "
         "print(','.join(m for m in ('api_client', 'cdn_manager', 'binary_split', 'hardware_service', "
-        "'security', 'boto3', 'docker') if m in sys.modules))"
+        "'security', 'model_cache', 'download', 'manifest', 'aligned_io', 'boto3', 'docker') "
+        "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

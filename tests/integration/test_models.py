@@ -1,5 +1,6 @@
 """Contract section 4 for /login, /load and /upload, against the real reference API and SeaweedFS."""
 
+import base64
 import hashlib
 import http.client
 import json
@@ -10,7 +11,7 @@ import time
 import pytest
 import requests
 
-from cdn_manager import segments
+from download import segments
 from tests.integration.conftest import PASSWORD
 from tests.support.loader import LoaderProcess, free_port, proc_field
 
@@ -240,12 +241,14 @@ def test_uploader_uploads_and_operator_gets_403(loader, stack, user, uploader):
     r = loader.post(f"/upload/{n}", files={"data": (n, data)}, data={"folder": "models"})
     assert r.status_code == 200 and r.json() == {"status": "ok", "size": len(data)}
     assert loader.load(n, "models").content == data
-    # The upload is readable by anyone else through the contract alone (small from the API, big from S3).
+    # The upload is readable by anyone else through the contract alone: small part and manifest from the
+    # API, big part from S3, the data key from the manifest.
     small = stack.admin.get_file("models", n + ".small")
     big = stack.s3_admin_client().get_object(Bucket="models", Key=n + ".big")["Body"].read()
+    key = base64.b64decode(stack.manifest("models", n)["key"])
     from devstack import crypto
 
-    assert len(small) == 3072 and crypto.decrypt(crypto.resource_key(), small + big) == data
+    assert len(small) == 3072 and crypto.decrypt(key, small + big) == data
 
 
 def test_upload_with_folder_first_and_bad_folder(loader, uploader):

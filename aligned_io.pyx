@@ -1,0 +1,153 @@
+# cython: language_level=3, embedsignature=True
+"""File I/O past the page cache, and the verified block reader every load streams through.
+
+Cache files are written and read with ``O_DIRECT`` where the filesystem allows it: the bytes go between
+the disk and a reused buffer, not through the page cache. Filling fresh page-cache pages costs more CPU
+than anything else in a cold load, and a model streamed once would only push other pages out. Where the
+filesystem refuses ``O_DIRECT`` (tmpfs, some network and FUSE filesystems) the same calls go through the
+page cache.
+
+``read_blocks`` yields a file as blocks, each read and hashed one block ahead on a helper thread, so the
+disk, the hash and the caller's work (decrypting, sending) overlap. The caller decides what a digest must
+be before it lets a block go.
+"""
+
+import errno
+import fcntl
+import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from errors import IntegrityError
+
+cdef extern from "fcntl.h" nogil:
+    # Linux: start writeback of a file range now, without waiting for it (_GNU_SOURCE comes from
+    # pyconfig.h). Each finished segment goes to disk while the rest downloads, so the final fsync has
+    # little left to do; otherwise the whole object is dirty in memory and the fsync writes it all at the
+    # end while the load waits.
+    int sync_file_range(int fd, long long offset, long long nbytes, unsigned int flags)
+    unsigned int SYNC_FILE_RANGE_WRITE
+
+# O_DIRECT wants offsets, lengths and buffer addresses aligned to the logical block size; a page covers
+# every device.
+DIRECT_ALIGN = 4096
+
+
+def aligned_buffer(Py_ssize_t size):
+    """A page-aligned buffer for O_DIRECT reads of up to ``size`` bytes from any offset: one block more,
+    for a read that starts at the block before the offset."""
+    size += (-size) % DIRECT_ALIGN
+    return memoryview(mmap.mmap(-1, size + DIRECT_ALIGN))
+
+
+def open_direct(path, int flags):
+    """A descriptor of ``path`` that bypasses the page cache, or a plain one where the filesystem does not
+    allow that."""
+    try:
+        return os.open(path, flags | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    return os.open(path, flags)
+
+
+def open_reader(path):
+    """The file at ``path``, open for read_at (unbuffered; O_DIRECT where allowed)."""
+    return os.fdopen(open_direct(path, os.O_RDONLY), "rb", buffering=0)
+
+
+def read_at(int fd, buf, long long pos, long long n):
+    """Up to ``n`` bytes of the file at ``pos`` (fewer at its end), as a view of ``buf``, an
+    aligned_buffer. Reads whole aligned blocks, as O_DIRECT wants; the file's position is left alone."""
+    cdef long long start = pos - pos % DIRECT_ALIGN
+    cdef long long length = pos + n - start
+    length = min(length + (-length) % DIRECT_ALIGN, len(buf) - len(buf) % DIRECT_ALIGN)
+    try:
+        got = os.preadv(fd, [buf[:length]], start)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        without_direct(fd)
+        got = os.preadv(fd, [buf[:length]], start)
+    return buf[pos - start:max(pos - start, min(got, pos - start + n))]
+
+
+def without_direct(int fd):
+    """O_DIRECT was accepted at open but refused for a transfer: go through the page cache from now on."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+
+
+def write_all(int fd, view, long long pos):
+    cdef Py_ssize_t done = 0
+    while done < len(view):  # a short write is legal: finish it
+        done += os.pwrite(fd, view[done:], pos + done)
+
+
+def start_writeback(int fd, long long start, long long end):
+    """Hand a finished range to the disk now (advisory: a failure is harmless)."""
+    with nogil:
+        sync_file_range(fd, start, end - start, SYNC_FILE_RANGE_WRITE)
+
+
+def read_tail(f, size, n):
+    """The last ``n`` bytes (or all, when shorter) of an open file that holds ``size`` bytes."""
+    start = max(0, size - n)
+    data = bytes(read_at(f.fileno(), aligned_buffer(n), start, size - start))
+    if len(data) != size - start:
+        raise IntegrityError("the cache file ended early")
+    return data
+
+
+def _released(view):
+    """Invalidate a view handed out of a reused buffer: a caller that kept it fails loudly instead of
+    reading bytes that were overwritten since."""
+    try:
+        view.release()
+    except BufferError:
+        pass
+
+
+def read_hashed(int fd, buf, long long pos, long long n, hasher):
+    """``n`` bytes of the file at ``pos`` as a view of ``buf``, and ``hasher()``'s digest of them."""
+    view = read_at(fd, buf, pos, n)
+    if len(view) != n:
+        raise IntegrityError("the cache file ended early")
+    h = hasher()
+    h.update(view)
+    return view, h.digest()
+
+
+def read_blocks(int fd, long long size, Py_ssize_t block_size, hasher, long long first=0, written=None):
+    """Yield ``(index, view, digest)`` for blocks ``first..`` of the file's ``size`` bytes: block ``i``
+    holds bytes ``i*block_size`` up to the next block or ``size``; ``digest`` is ``hasher()``'s digest of
+    the view. Views come from two reused buffers, each valid until the next block is asked for. A helper
+    thread reads and hashes the next block while the caller uses this one.
+
+    ``written(end, wait)``, when given, tells where the bytes written so far end (a file still being
+    downloaded): with ``wait``, once they reach ``end`` (or it raises the writer's failure); without, at
+    once. Read-ahead never waits: a block not yet written is read when the caller asks for it.
+    """
+    bufs = (aligned_buffer(block_size), aligned_buffer(block_size))
+    cdef long long count = -(-size // block_size) if block_size > 0 else 0
+    cdef long long i = first
+    cdef int b = 0
+    pending = None
+    with ThreadPoolExecutor(1, thread_name_prefix="cache-read") as pool:
+        while i < count:
+            start = i * block_size
+            end = min(size, start + block_size)
+            if pending is None:
+                if written is not None:
+                    written(end, True)
+                view, digest = read_hashed(fd, bufs[b], start, end - start, hasher)
+            else:
+                view, digest = pending.result()
+                pending = None
+            b = 1 - b
+            if i + 1 < count:
+                next_end = min(size, end + block_size)
+                if written is None or written(next_end, False) >= next_end:
+                    pending = pool.submit(read_hashed, fd, bufs[b], end, next_end - end, hasher)
+            yield i, view, digest
+            _released(view)
+            i += 1

@@ -1,0 +1,343 @@
+# cython: language_level=3, embedsignature=True
+"""One CDN download of a big part into a ``.part`` file that loads follow while it grows.
+
+The object is fetched as ranged segments on a few threads (socket reads, file writes and hashes run
+outside the GIL, so they overlap), its end first: a load checks the blob's last block before it streams. A load reads whole blocks once they are written, hashes them and lets none go that does not
+match what it must be; the digests it takes count for the download too. Once every byte is in and no load
+streams any more, the download hashes the blocks no load has hashed, and only a download whose every block
+is accounted for is committed to the cache.
+
+    FETCHING ──> VERIFYING ──> COMMITTED
+        │            │
+        └────────────┴──────> FAILED      (the .part file is gone before a reader hears of it)
+
+``abandon`` (the cache discarded the part while it downloaded) lets the download finish for its readers
+but never commit.
+"""
+
+import errno
+import logging
+import os
+import threading
+import uuid
+
+from aligned_io import (DIRECT_ALIGN, aligned_buffer, open_direct, open_reader, read_blocks, read_hashed,
+                        start_writeback, without_direct, write_all)
+from constants import MANIFEST_BLOCK_SIZE
+from errors import IntegrityError, LoaderError, UpstreamError, storage_error
+
+log = logging.getLogger("loader.cdn")
+
+FETCHING = "fetching"
+VERIFYING = "verifying"
+COMMITTED = "committed"
+FAILED = "failed"
+
+# Each GET costs the CDN and botocore a few milliseconds, so the bulk goes in large segments; the last
+# FETCHERS segments before the tail are small, so the fetchers finish close together.
+SEGMENT = 64 * 1024 * 1024
+SMALL_SEGMENT = 16 * 1024 * 1024
+FETCHERS = 3
+# Bytes at the end of a big part a load checks before streaming: the last cipher block and the block before
+# it, which is all CBC needs to decrypt the last block alone (its padding gives the plaintext's size).
+TAIL = 32
+PART_SUFFIX = ".part"
+
+
+def tail_start(long long size, long long block_size):
+    """Where the object's tail segment starts: at the block that holds its last TAIL bytes."""
+    return max(0, size - TAIL) // block_size * block_size
+
+
+def segments(size, block_size=MANIFEST_BLOCK_SIZE):
+    """The ranged segments of an object, in the order they are fetched: its tail (the block that holds its
+    last TAIL bytes, and any after it) first, since a load checks it before it streams; then the rest from
+    the start."""
+    tail = tail_start(size, block_size)
+    if not tail:
+        return [(0, size)] if size else []
+    order = [(tail, size)]
+    pos = 0
+    while pos < tail:
+        step = SEGMENT if tail - pos - SEGMENT >= FETCHERS * SMALL_SEGMENT else SMALL_SEGMENT
+        order.append((pos, min(tail, pos + step)))
+        pos = order[-1][1]
+    return order
+
+
+def _lowest_priority():
+    """Give the calling thread the lowest CPU priority (Linux: nice applies per thread). Lowering one's
+    own priority needs no privilege; where it fails the thread just runs at the usual priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
+class Download:
+    """A download of ``bucket/key`` (as ``info``: size and ETag) for ``cache``.
+
+    ``blocks`` are the digests the part's blocks of ``block_size`` bytes must have (a manifest's), or None
+    for a format-1 part: then the digests are taken as the blocks come and kept beside the cached part.
+    ``version`` names what the blocks belong to (a manifest's identity, or None).
+    """
+
+    def __init__(self, cache, bucket, key, info, blocks, version, block_size):
+        self.cache, self.bucket, self.key, self.info = cache, bucket, key, info
+        self.version = version
+        self.expected = blocks
+        self.block_size = block_size
+        self.digests = [None] * (-(-info.size // self.block_size))
+        self.cond = threading.Condition()
+        self.state = FETCHING
+        self.written = 0
+        self.error = None  # what readers see: set only once the .part file is gone
+        self._stop = None  # the first failure: stops the fetchers, fails the download
+        self._readers = 0  # loads streaming this download right now
+        self._abandoned = False
+        self._direct = -1  # the .part file, O_DIRECT where allowed: the fetchers' writes and the hash
+        self.part = cache.path(bucket, key) + f".{uuid.uuid4().hex}{PART_SUFFIX}"
+        self._order = segments(info.size, block_size)
+        self._segments = sorted(self._order)
+        self._index = {start: i for i, (start, _) in enumerate(self._segments)}
+        self._progress = [0] * len(self._segments)
+        self._next = self._frontier = 0
+        self.tail_ready = not self._segments
+
+    @property
+    def done(self):
+        return self.state in (COMMITTED, FAILED)
+
+    def prepare(self):
+        """Create the .part file with all its space reserved: a full disk fails here, before streaming."""
+        os.makedirs(os.path.dirname(self.part), exist_ok=True)
+        fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if self.info.size:
+                os.posix_fallocate(fd, 0, self.info.size)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(self.part)
+            raise storage_error(exc, f"{self.bucket}/{self.key}") from None
+        try:
+            self._direct = open_direct(self.part, os.O_RDWR)
+        except OSError:
+            self._direct = -1  # the plain descriptor does it all
+        return fd
+
+    def run(self, fd, cdn):
+        """Fetch the segments on a few threads, account for every block, then commit to the cache."""
+        direct = self._direct if self._direct >= 0 else fd
+        workers = [threading.Thread(target=self._fetch, args=(fd, cdn), daemon=True,
+                                    name=f"cdn-{self.bucket}/{self.key}-{n}")
+                   for n in range(min(FETCHERS, len(self._segments)))]
+        try:
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            with self.cond:
+                if self._stop is not None:
+                    raise self._stop
+                self.state = VERIFYING
+            self._hash_the_rest(direct)
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            with self.cond:
+                if self._stop is not None:
+                    raise self._stop
+                if self._abandoned:
+                    raise IntegrityError(f"{self.bucket}/{self.key} was discarded while it downloaded")
+                self.cache.commit(self.bucket, self.key, self.part, self.info, self.version, self.digests,
+                                  self.block_size)
+                self.state = COMMITTED
+                self.cond.notify_all()
+        except OSError as exc:
+            self._fail(storage_error(exc, f"{self.bucket}/{self.key}"))
+        except LoaderError as exc:
+            self._fail(exc)
+        except Exception as exc:  # noqa: BLE001 - a reader must never wait on a thread that died silently
+            log.exception("download of %s/%s failed", self.bucket, self.key)
+            self._fail(UpstreamError(f"the CDN download failed ({type(exc).__name__})"))
+        finally:
+            for w in workers:
+                w.join()
+            for d in (fd, self._direct):
+                if d >= 0:
+                    os.close(d)
+            self.cache.finished(self)
+
+    def _hash_the_rest(self, int fd):
+        """Hash the blocks no load has hashed. The loads streaming this download hash as they go, so this
+        waits for them first: beside a load that runs as fast as the machine allows, a second hash slowed it
+        by about 15 %. A load still streaming ``hash_grace`` seconds after the fetch ended is paced by its
+        client: the rest is then hashed beside it, at the lowest CPU priority, from the end backwards."""
+        with self.cond:
+            self.cond.wait_for(lambda: not self._readers or self._stop is not None, self.cache.hash_grace)
+            beside = self._readers > 0
+        if beside:
+            _lowest_priority()
+        buf = None
+        cdef long long size = self.info.size, start
+        for i in range(len(self.digests) - 1, -1, -1):
+            if self._stop is not None:
+                return
+            if self.digests[i] is not None:
+                continue
+            buf = buf or aligned_buffer(self.block_size)
+            start = i * self.block_size
+            _, digest = read_hashed(fd, buf, start, min(size, start + self.block_size) - start, self.cache.hasher)
+            self.hashed(i, digest)
+
+    def hashed(self, int index, digest):
+        """A block's digest, taken by a load or by the download itself: for a sealed part it must be the
+        manifest's (else the download fails and is never committed)."""
+        if self.expected is not None and digest != self.expected[index]:
+            exc = IntegrityError(f"block {index} of {self.bucket}/{self.key} does not match its manifest")
+            self.reject(exc)
+            raise exc
+        self.digests[index] = digest
+
+    def reject(self, exc):
+        """Stop the download for good: its bytes are not what they must be."""
+        self._record(exc)
+
+    def _fetch(self, fd, cdn):
+        """One fetcher: takes the next segment, reads it into its buffer and writes it into place, until
+        none is left or one fails."""
+        buf = aligned_buffer(cdn.chunk_size)[:cdn.chunk_size]
+        while True:
+            with self.cond:
+                if self._stop is not None or self._next >= len(self._order):
+                    return
+                start, end = self._order[self._next]
+                self._next += 1
+            index = self._index[start]
+            pos = start
+            try:
+                for n in cdn.fill(self.bucket, self.key, self.info, buf, start, end):
+                    self._write(fd, buf[:n], pos)
+                    pos += n
+                    with self.cond:
+                        if self._stop is not None:
+                            return
+                        self._progress[index] += n
+                        if pos == end == self.info.size:
+                            self.tail_ready = True
+                            self.cond.notify_all()
+                        self._advance()
+            except OSError as exc:
+                self._record(storage_error(exc, f"{self.bucket}/{self.key}"))
+                return
+            except LoaderError as exc:
+                self._record(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - recorded, and raised by run() for the readers
+                log.exception("segment %d of %s/%s failed", index, self.bucket, self.key)
+                self._record(UpstreamError(f"the CDN download failed ({type(exc).__name__})"))
+                return
+            if pos != end:
+                self._record(IntegrityError(f"the CDN sent {pos - start} of {end - start} bytes of a segment"))
+                return
+            start_writeback(fd, start, end)
+
+    def _write(self, int fd, view, long long pos):
+        """Write ``view`` (the start of an aligned buffer) at ``pos``: its whole blocks past the page cache
+        when ``pos`` is aligned, the rest (the end of the object, or a segment starting mid-block)
+        through the plain descriptor."""
+        cdef Py_ssize_t bulk = 0
+        direct = self._direct
+        if direct >= 0 and pos % DIRECT_ALIGN == 0:
+            bulk = len(view) - len(view) % DIRECT_ALIGN
+            try:
+                write_all(direct, view[:bulk], pos)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                without_direct(direct)
+                bulk = 0
+        write_all(fd, view[bulk:], pos + bulk)
+
+    def _advance(self):
+        """Under the lock: move ``written`` to the end of the contiguous prefix that is on disk."""
+        segments, progress = self._segments, self._progress
+        while self._frontier < len(segments) and progress[self._frontier] == \
+                segments[self._frontier][1] - segments[self._frontier][0]:
+            self._frontier += 1
+        written = segments[self._frontier - 1][1] if self._frontier else 0
+        if self._frontier < len(segments):
+            written += progress[self._frontier]
+        if written != self.written:
+            self.written = written
+            self.cond.notify_all()
+
+    def _record(self, exc):
+        """The first failure: stop the fetchers; run() cleans up and only then tells the readers."""
+        with self.cond:
+            if self._stop is None:
+                self._stop = exc
+            self.cond.notify_all()
+
+    def _fail(self, exc):
+        with self.cond:
+            self._stop = self._stop or exc
+        try:
+            os.unlink(self.part)
+        except OSError:
+            pass
+        with self.cond:
+            self.error = exc
+            self.state = FAILED
+            self.cond.notify_all()
+
+    def wait_tail(self):
+        """Wait for the object's last segment (fetched first) or the failure."""
+        with self.cond:
+            while not self.tail_ready and not self.done:
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
+
+    def open_reader(self):
+        """The file for a load to ``follow``. The load counts as streaming from here on (so the download
+        leaves the hashing to it) until its stream ends, or ``leave`` when it never streams."""
+        with self.cond:
+            if self.error is not None:
+                raise self.error
+            f = open_reader(self.cache.path(self.bucket, self.key) if self.state == COMMITTED else self.part)
+            self._readers += 1
+            return f
+
+    def leave(self):
+        with self.cond:
+            self._readers -= 1
+            self.cond.notify_all()
+
+    def follow(self, f, first=0):
+        """Yield the file's blocks from block ``first`` as they are written, each once its digest passed
+        ``hashed``; views of reused buffers, as read_blocks gives them. The stream ends with the last
+        block: the commit follows on its own. ``f`` comes from open_reader."""
+        try:
+            with f:
+                for i, view, digest in read_blocks(f.fileno(), self.info.size, self.block_size,
+                                                   self.cache.hasher, first, self._written_to):
+                    self.hashed(i, digest)
+                    yield view
+        finally:
+            self.leave()
+
+    def _written_to(self, end, wait):
+        """Where the written bytes end; with ``wait``, once they reach ``end`` (else it raises the
+        download's failure)."""
+        with self.cond:
+            while wait and end > self.written and self.error is None:
+                self.cond.wait()
+            if wait and end > self.written:
+                raise self.error
+            return self.written
+
+    def abandon(self):
+        """The part was discarded while in flight: it finishes for its readers, but is never committed."""
+        with self.cond:
+            self._abandoned = True

@@ -1,0 +1,184 @@
+# cython: language_level=3, embedsignature=True
+"""The manifest of a sealed split (format 2, contract section 7).
+
+Every upload encrypts under a data key of its own and writes ``N.manifest`` to the Resource API after the
+big and the small part: the data key, the sizes, and the SHA-256 of the small part, of the big part and
+of each block of the big part. A load trusts nothing from the CDN or the cache that the manifest does not
+vouch for: ``Manifest.parse`` refuses anything that is not a complete, self-consistent manifest, and
+``check_small`` / ``check_block`` refuse bytes that do not match it.
+
+``SealedParts`` is the upload side: it hashes the small and the big part as they are written and builds
+the manifest's JSON at the end.
+"""
+
+import base64
+import binascii
+import hashlib
+import json
+
+from constants import (IV_SIZE, KEY_SIZE, MANIFEST_BLOCK_SIZE, MANIFEST_FORMAT, MAX_MANIFEST_BLOCK_SIZE,
+                       SPLIT_SMALL_DENOMINATOR, SPLIT_SMALL_MAX, SPLIT_SMALL_NUMERATOR)
+from errors import IntegrityError, UpstreamError
+
+cdef enum:
+    AES_BLOCK = 16
+
+
+def blob_size(long long plaintext_size):
+    """The blob length of a plaintext: IV, the plaintext and 1..16 bytes of PKCS#7 padding."""
+    return IV_SIZE + (plaintext_size // AES_BLOCK + 1) * AES_BLOCK
+
+
+def block_count(long long size, long long block_size):
+    return -(-size // block_size)
+
+
+class ManifestError(UpstreamError):
+    """The Resource API answered a manifest that is not one: a 502 naming the resource."""
+
+
+class Manifest:
+    """A parsed, self-consistent manifest. ``blocks`` holds raw digests; ``identity`` names the sealed
+    upload it describes (the cache keeps it beside the big part)."""
+
+    def __init__(self, key, size, blob_size, small, big, block_size, blocks):
+        self.key = key
+        self.size = size
+        self.blob_size = blob_size
+        self.small = small
+        self.big = big
+        self.block_size = block_size
+        self.blocks = blocks
+
+    @property
+    def identity(self):
+        return identity(self.big)
+
+    def big_size(self, small_size):
+        return self.blob_size - small_size
+
+    @classmethod
+    def parse(cls, raw, what):
+        """The manifest in ``raw`` (UTF-8 JSON) of the resource ``what``; ManifestError when it is not
+        valid JSON, lacks a key, or does not add up (sizes, digests, the number of blocks)."""
+        def bad(reason):
+            return ManifestError(f"the manifest of {what} is not valid: {reason}")
+
+        try:
+            doc = json.loads(bytes(raw).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise bad("not UTF-8 JSON") from None
+        if not isinstance(doc, dict):
+            raise bad("not a JSON object")
+        missing = [k for k in ("format", "key", "size", "blobSize", "small", "big", "blockSize", "blocks")
+                   if k not in doc]
+        if missing:
+            raise bad("it lacks " + ", ".join(missing))
+        if doc["format"] != MANIFEST_FORMAT or type(doc["format"]) is not int:
+            raise bad(f"format {doc['format']!r} is not {MANIFEST_FORMAT}")
+        size, blob, block_size = doc["size"], doc["blobSize"], doc["blockSize"]
+        if not all(type(v) is int for v in (size, blob, block_size)) or size < 0:
+            raise bad("size, blobSize and blockSize must be whole numbers")
+        if blob != blob_size(size):
+            raise bad("blobSize does not fit size")
+        if not 0 < block_size <= MAX_MANIFEST_BLOCK_SIZE:
+            raise bad(f"blockSize must be 1..{MAX_MANIFEST_BLOCK_SIZE}")
+        try:
+            key = base64.b64decode(doc["key"], validate=True) if isinstance(doc["key"], str) else b""
+        except binascii.Error:
+            key = b""
+        if len(key) != KEY_SIZE:
+            raise bad("key is not the Base64 of 32 bytes")
+        small, big = _digest(doc["small"]), _digest(doc["big"])
+        if small is None or big is None:
+            raise bad("small and big must be hex SHA-256 digests")
+        if not isinstance(doc["blocks"], list):
+            raise bad("blocks is not a list")
+        blocks = [_digest(d) for d in doc["blocks"]]
+        if any(d is None for d in blocks):
+            raise bad("blocks must be hex SHA-256 digests")
+        manifest = cls(key, size, blob, small, big, block_size, blocks)
+        if len(blocks) != block_count(manifest.big_size(small_size(blob)), block_size):
+            raise bad(f"it lists {len(blocks)} blocks for a big part of "
+                      f"{manifest.big_size(small_size(blob))} bytes")
+        return manifest
+
+    def check_small(self, small, what):
+        if len(small) != small_size(self.blob_size) or hashlib.sha256(small).digest() != self.small:
+            raise IntegrityError(f"the small part of {what} does not match its manifest")
+
+    def check_block(self, index, digest, what):
+        if digest != self.blocks[index]:
+            raise IntegrityError(f"block {index} of the big part of {what} does not match its manifest")
+
+
+def identity(big_digest):
+    """The name of a sealed upload: its big part's digest. The cache keeps it beside the part."""
+    return "sha256:" + big_digest.hex()
+
+
+def _digest(value):
+    if not isinstance(value, str) or len(value) != 64:
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
+
+
+def small_size(long long blob_length):
+    """Bytes of the blob that go to the Resource API: min(3072, floor(0.3 * len))."""
+    return min(SPLIT_SMALL_MAX, blob_length * SPLIT_SMALL_NUMERATOR // SPLIT_SMALL_DENOMINATOR)
+
+
+class SealedParts:
+    """Digests of an upload's parts as they are written: the small part once, the big part as a stream
+    (a whole digest and one per block). ``manifest`` gives the JSON the Resource API stores."""
+
+    def __init__(self, block_size=MANIFEST_BLOCK_SIZE):
+        self.block_size = block_size
+        self.small = b""
+        self._big = hashlib.sha256()
+        self._block = hashlib.sha256()
+        self._in_block = 0
+        self.blocks = []
+        self.big_size = 0
+
+    def set_small(self, small):
+        self.small = bytes(small)
+
+    def update_big(self, data):
+        view = memoryview(data)
+        self._big.update(view)
+        self.big_size += len(view)
+        while len(view):
+            take = min(len(view), self.block_size - self._in_block)
+            self._block.update(view[:take])
+            self._in_block += take
+            view = view[take:]
+            if self._in_block == self.block_size:
+                self._close_block()
+
+    def _close_block(self):
+        self.blocks.append(self._block.digest())
+        self._block = hashlib.sha256()
+        self._in_block = 0
+
+    @property
+    def identity(self):
+        return identity(self._big.digest())
+
+    def manifest(self, key, size):
+        """The manifest JSON (bytes) for ``key`` and a plaintext of ``size`` bytes; call once, at the end."""
+        if self._in_block:
+            self._close_block()
+        return json.dumps({
+            "format": MANIFEST_FORMAT,
+            "key": base64.b64encode(key).decode("ascii"),
+            "size": size,
+            "blobSize": len(self.small) + self.big_size,
+            "small": hashlib.sha256(self.small).hexdigest(),
+            "big": self._big.hexdigest(),
+            "blockSize": self.block_size,
+            "blocks": [d.hex() for d in self.blocks],
+        }).encode("utf-8")

@@ -1,0 +1,335 @@
+# cython: language_level=3, embedsignature=True
+"""The local cache of big parts: ``{root}/{bucket}/{key}`` with a sidecar ``{key}.meta``.
+
+The sidecar names what the cached bytes are (size, ETag, the manifest they belong to) and the SHA-256 of
+each block. A load never trusts the file as a whole: it reads, hashes and checks one block at a time and
+lets a block go only once it matches its manifest (format 2), or the digest the cache took when it
+downloaded it (format 1). A cached part that fails is discarded and the load goes on from the CDN at the
+very block that failed, so the client still gets a whole, right answer.
+
+Files reach their final name only by rename after fsync, so a crash leaves at worst a ``.part`` file,
+swept at start, never a half file under the final name. Concurrent loads of one object share one download.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+
+from aligned_io import aligned_buffer, open_reader, read_blocks, read_hashed, read_tail
+from constants import MANIFEST_BLOCK_SIZE
+from download import PART_SUFFIX, TAIL, Download, tail_start
+from errors import IntegrityError, NotFound, UpstreamError, storage_error
+
+log = logging.getLogger("loader.cdn")
+
+META_SUFFIX = ".meta"
+# The loads that stream a download hash its blocks as they go; the download itself hashes the rest once
+# they are gone, or after this long beside a load that is paced by its client (see Download).
+HASH_GRACE = 5.0
+
+
+class Expect:
+    """What a load asks of a big part. Sealed (format 2): its ``size``, the ``blocks`` of its manifest and
+    the manifest's ``version``; ``block_size`` is the manifest's (None: the cache's, for format 1).
+    ``check(size, tail)`` sees the part's size and its last TAIL bytes (of a sealed part: checked against
+    the manifest first) before a byte streams, and raises an IntegrityError to refuse the part; its
+    result is handed back."""
+
+    def __init__(self, what, size=None, blocks=None, version=None, block_size=None, check=None):
+        self.what = what
+        self.size = size
+        self.blocks = blocks
+        self.version = version
+        self.block_size = block_size
+        self.check = check
+
+    @property
+    def sealed(self):
+        return self.version is not None
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove %s: %s", os.path.basename(path), exc.strerror)
+
+
+class BigPartCache:
+    """Verified local cache of big parts under ``root``; one download per object at a time.
+
+    ``hasher`` (hashlib.sha256) and ``hash_grace`` are injectable for tests.
+    """
+
+    def __init__(self, root, block_size=MANIFEST_BLOCK_SIZE, hasher=hashlib.sha256, hash_grace=HASH_GRACE):
+        self.root = os.path.abspath(root)
+        self.block_size = block_size  # of format-1 parts; a manifest names its own
+        self.hasher = hasher
+        self.hash_grace = hash_grace
+        self._lock = threading.Lock()
+        self._downloads = {}  # (bucket, key) -> the download new loads of it join
+        self._running = set()  # every download not yet ended, also those no load may join any more
+        self.hits = 0
+        self.misses = 0
+        self.downloads = 0
+        self.refetches = 0
+        self._sweep()
+
+    def _sweep(self):
+        """Delete the ``.part`` files a killed loader left behind. Each was preallocated to its object's
+        full size, so on a small disk one leftover holds the room the next download needs; none is ever
+        resumed. Runs once, before this process starts a download (one loader per cache directory)."""
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                if name.endswith(PART_SUFFIX):
+                    _unlink_quietly(os.path.join(folder, name))
+                    log.info("removed the leftover partial file %s", name)
+
+    def path(self, bucket, key):
+        return os.path.join(self.root, bucket, key)
+
+    def new_part(self, bucket, key):
+        """Path of a fresh ``.part`` file beside the final name (for uploads)."""
+        os.makedirs(os.path.join(self.root, bucket), exist_ok=True)
+        return self.path(bucket, key) + f".{uuid.uuid4().hex}{PART_SUFFIX}"
+
+    # --- the sidecar ------------------------------------------------------------------------------
+
+    def _meta(self, bucket, key):
+        try:
+            with open(self.path(bucket, key) + META_SUFFIX) as f:
+                meta = json.load(f)
+            blocks = [bytes.fromhex(d) for d in meta["blocks"]]
+            block_size = int(meta["blockSize"])
+            size = int(meta["size"])
+            if block_size <= 0 or len(blocks) != -(-size // block_size):
+                return None
+            return {"size": size, "etag": str(meta["etag"]), "version": meta.get("version"),
+                    "block_size": block_size, "blocks": blocks}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # none, torn, or an older layout: not cached
+
+    def commit(self, bucket, key, part, info, version, blocks, block_size=None):
+        """Move a finished, fsynced ``part`` file to its final name and write its sidecar: ``info`` (size,
+        ETag), the manifest ``version`` (None for format 1) and the digests of its ``blocks``."""
+        final = self.path(bucket, key)
+        meta_tmp = f"{final}{META_SUFFIX}.{uuid.uuid4().hex}{PART_SUFFIX}"
+        meta = {"size": info.size, "etag": info.etag, "version": version,
+                "blockSize": block_size or self.block_size, "blocks": [d.hex() for d in blocks]}
+        try:
+            # The old sidecar goes first: a crash between the steps leaves data without a sidecar,
+            # which reads as "not cached", never as a sidecar that vouches for other bytes.
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            if os.path.exists(final + META_SUFFIX):
+                os.unlink(final + META_SUFFIX)
+            os.replace(part, final)
+            with open(meta_tmp, "w") as f:
+                json.dump(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(meta_tmp, final + META_SUFFIX)
+            _fsync_dir(os.path.dirname(final))
+        except OSError as exc:
+            for p in (part, meta_tmp):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+            raise storage_error(exc, f"{bucket}/{key}") from None
+
+    def discard(self, bucket, key):
+        """Forget the cached part, and any download of it still in flight (it is never committed)."""
+        with self._lock:
+            download = self._downloads.pop((bucket, key), None)
+        if download is not None:
+            download.abandon()
+        for p in (self.path(bucket, key) + META_SUFFIX, self.path(bucket, key)):
+            _unlink_quietly(p)
+
+    # --- loads ------------------------------------------------------------------------------------
+
+    def open(self, bucket, key, cdn, expect):
+        """The big part as ``(check's result, blocks)``: from the cache, or streamed while it downloads.
+        The blocks are views of reused buffers, each valid until the next is asked for, and each checked
+        before it is handed out.
+
+        A sealed part in the cache that belongs to the manifest is used as it is, without asking the CDN.
+        Every other check that can fail early (HEAD, the size, ``expect.check``, disk space) runs before
+        this returns, so the caller can still answer with a proper error status.
+        """
+        expect.block_size = expect.block_size or self.block_size
+        if expect.sealed:
+            cached = self._cached(bucket, key, expect, None, cdn)
+            if cached is not None:
+                return cached
+        try:
+            info = cdn.head(bucket, key)
+        except NotFound:
+            raise
+        except UpstreamError:
+            # Offline: a format-1 part is used as the cache has it (edge devices go offline), and a
+            # download already under way is followed.
+            cached = None if expect.sealed else self._cached(bucket, key, expect, None, cdn)
+            if cached is not None:
+                log.info("CDN unreachable: using the cache of %s/%s", bucket, key)
+                return cached
+            with self._lock:
+                download = self._downloads.get((bucket, key))
+                if download is None or download.version != expect.version:
+                    raise
+                reader = download.open_reader()
+            log.info("CDN unreachable: following the download of %s/%s already under way", bucket, key)
+            self.misses += 1
+            return self._follow(download, reader, expect, 0)
+        if not expect.sealed:
+            cached = self._cached(bucket, key, expect, info, cdn)
+            if cached is not None:
+                return cached
+        return self._fetch(bucket, key, cdn, expect, info, 0)
+
+    def _cached(self, bucket, key, expect, info, cdn):
+        """(check's result, blocks) of the cached part when its sidecar fits ``expect`` (and the CDN's
+        ``info``, when given); else None."""
+        meta = self._meta(bucket, key)
+        if meta is None:
+            return None
+        if expect.sealed:
+            if (meta["version"] != expect.version or meta["size"] != expect.size
+                    or meta["block_size"] != expect.block_size):
+                return None
+        elif meta["version"] is not None or (info is not None and (meta["size"], meta["etag"]) != (info.size,
+                                                                                                  info.etag)):
+            return None
+        try:
+            f = open_reader(self.path(bucket, key))
+        except OSError:
+            return None
+        size = meta["size"]
+        blocks = expect.blocks if expect.sealed else meta["blocks"]
+        try:
+            if os.fstat(f.fileno()).st_size != size:
+                raise IntegrityError("the cached part has another size than its sidecar")
+            checked = self._check_end(f, size, expect, blocks, None)
+        except (OSError, IntegrityError):
+            f.close()
+            log.warning("cached %s/%s failed its check: discarding it", bucket, key)
+            self.discard(bucket, key)
+            self.refetches += 1
+            return None
+        self.hits += 1
+        return checked, self._stream_cached(bucket, key, f, size, meta["block_size"], blocks, expect, cdn)
+
+    def _stream_cached(self, bucket, key, f, size, block_size, blocks, expect, cdn):
+        """The cached part's blocks, each checked against ``blocks``. At the first that fails the part is
+        discarded, and the rest comes from a fresh download, from that very block on."""
+        first = 0
+        try:
+            with f:
+                for i, view, digest in read_blocks(f.fileno(), size, block_size, self.hasher):
+                    if digest != blocks[i]:
+                        raise IntegrityError(f"block {i} of the cached {bucket}/{key} does not match")
+                    yield view
+                    first = i + 1
+            return
+        except (OSError, IntegrityError) as exc:
+            failure = exc
+        log.warning("cached %s/%s failed at block %d (%s): discarding it and fetching it again", bucket, key,
+                    first, type(failure).__name__)
+        self.discard(bucket, key)
+        self.refetches += 1
+        _, rest = self._fetch(bucket, key, cdn, expect, None, first)
+        yield from rest
+
+    def _fetch(self, bucket, key, cdn, expect, info, first):
+        """(check's result, blocks) of a download of the CDN's object (``info``: its HEAD, asked when None),
+        joined when one of the same version is under way; from block ``first``."""
+        if info is None:
+            info = cdn.head(bucket, key)
+        if expect.sealed and info.size != expect.size:
+            raise IntegrityError(f"the big part of {expect.what} on the CDN does not match its manifest "
+                                 f"({info.size} bytes, not {expect.size})")
+        self.misses += 1
+        with self._lock:
+            download = self._downloads.get((bucket, key))
+            if download is None or download.info.etag != info.etag or download.version != expect.version:
+                if download is not None:
+                    download.abandon()  # another version: it must not land over this one
+                download = Download(self, bucket, key, info, expect.blocks, expect.version,
+                                    expect.block_size)
+                fd = download.prepare()
+                self.downloads += 1
+                self._downloads[(bucket, key)] = download
+                self._running.add(download)
+                threading.Thread(target=download.run, args=(fd, cdn), daemon=True,
+                                 name=f"cdn-{bucket}/{key}").start()
+                log.info("downloading %s/%s (%d bytes) from the CDN", bucket, key, info.size)
+            reader = download.open_reader()
+        return self._follow(download, reader, expect, first)
+
+    def _follow(self, download, reader, expect, first):
+        """(check's result, blocks) of a download: the part's end is checked before streaming."""
+        checked = None
+        if first == 0:
+            try:
+                download.wait_tail()
+                checked = self._check_end(reader, download.info.size, expect, expect.blocks, download)
+            except BaseException:
+                reader.close()
+                download.leave()
+                raise
+        return checked, download.follow(reader, first)
+
+    def _check_end(self, f, long long size, expect, blocks, download):
+        """``expect.check`` of the part's last TAIL bytes. Of a sealed part (or a cached one, whose block
+        digests the sidecar holds) the blocks those bytes lie in are checked first, and the tail is taken
+        from the very bytes checked; a download counts those digests as its own."""
+        if blocks is None:
+            tail = read_tail(f, size, TAIL)
+        else:
+            tail = b""
+            block_size = expect.block_size
+            buf = aligned_buffer(block_size)
+            for i in range(tail_start(size, block_size) // block_size, -(-size // block_size)):
+                pos = i * block_size
+                view, digest = read_hashed(f.fileno(), buf, pos, min(size, pos + block_size) - pos, self.hasher)
+                if download is not None:
+                    download.hashed(i, digest)  # a sealed download's check: it fails for good on a mismatch
+                elif digest != blocks[i]:
+                    raise IntegrityError(f"block {i} of {expect.what} does not match its manifest")
+                tail = (tail + bytes(view[-TAIL:]))[-TAIL:]
+        return None if expect.check is None else expect.check(size, tail)
+
+    # --- downloads in flight ----------------------------------------------------------------------
+
+    def settle(self, timeout=None):
+        """Wait for the downloads in flight to end (committed to the cache, or failed): a load ends with its
+        last byte, before its part's last hashes and commit. False when ``timeout`` seconds ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            downloads = list(self._running)
+        for download in downloads:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with download.cond:
+                if not download.cond.wait_for(lambda: download.done, left):
+                    return False
+        return True
+
+    def finished(self, download):
+        with self._lock:
+            self._running.discard(download)
+            if self._downloads.get((download.bucket, download.key)) is download:
+                del self._downloads[(download.bucket, download.key)]

@@ -1,0 +1,241 @@
+"""The sealed split (format 2) through ModelStore and the cache, against moto's S3 and the in-memory API:
+no byte leaves a load that its manifest does not vouch for, on every path a load can take."""
+
+import base64
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+import security
+from errors import IntegrityError, UpstreamError
+from manifest import ManifestError
+from tests.store_fakes import BLOCK, go_offline, load, make_store
+
+SIZE = 5 * BLOCK + 5000  # a big part of six blocks, the last one short
+
+
+def upload(store, data, name="m.bin"):
+    up = store.begin_upload(name)
+    for i in range(0, len(data), 50_000):
+        up.write(data[i : i + 50_000])
+    return up.finish("models")
+
+
+def cdn_big(s3, name="m.bin"):
+    return s3.get_object(Bucket="models", Key=name + ".big")["Body"].read()
+
+
+def flip(s3, offset, name="m.bin"):
+    big = bytearray(cdn_big(s3, name))
+    big[offset] ^= 0x01
+    s3.put_object(Bucket="models", Key=name + ".big", Body=bytes(big))
+
+
+def streamed(store, name="m.bin"):
+    """What a load hands out before it stops: (bytes, the error that stopped it or None)."""
+    return streamed_from(store.load("models", name))
+
+
+def streamed_from(plaintext):
+    got = bytearray()
+    try:
+        for chunk in plaintext:
+            got += chunk
+    except IntegrityError as exc:
+        return bytes(got), exc
+    return bytes(got), None
+
+
+@pytest.fixture
+def sealed(tmp_path, s3):
+    """A store with a sealed model uploaded and its cache emptied (the next load is cold)."""
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(SIZE)
+    upload(store, data)
+    cache.discard("models", "m.bin.big")
+    return store, api, cache, data
+
+
+def test_a_cold_then_warm_load_is_verified_and_cached_with_its_manifest(sealed, s3):
+    store, api, cache, data = sealed
+    assert load(store) == data
+    assert cache.settle(10) and cache.downloads == 1
+    meta = json.load(open(cache.path("models", "m.bin.big.meta")))
+    manifest = json.loads(api.store[("models", "m.bin.manifest")])
+    assert meta["version"] == "sha256:" + manifest["big"] and meta["blocks"] == manifest["blocks"]
+    assert load(store) == data and (cache.hits, cache.downloads) == (1, 1)
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_bit_flipped_on_the_cdn_is_never_served(sealed, s3, where):
+    store, api, cache, data = sealed
+    big_size = len(cdn_big(s3))
+    offset = {"first": 10, "middle": 3 * BLOCK + 7, "last": big_size - 1}[where]
+    flip(s3, offset)
+    if where != "middle":
+        # The first block and the one with the blob's end are checked before the first byte: a 502.
+        with pytest.raises(IntegrityError, match=f"block {offset // BLOCK} .* does not match its manifest"):
+            store.load("models", "m.bin")
+    else:
+        got, error = streamed(store)
+        assert error is not None and "does not match its manifest" in error.detail
+        assert len(got) < len(data) and data.startswith(got)
+        # Nothing that depends on the bad block left: every byte handed out lies before it.
+        assert len(got) <= 3072 - 16 + offset - offset % BLOCK
+    assert cache.settle(10)
+    assert not os.path.exists(cache.path("models", "m.bin.big.meta"))  # never committed
+    assert not list(Path(cache.root).rglob("*.part"))
+    flip(s3, offset)  # restored: it loads again
+    assert load(store) == data
+
+
+def test_a_changed_small_part_is_refused_before_anything(sealed):
+    store, api, cache, data = sealed
+    small = bytearray(api.store[("models", "m.bin.small")])
+    small[100] ^= 0x80
+    api.store[("models", "m.bin.small")] = bytes(small)
+    with pytest.raises(IntegrityError, match="small part of models/m.bin does not match its manifest"):
+        store.load("models", "m.bin")
+    assert cache.downloads == 0
+
+
+def test_a_cdn_object_of_another_length_is_refused_before_anything(sealed, s3):
+    store, api, cache, data = sealed
+    s3.put_object(Bucket="models", Key="m.bin.big", Body=cdn_big(s3) + b"x" * 16)
+    with pytest.raises(IntegrityError, match="does not match its manifest"):
+        store.load("models", "m.bin")
+    assert cache.downloads == 0
+
+
+@pytest.mark.parametrize("block", [0, 3, 5])
+def test_a_block_altered_in_the_cache_is_fetched_again_within_the_same_load(sealed, s3, block):
+    store, api, cache, data = sealed
+    assert load(store) == data and cache.settle(10)
+    path = cache.path("models", "m.bin.big")
+    raw = bytearray(open(path, "rb").read())
+    raw[block * BLOCK + 5] ^= 0x40
+    open(path, "wb").write(raw)
+    assert load(store) == data  # whole and right: the load went on from the CDN at the bad block
+    assert (cache.refetches, cache.downloads) == (1, 2)
+    assert cache.settle(10)
+    assert open(path, "rb").read() == cdn_big(s3)
+    assert load(store) == data and cache.downloads == 2
+
+
+def test_a_warm_load_checks_blocks_as_it_streams_not_the_whole_file_first(sealed):
+    store, api, cache, data = sealed
+    assert load(store) == data and cache.settle(10)
+    hashed = []
+    real = cache.hasher
+    cache.hasher = lambda: hashed.append(1) or real()
+    plaintext = store.load("models", "m.bin")
+    # Before the answer starts: the last block (for the blob's end) and the first (and the next, read ahead)
+    assert len(hashed) <= 3
+    assert b"".join(bytes(c) for c in plaintext) == data
+    assert len(hashed) == 6 + 1
+
+
+def test_a_warm_sealed_load_needs_no_cdn(sealed):
+    store, api, cache, data = sealed
+    assert load(store) == data and cache.settle(10)
+    go_offline(store)
+    assert load(store) == data
+    cache.discard("models", "m.bin.big")
+    with pytest.raises(UpstreamError):
+        store.load("models", "m.bin")
+
+
+def test_parallel_loads_each_stop_at_a_bad_block(sealed, s3):
+    store, api, cache, data = sealed
+    flip(s3, 4 * BLOCK + 1)
+    results, gate = [], threading.Barrier(4)
+
+    def worker():
+        gate.wait()
+        try:
+            results.append(streamed(store))
+        except IntegrityError as exc:  # refused before its first byte
+            results.append((b"", exc))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(results) == 4
+    for got, error in results:
+        assert error is not None and len(got) < len(data) and data.startswith(got)
+        assert len(got) <= 3072 - 16 + 4 * BLOCK
+    assert cache.settle(10) and not os.path.exists(cache.path("models", "m.bin.big.meta"))
+
+
+@pytest.mark.parametrize("refused", ["m.bin.small", "m.bin.manifest"])
+def test_a_half_done_upload_is_refused_never_spliced_and_a_new_upload_mends_it(sealed, s3, refused):
+    store, api, cache, data = sealed
+    new = os.urandom(SIZE + 99)
+    api.refuse.add(refused)
+    with pytest.raises(UpstreamError):
+        upload(store, new)
+    assert cdn_big(s3) != b""  # the new big part did reach the CDN
+    with pytest.raises(IntegrityError, match="does not match its manifest"):
+        store.load("models", "m.bin")
+    api.refuse.clear()
+    assert upload(store, new) == len(new)
+    assert load(store) == new
+
+
+def test_the_big_part_alone_under_the_resource_key_reveals_nothing(sealed, s3):
+    store, api, cache, data = sealed
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    big = cdn_big(s3)
+    dec = Cipher(algorithms.AES(security.resource_key()), modes.CBC(big[:16])).decryptor()
+    plain = dec.update(big[16 : len(big) - len(big) % 16]) + dec.finalize()
+    assert all(data[i : i + 64] not in plain for i in range(0, len(data) - 64, 4096))
+    key = base64.b64decode(json.loads(api.store[("models", "m.bin.manifest")])["key"])
+    assert security.decrypt(key, api.store[("models", "m.bin.small")] + big) == data
+
+
+def test_format_1_still_loads_with_a_count_and_is_refused_when_manifests_are_required(tmp_path, s3):
+    from tests.store_fakes import publish
+
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(100_000)
+    publish(s3, api, data)
+    assert load(store) == data and store.format1_loads == 1
+    strict, api2, _ = make_store(tmp_path / "strict", s3, require_manifest=True)
+    api2.store = api.store
+    with pytest.raises(IntegrityError, match="has no manifest"):
+        strict.load("models", "m.bin")
+    assert strict.format1_loads == 0
+
+
+@pytest.mark.parametrize("raw", [b"", b"{}", b'{"format": 2}', b"\x00" * 40])
+def test_a_broken_manifest_is_a_clear_error(sealed, raw):
+    store, api, cache, data = sealed
+    api.store[("models", "m.bin.manifest")] = raw
+    with pytest.raises(ManifestError, match="the manifest of models/m.bin is not valid"):
+        store.load("models", "m.bin")
+
+
+def test_each_upload_draws_a_fresh_data_key(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    keys = set()
+    for _ in range(3):
+        upload(store, b"same bytes" * 1000)
+        keys.add(json.loads(api.store[("models", "m.bin.manifest")])["key"])
+    assert len(keys) == 3
+    manifest = json.loads(api.store[("models", "m.bin.manifest")])
+    assert manifest["small"] == hashlib.sha256(api.store[("models", "m.bin.small")]).hexdigest()
+
+
+def test_a_manifest_whose_size_the_padding_contradicts_is_cut_off(sealed):
+    store, api, cache, data = sealed
+    manifest = json.loads(api.store[("models", "m.bin.manifest")])
+    manifest["size"] -= 1 if manifest["size"] % 16 else -1  # the same blobSize, another plaintext size
+    api.store[("models", "m.bin.manifest")] = json.dumps(manifest).encode()
+    # The checked last block's padding gives the real size: refused before the first byte.
+    with pytest.raises(IntegrityError, match="decrypts to another size than its manifest says"):
+        store.load("models", "m.bin")

@@ -190,26 +190,44 @@ class ModelStore:
             raise Forbidden("this user's role may not upload (needs Admin, ResourceUploader or ApiAdmin)")
 
     def begin_upload(self, name, folder=None):
-        """A staged upload: ``write`` plaintext chunks, then ``finish(folder)``; ``abort`` on failure."""
+        """A staged upload: ``write`` plaintext chunks, then ``finish(folder)``; ``abort`` on failure. With
+        the ``folder`` known from the start, the big part goes to the CDN while it is written."""
         self.check_upload(name, folder)
-        return StagedUpload(self, name, self._cache.new_part(STAGING, name + BIG_SUFFIX), self.max_upload)
+        part = self._cache.new_part(STAGING, name + BIG_SUFFIX)
+        cdn_upload = None if folder is None else self.cdn().part_upload(folder, name + BIG_SUFFIX, part)
+        return StagedUpload(self, name, part, self.max_upload, folder, cdn_upload)
 
-    def publish(self, folder, name, part, small, parts, manifest):
+    def publish(self, folder, name, part, small, parts, manifest, cdn_upload=None):
         """Big part to the CDN, the small part, then the manifest to the API: the manifest is the commit
         point, so a load of ``name`` meanwhile is refused (its parts do not match the old manifest), never
         spliced. The big part then joins the cache; a failure there costs a download later, not the
         upload."""
         validate_folder(folder)
         big_key = name + BIG_SUFFIX
-        etag = self.cdn().upload_file(folder, big_key, part)
+        if cdn_upload is not None:
+            etag = cdn_upload.finish(parts.big_size)
+        else:
+            etag = self.cdn().upload_file(folder, big_key, part)
         self._cache.discard(folder, big_key)  # also a download of the old part still in flight
         self._api.upload(folder, name + SMALL_SUFFIX, small)
         self._api.upload(folder, name + MANIFEST_SUFFIX, manifest)
         try:
+            _fsync_file(part)  # written through the page cache: most of it is on disk by now
             self._cache.commit(folder, big_key, part, ObjectInfo(parts.big_size, etag), parts.identity,
                                parts.blocks, parts.block_size)
+        except OSError as exc:
+            log.warning("uploaded %s/%s, but could not keep it in the cache: %s", folder, name,
+                        storage_error(exc, "it").detail)
         except StorageError as exc:
             log.warning("uploaded %s/%s, but could not keep it in the cache: %s", folder, name, exc.detail)
+
+
+def _fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _plaintext_size(key, small, big_size, tail):
@@ -237,8 +255,9 @@ class StagedUpload:
     blob's first bytes until it is certain where the split falls, and hashing the parts for the manifest.
     Memory stays bounded by the chunk size."""
 
-    def __init__(self, store, name, part, limit):
+    def __init__(self, store, name, part, limit, folder=None, cdn_upload=None):
         self._store, self.name, self._part, self._limit = store, name, part, limit
+        self._folder, self._cdn_upload = folder, cdn_upload
         self._key = security.data_key()
         self._enc = security.Encryptor(self._key)
         self._parts = SealedParts(store.block_size)
@@ -275,35 +294,50 @@ class StagedUpload:
     def _put(self, data):
         try:
             self._file.write(data)
+            if self._cdn_upload is not None:
+                self._file.flush()
         except OSError as exc:
             self.abort()
             raise storage_error(exc, "the upload") from None
         self._parts.update_big(data)
+        if self._cdn_upload is not None:
+            try:
+                self._cdn_upload.written(self._parts.big_size)
+            except LoaderError:
+                self.abort()
+                raise
 
     def finish(self, folder):
         """Seal the blob and publish it under ``folder``; returns the plaintext size."""
         try:
             validate_folder(folder)
+            if self._cdn_upload is not None and folder != self._folder:
+                self._cdn_upload.abort()  # named another folder at the end: sent as a whole, there
+                self._cdn_upload = None
             self._emit(self._enc.finalize())
             if self._small is None:
                 k = small_size(self._blob_size)
                 self._split(k)
                 self._put(self._head[k:])
             try:
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                self._file.close()
+                self._file.close()  # fsynced only once it is published: the CDN upload need not wait
             except OSError as exc:
                 raise storage_error(exc, "the upload") from None
             manifest = self._parts.manifest(self._key, self.size)
-            self._store.publish(folder, self.name, self._part, self._small, self._parts, manifest)
+            self._store.publish(folder, self.name, self._part, self._small, self._parts, manifest,
+                                self._cdn_upload)
+            self._cdn_upload = None
         finally:
             self.abort()
         log.info("uploaded %s/%s (%d bytes)", folder, self.name, self.size)
         return self.size
 
     def abort(self):
-        """Drop the staging file (a no-op once it has been published)."""
+        """Drop the staging file, and the parts already sent (a no-op once it has been published)."""
+        if self._cdn_upload is not None:
+            self._cdn_upload.abort()
+            self._cdn_upload = None
+        self._parts.close()
         self._file.close()
         try:
             os.unlink(self._part)

@@ -327,13 +327,12 @@ class Download:
         finally:
             self.leave()
 
-    def _written_to(self, end, wait):
-        """Where the written bytes end; with ``wait``, once they reach ``end`` (else it raises the
-        download's failure)."""
+    def _written_to(self, end, timeout):
+        """Where the written bytes end, once they reach ``end`` or ``timeout`` seconds passed (None: no
+        limit); raises the download's failure when they never will."""
         with self.cond:
-            while wait and end > self.written and self.error is None:
-                self.cond.wait()
-            if wait and end > self.written:
+            self.cond.wait_for(lambda: self.written >= end or self.error is not None, timeout)
+            if self.written < end and self.error is not None:
                 raise self.error
             return self.written
 

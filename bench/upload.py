@@ -4,7 +4,7 @@
 
 Starts SeaweedFS and the reference Resource API (devstack), writes a random file to a temp dir, starts the
 loader as `python main.py` logged in as a ResourceUploader, then times, alternating, best of the runs:
-`curl -F data=@<file> -F folder=models .../upload/<name>` (plaintext -> encrypt -> CDN + cache + API; it
+`curl -F folder=models -F data=@<file> .../upload/<name>` (plaintext -> encrypt -> CDN + cache + API; it
 must answer 200 with the file's size) and `aws s3 cp <file> s3://models/<other key>` with the uploader
 identity (the plain upload, no encryption). Both read the same page-cached file.
 The loader's peak RSS is its VmHWM. The last line is the RESULT line: ``RESULT upload_vs_awscli=<ratio>``.
@@ -40,10 +40,12 @@ def timed_upload(loader, name, path, size):
             "-sS",
             "-w",
             "\n%{http_code}",
-            "-F",
-            f"data=@{path}",
+            # The folder first, as the README shows: the loader then sends the big part to the CDN while
+            # it still receives and encrypts the file.
             "-F",
             "folder=models",
+            "-F",
+            f"data=@{path}",
             f"{loader.url}/upload/{name}",
         ],
         capture_output=True,

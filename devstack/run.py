@@ -69,7 +69,7 @@ Try it:
   curl -s -X POST {url}/load/{LEGACY_MODEL} -H "$J" -d '{{"folder":"{DEMO_FOLDER}"}}' -o {LEGACY_MODEL}
   sha256sum {LEGACY_MODEL}  # {LEGACY_MODEL_SHA256} (format 1: a warning in the log)
   curl -s -X POST {url}/login -H "$J" -d '{uploader}'
-  curl -s -X POST {url}/upload/my-model.bin -F data=@{DEMO_MODEL} -F folder={DEMO_FOLDER}
+  curl -s -X POST {url}/upload/my-model.bin -F folder={DEMO_FOLDER} -F data=@{DEMO_MODEL}
   curl -s -X POST {url}/unlock -H "$J" -d '{operator}'
   curl -s {url}/unlock/status
   curl -s {url}/metrics

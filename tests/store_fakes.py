@@ -111,12 +111,22 @@ class _Broken:
 BLOCK = 64 * 1024  # the tests' block size: models of a few hundred KB span several blocks
 
 
-def make_store(tmp_path, s3, roles=("ResourceUploader",), download_client=None, **options):
-    """A ModelStore on the FakeApi and moto's S3 (``options``: max_upload, require_manifest...), its
+PART = 5 * 1024 * 1024  # the smallest part S3 takes: uploads of a few MiB go in several parts
+
+
+def make_store(
+    tmp_path, s3, roles=("ResourceUploader",), download_client=None, upload_client=None, **options
+):
+    """A ModelStore on the FakeApi and moto's S3 (``opts``: max_upload, require_manifest...), its
     uploads sealed in BLOCK-sized blocks; the cache keeps format-1 parts in BLOCK-sized blocks too."""
     api = FakeApi(roles)
     cache = BigPartCache(tmp_path / "cache", block_size=BLOCK)
-    cdn = CdnManager(download_client=download_client or s3, upload_client=s3, chunk_size=64 * 1024)
+    cdn = CdnManager(
+        download_client=download_client or s3,
+        upload_client=upload_client or s3,
+        chunk_size=64 * 1024,
+        part_size=PART,
+    )
     options.setdefault("block_size", BLOCK)
     return ModelStore(api, cache, cdn_factory=lambda text: cdn, **options), api, cache
 

@@ -269,8 +269,10 @@ class Download:
         if self._frontier < len(segments):
             written += progress[self._frontier]
         if written != self.written:
+            # Loads wait for whole blocks: wake them when one is complete, not at every MiB.
+            if written // self.block_size != self.written // self.block_size or written == self.info.size:
+                self.cond.notify_all()
             self.written = written
-            self.cond.notify_all()
 
     def _record(self, exc):
         """The first failure: stop the fetchers; run() cleans up and only then tells the readers."""

@@ -22,7 +22,7 @@ from botocore.response import StreamingBody
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from constants import CHUNK_SIZE
-from errors import IntegrityError, NotFound, UpstreamError
+from errors import IntegrityError, NotFound, StorageError, UpstreamError, storage_error
 
 log = logging.getLogger("loader.cdn")
 
@@ -247,7 +247,10 @@ class PartUpload:
         except NotFound:  # no such bucket yet
             _create_bucket(self._client, self.bucket)
             self._id = self._call("its start", self._client.create_multipart_upload)["UploadId"]
-        self._fd = os.open(self._path, os.O_RDONLY)
+        try:
+            self._fd = os.open(self._path, os.O_RDONLY)
+        except OSError as exc:
+            raise storage_error(exc, "the upload") from exc
 
     def written(self, long long size):
         """The file holds ``size`` bytes: send every whole part not sent yet (waits while ``concurrency``
@@ -264,7 +267,10 @@ class PartUpload:
         try:
             data = os.pread(self._fd, n, self._sent)
             if len(data) != n:
-                raise UpstreamError(f"the upload's staging file ended early at {self._sent + len(data)}")
+                raise StorageError(f"the upload's staging file ended early at {self._sent + len(data)}")
+        except OSError as exc:
+            self._room.release()
+            raise storage_error(exc, "the upload") from exc
         except BaseException:
             self._room.release()
             raise

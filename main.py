@@ -152,6 +152,8 @@ class Services:
         threading.Thread(target=produce, daemon=True, name="load-stream").start()
         try:
             while (item := await ready.get()) is not None:
+                if isinstance(item, errors.LoaderError):
+                    raise CutOff(item.detail) from item
                 if isinstance(item, BaseException):
                     raise item
                 room.release()
@@ -160,6 +162,11 @@ class Services:
         finally:
             stop.set()
             room.release()  # a producer waiting for room sees the stop at once
+
+
+class CutOff(Exception):  # noqa: N818 - what happens to the answer, not an error kind of the loader
+    """A load failed after its answer began. The status line is gone; the only way left to tell the client
+    is to drop the connection short of the announced Content-Length (see ``Edge``)."""
 
 
 @cache
@@ -265,6 +272,10 @@ class Edge:
                 )
                 return await too_large(scope, receive, counted_send)
             await self.app(scope, body, counted_send)
+        except CutOff as exc:
+            # Returning without the end of the body makes the server drop the connection: the client
+            # sees a broken transfer. One warning says why, instead of a traceback.
+            log.warning("%s %s cut off after its answer began: %s", scope["method"], scope["path"], exc)
         finally:
             elapsed = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", "unmatched")

@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYX    := $(wildcard *.pyx)
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check lint build clean system-deps bench
+.PHONY: run test unit check lint build clean system-deps bench
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ system-deps:
 
 test: system-deps build
 	$(PY) -m pytest
+
+# The fast loop: the unit tests (moto's S3, in-memory fakes; no SeaweedFS, API process, loader or dockerd).
+unit: build
+	$(PY) -m pytest -q -m "not integration and not docker" tests/test_*.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

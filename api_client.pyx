@@ -65,10 +65,6 @@ class ResourceApi:
         log.info("logged in user_id=%s roles=%s", user.id, user.role)
         return user
 
-    def logout(self):
-        with self._lock:
-            self._credentials = self._token = self._user = self._cdn_yaml = None
-
     def credentials(self):
         """The session's credentials (for key derivation); raises NotLoggedIn without a session."""
         creds = self._credentials

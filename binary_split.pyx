@@ -359,7 +359,6 @@ class Unlocker:
         self._docker_host = docker_host
         self._docker_timeout = docker_timeout
         self._chunk = chunk_size
-        self.key_fetches = 0
 
     def start(self, credentials):
         """Begin an unlock unless one runs; returns the status either way."""
@@ -390,11 +389,17 @@ class Unlocker:
             self.status.succeed(images)
 
     def _unlock(self, credentials):
+        client = self._docker()
+        try:
+            return self._unlock_with(client, credentials)
+        finally:
+            client.close()
+
+    def _unlock_with(self, client, credentials):
         import requests  # the docker SDK speaks through requests; its errors are mapped here
         from docker.errors import DockerException
 
         try:
-            client = self._docker()
             if self._wanted and self._all_present(client):
                 return list(self._wanted)
             total = os.path.getsize(self._path)
@@ -406,7 +411,6 @@ class Unlocker:
             raise EngineError(f"the Docker Engine is unreachable ({type(exc).__name__})") from None
         self._api.login(credentials)
         self.status.set_state(DOWNLOADING_KEY)
-        self.key_fetches += 1
         key = security.archive_key(self._api.key_fragment())
         if not _archive_decrypts(self._path, key):
             raise DecryptionError("the image archive does not decrypt: wrong key or corrupt archive")

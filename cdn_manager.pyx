@@ -83,8 +83,12 @@ class CdnConfig:
         return f"CdnConfig(host={self.host!r}, region={self.region!r})"
 
 
+def _error_code(exc):
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
 def _map_client_error(exc, what):
-    code = str(exc.response.get("Error", {}).get("Code", ""))
+    code = _error_code(exc)
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound") or status == 404:
         return NotFound(f"no such object on the CDN: {what}")
@@ -202,10 +206,11 @@ class CdnManager:
         try:
             try:
                 self._upload.upload_file(path, bucket, key, Config=config)
-            except ClientError as exc:
-                if "NoSuchBucket" not in str(exc):
+            except boto3.exceptions.S3UploadFailedError as exc:
+                cause = exc.__cause__ or exc.__context__
+                if not isinstance(cause, ClientError) or _error_code(cause) != "NoSuchBucket":
                     raise
-                self._upload.create_bucket(Bucket=bucket)
+                _create_bucket(self._upload, bucket)
                 self._upload.upload_file(path, bucket, key, Config=config)
             return self.head(bucket, key).etag
         except ClientError as exc:
@@ -329,7 +334,7 @@ def _create_bucket(client, bucket):
     try:
         client.create_bucket(Bucket=bucket)
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+        if _error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
             raise _map_client_error(exc, bucket) from None
     except BotoCoreError as exc:
         raise UpstreamError(f"the CDN could not create the bucket {bucket} ({type(exc).__name__})") from None

@@ -1,27 +1,9 @@
 # cython: language_level=3, embedsignature=True
 """Names and numbers fixed by the wire contract (docs/contract.md).
 
-Everything here is a plain constant: configuration names and their defaults, the split sizes, the
-compiled-in resource key string, the name rules and the role sets.
+Everything here is a plain constant: the split sizes, the manifest's block, the compiled-in resource key
+string, the name rules and the role sets. The configuration (names and defaults) is main.py's Settings.
 """
-
-# Configuration (environment variables) and their defaults.
-ENV_RESOURCE_API_URL = "RESOURCE_API_URL"
-ENV_LOADER_HOST = "LOADER_HOST"
-ENV_LOADER_PORT = "LOADER_PORT"
-ENV_MODEL_CACHE_DIR = "MODEL_CACHE_DIR"
-ENV_IMAGES_PATH = "IMAGES_PATH"
-ENV_UNLOCK_IMAGES = "UNLOCK_IMAGES"
-ENV_DOCKER_HOST = "DOCKER_HOST"
-ENV_LOG_LEVEL = "LOG_LEVEL"
-
-DEFAULT_RESOURCE_API_URL = "https://api.azaion.com"
-DEFAULT_LOADER_HOST = "127.0.0.1"
-DEFAULT_LOADER_PORT = 8080
-DEFAULT_MODEL_CACHE_DIR = "/var/lib/azaion/models"
-DEFAULT_IMAGES_PATH = "/opt/azaion/images.enc"
-DEFAULT_UNLOCK_IMAGES = ""
-DEFAULT_LOG_LEVEL = "INFO"
 
 # The binary split: the small part is min(SPLIT_SMALL_MAX, floor(0.3 * len(blob))) bytes.
 SPLIT_SMALL_MAX = 3072

@@ -93,8 +93,15 @@ class Services:
             self.api, self.cache, max_upload=s.max_upload_bytes, require_manifest=s.require_manifest
         )
         self.unlock_status = unlock_state.UnlockStatus()
+        # Unlock signs in with a session of its own: an unlock with other credentials never turns the
+        # /login session (whose loads and uploads follow) into another user's.
+        unlock_api = api_client.ResourceApi(
+            s.resource_api_url,
+            lambda: self.hardware.hardware,
+            timeout=(min(5.0, s.api_timeout), s.api_timeout),
+        )
         self.unlocker = binary_split.Unlocker(
-            self.api, self.unlock_status, s.images_path, s.unlock_images.split(), s.docker_host
+            unlock_api, self.unlock_status, s.images_path, s.unlock_images.split(), s.docker_host
         )
         self.bytes_loaded = 0
         self.bytes_uploaded = 0
@@ -169,9 +176,26 @@ class CutOff(Exception):  # noqa: N818 - what happens to the answer, not an erro
     is to drop the connection short of the announced Content-Length (see ``Edge``)."""
 
 
-@cache
+_services: Services | None = None
+_services_lock = threading.Lock()
+
+
 def services() -> Services:
-    return Services(settings())
+    """The one Services of the process: the first caller builds it, every other waits for that one (two
+    first requests at once must not build two, each with its own session and cache)."""
+    global _services
+    if _services is None:
+        with _services_lock:
+            if _services is None:
+                _services = Services(settings())
+    return _services
+
+
+def forget_services() -> None:
+    """Drop the process's Services (tests start each app afresh)."""
+    global _services
+    with _services_lock:
+        _services = None
 
 
 Svc = Annotated[Services, Depends(services)]
@@ -183,8 +207,13 @@ SETTLE_SECONDS = 5.0
 
 @asynccontextmanager
 async def lifespan(_app: FastAPI):
+    # The compiled modules load in the background: /health answers at once, and the first request that
+    # needs them waits only for what is left.
+    builder = threading.Thread(target=services, daemon=True, name="services")
+    builder.start()
     yield
-    if not services.cache_info().currsize:
+    builder.join(SETTLE_SECONDS)
+    if _services is None:
         return  # the compiled modules were never loaded: nothing can be in flight
     if not await run_in_threadpool(services().cache.settle, SETTLE_SECONDS):
         log.warning("stopping with a download not yet committed: it is fetched again next time")
@@ -225,7 +254,7 @@ async def loader_error(request: Request, exc: errors.LoaderError) -> JSONRespons
 
 @app.exception_handler(Exception)
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, _printable(request.url.path))
     return JSONResponse({"detail": "internal error"}, status_code=500)
 
 
@@ -275,12 +304,19 @@ class Edge:
         except CutOff as exc:
             # Returning without the end of the body makes the server drop the connection: the client
             # sees a broken transfer. One warning says why, instead of a traceback.
-            log.warning("%s %s cut off after its answer began: %s", scope["method"], scope["path"], exc)
+            log.warning(
+                "%s %s cut off after its answer began: %s", scope["method"], _printable(scope["path"]), exc
+            )
         finally:
             elapsed = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", "unmatched")
             metrics().observe(scope["method"], route, status, elapsed)
-            log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1000)
+            log.info("%s %s %d %.1fms", scope["method"], _printable(scope["path"]), status, elapsed * 1000)
+
+
+def _printable(path: str) -> str:
+    """A request path for the log: percent-decoded, it may hold a newline that would forge a log line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in path)
 
 
 async def _bounded_body(scope, receive, limit: int):

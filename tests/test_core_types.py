@@ -98,6 +98,4 @@ def test_unlock_status_runs_one_at_a_time_and_restarts_from_error():
 
 def test_split_constants_and_defaults():
     assert constants.SPLIT_SMALL_MAX == 3072
-    assert constants.DEFAULT_LOADER_HOST == "127.0.0.1"
-    assert constants.DEFAULT_LOADER_PORT == 8080
     assert constants.RESOURCE_KEY_STRING == "azaion-loader/resource-key/v1"

@@ -1,9 +1,11 @@
 """The HTTP edge: error mapping in one table, lazy imports, no credential ever echoed."""
 
 import inspect
+import logging
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -51,11 +53,11 @@ def client(tmp_path, monkeypatch):
     monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("RESOURCE_API_URL", "http://127.0.0.1:9")
     main.settings.cache_clear()
-    main.services.cache_clear()
+    main.forget_services()
     with TestClient(main.app, raise_server_exceptions=False) as c:
         yield c
     main.settings.cache_clear()
-    main.services.cache_clear()
+    main.forget_services()
 
 
 def test_validation_errors_name_fields_but_never_echo_values(client):
@@ -89,7 +91,7 @@ def test_a_stop_lets_the_downloads_in_flight_commit(tmp_path, monkeypatch):
     # A load ends with its last byte, before its big part is hashed and committed: a stop waits for that.
     monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
     main.settings.cache_clear()
-    main.services.cache_clear()
+    main.forget_services()
     waited = []
     try:
         with TestClient(main.app):
@@ -99,14 +101,14 @@ def test_a_stop_lets_the_downloads_in_flight_commit(tmp_path, monkeypatch):
         assert waited == [main.SETTLE_SECONDS]
     finally:
         main.settings.cache_clear()
-        main.services.cache_clear()
+        main.forget_services()
 
 
 def test_a_login_prepares_the_cdn_clients_in_the_background(tmp_path, monkeypatch):
     # The first load then finds cdn.yaml fetched and the CDN clients built.
     monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
     main.settings.cache_clear()
-    main.services.cache_clear()
+    main.forget_services()
     try:
         svc = main.services()
         prepared = threading.Event()
@@ -116,4 +118,36 @@ def test_a_login_prepares_the_cdn_clients_in_the_background(tmp_path, monkeypatc
         assert prepared.wait(5)
     finally:
         main.settings.cache_clear()
-        main.services.cache_clear()
+        main.forget_services()
+
+
+def test_a_newline_in_a_request_path_cannot_forge_a_log_line(client, caplog):
+    caplog.set_level(logging.INFO, logger="loader")
+    client.get("/health%0aINFO%20loader%20forged")
+    lines = [line for record in caplog.records for line in record.getMessage().splitlines()]
+    assert not [line for line in lines if line.startswith("INFO loader forged")]
+    assert any("/health\\nINFO loader forged" in line for line in lines)
+
+
+def test_two_first_requests_at_once_build_one_services(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
+    main.settings.cache_clear()
+    main.forget_services()
+    built = []
+    real = main.Services.__init__
+
+    def slow_init(self, s):
+        built.append(self)
+        time.sleep(0.2)  # long enough for the other caller to arrive while this one builds
+        real(self, s)
+
+    monkeypatch.setattr(main.Services, "__init__", slow_init)
+    try:
+        got = []
+        threads = [threading.Thread(target=lambda: got.append(main.services())) for _ in range(2)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert len(built) == 1 and got[0] is got[1]
+    finally:
+        main.settings.cache_clear()
+        main.forget_services()

@@ -201,3 +201,18 @@ def test_large_archive_writes_no_plaintext_and_stays_small(
     assert peak_mb < 250, f"peak RSS {peak_mb:.0f} MB"
     assert health, "the unlock finished before /health could be probed"
     remove_images(client, [tag])
+
+
+def test_an_unlock_with_other_credentials_leaves_the_login_session_alone(
+    tmp_path, stack, user, uploader, archive_plain, private_dockerd, clean_engine
+):
+    path, fragment = archive_plain
+    stack.set_key_fragment(fragment)
+    with unlocker(tmp_path, stack, private_dockerd, path) as loader:
+        assert loader.login(user, PASSWORD).status_code == 200  # an Operator: may not upload
+        r = loader.post("/unlock", json={"email": uploader, "password": PASSWORD})
+        assert r.status_code == 202
+        assert loader.wait_unlock()["state"] == "ready"
+        # The unlock signed in as the uploader on a session of its own: the Operator's session stays.
+        r = loader.post("/upload/x.bin", files=[("folder", (None, "models")), ("data", ("x.bin", b"x"))])
+        assert r.status_code == 403, r.text

@@ -13,7 +13,7 @@ import pytest
 import security
 from aligned_io import READ_AHEAD
 from errors import IntegrityError, PayloadTooLarge, UpstreamError
-from manifest import ManifestError
+from manifest import ManifestError, blob_size, small_size
 from tests.store_fakes import BLOCK, PART, go_offline, load, make_store
 from tests.support.wait import until
 
@@ -320,3 +320,18 @@ def test_another_folder_named_at_the_end_is_sent_there_whole(tmp_path, s3):
     assert up.finish("models") == len(data)
     assert "abort_multipart_upload" in client.calls and "upload_file" in client.calls
     assert load(store) == data
+
+
+@pytest.mark.parametrize("folder_first", [False, True])
+@pytest.mark.parametrize("size", [1000, 3 * PART])
+def test_an_upload_into_a_folder_the_cdn_does_not_have_yet_creates_its_bucket(
+    tmp_path, s3, folder_first, size
+):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(size)
+    up = store.begin_upload("m.bin", "fresh" if folder_first else None)
+    up.write(data)
+    assert up.finish("fresh") == size
+    blob = blob_size(size)
+    assert s3.head_object(Bucket="fresh", Key="m.bin.big")["ContentLength"] == blob - small_size(blob)
+    assert load(store, folder="fresh") == data

@@ -13,7 +13,6 @@ The loader's peak RSS is its VmHWM. The last line is the RESULT line:
     RESULT load_vs_awscli=<r> load_vs_rclone=<r> warm_vs_awscli=<r> warm_ttfb_ms=<n> peak_rss_mb=<n>
 """
 
-import argparse
 import os
 import shutil
 import statistics
@@ -26,10 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import MIB, arguments, awscli, random_file, runs  # noqa: E402
+
 from devstack.stack import Stack  # noqa: E402
 from tests.support.loader import LoaderProcess  # noqa: E402
 
-MIB = 1024 * 1024
 NAME = "bench.bin"
 
 
@@ -64,23 +64,9 @@ def timed_load(loader, name, expected):
 
 
 def timed_awscli(stack, name, big_size):
-    ident = stack.s3.credentials["downloader"]
-    key, secret = ident["access_key"], ident["secret_key"]
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": key,
-        "AWS_SECRET_ACCESS_KEY": secret,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    aws = str(Path(sys.executable).parent / "aws")
     start = time.perf_counter()
     with open(os.devnull, "wb") as sink:
-        subprocess.run(
-            [aws, "s3", "cp", "--endpoint-url", stack.s3_endpoint, f"s3://models/{name}.big", "-"],
-            env=env,
-            stdout=sink,
-            check=True,
-        )
+        awscli(stack, "downloader", "cp", f"s3://models/{name}.big", "-", stdout=sink)
     return big_size / (time.perf_counter() - start) / MIB
 
 
@@ -110,24 +96,15 @@ def timed_rclone(stack, name, big_size):
     return big_size / (time.perf_counter() - start) / MIB
 
 
-def runs(values):
-    return " ".join(f"{v:.1f}" for v in values)
-
-
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--runs", type=int, default=2)
-    args = parser.parse_args()
+    args = arguments(__doc__.splitlines()[0])
     size = args.size_mib * MIB
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     try:
         with Stack(work / "stack") as stack:
             stack.add_user("bench@azaion.local", "bench-Pa55", ["Operator"])
             model = work / "model.bin"
-            with open(model, "wb") as f:
-                for _ in range(args.size_mib):
-                    f.write(os.urandom(MIB))
+            random_file(model, args.size_mib)
             published = stack.publish("models", NAME, model)
             model.unlink()
             big_size = stack.s3_admin_client().head_object(Bucket="models", Key=NAME + ".big")[

@@ -10,9 +10,7 @@ identity (the plain upload, no encryption). Both read the same page-cached file.
 The loader's peak RSS is its VmHWM. The last line is the RESULT line: ``RESULT upload_vs_awscli=<ratio>``.
 """
 
-import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,10 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import MIB, arguments, awscli, random_file, runs  # noqa: E402
+
 from devstack.stack import Stack  # noqa: E402
 from tests.support.loader import LoaderProcess  # noqa: E402
 
-MIB = 1024 * 1024
 NAME = "bench-upload.bin"
 AWS_KEY = "bench-awscli.bin"
 
@@ -61,51 +60,21 @@ def timed_upload(loader, name, path, size):
 
 
 def timed_awscli(stack, path, key, size):
-    ident = stack.s3.credentials["uploader"]
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": ident["access_key"],
-        "AWS_SECRET_ACCESS_KEY": ident["secret_key"],
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    aws = str(Path(sys.executable).parent / "aws")
     start = time.perf_counter()
-    subprocess.run(
-        [
-            aws,
-            "s3",
-            "cp",
-            "--only-show-errors",
-            "--endpoint-url",
-            stack.s3_endpoint,
-            str(path),
-            f"s3://models/{key}",
-        ],
-        env=env,
-        check=True,
-    )
+    awscli(stack, "uploader", "cp", "--only-show-errors", str(path), f"s3://models/{key}")
     elapsed = time.perf_counter() - start
     stored = stack.s3_admin_client().head_object(Bucket="models", Key=key)["ContentLength"]
     assert stored == size, f"aws s3 cp stored {stored} bytes, expected {size}"
     return size / elapsed / MIB
 
 
-def runs(values):
-    return " ".join(f"{v:.1f}" for v in values)
-
-
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--runs", type=int, default=2)
-    args = parser.parse_args()
+    args = arguments(__doc__.splitlines()[0])
     size = args.size_mib * MIB
     work = Path(tempfile.mkdtemp(prefix="bench-upload-"))
     try:
         model = work / "model.bin"
-        with open(model, "wb") as f:
-            for _ in range(args.size_mib):
-                f.write(os.urandom(MIB))
+        random_file(model, args.size_mib)
         with Stack(work / "stack") as stack:
             stack.add_user("uploader@azaion.local", "bench-Pa55", ["ResourceUploader"])
             # The uploader identity may not create buckets (as in production): the admin makes "models".

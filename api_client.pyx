@@ -43,6 +43,7 @@ class ResourceApi:
         self._token = None
         self._user = None
         self._cdn_yaml = None
+        self._session = 0  # counts the logins: a renewal belongs to the one it started in
 
     # --- session ------------------------------------------------------------------------------
 
@@ -62,6 +63,7 @@ class ResourceApi:
         with self._lock:
             self._credentials, self._token, self._user = credentials, token, user
             self._cdn_yaml = None
+            self._session += 1  # a renewal still under way for the session before must not land in this one
         log.info("logged in user_id=%s roles=%s", user.id, user.role)
         return user
 
@@ -94,11 +96,13 @@ class ResourceApi:
         with self._lock:
             if self._token is not None and self._token != stale_token:
                 return self._token
-            creds = self._credentials
+            creds, session = self._credentials, self._session
         if creds is None:
             raise NotLoggedIn()
         token, user = self._fetch_token(creds)
         with self._lock:
+            if self._session != session:  # a /login came in meanwhile: its token stands
+                raise AuthError("the session changed while it was being renewed: try again")
             self._token, self._user = token, user
         log.info("session renewed user_id=%s", user.id)
         return token

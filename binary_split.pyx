@@ -14,7 +14,7 @@ import os
 import queue
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from itertools import chain
 
 import security
@@ -114,7 +114,10 @@ class ModelStore:
         self._api.credentials()
         what = f"{folder}/{name}"
         manifest = self._calls.submit(self._api.get_resource, folder, name + MANIFEST_SUFFIX)
-        small = self._api.get_resource(folder, name + SMALL_SUFFIX)
+        try:
+            small = self._api.get_resource(folder, name + SMALL_SUFFIX)
+        finally:
+            wait([manifest])  # no call of this load outlives it (a later /login must find none under way)
         try:
             raw = manifest.result()
         except NotFound:

@@ -1,4 +1,6 @@
 import json
+import threading
+import time
 
 import pytest
 import requests
@@ -197,3 +199,45 @@ def test_key_fragment_and_upload():
     api.upload("models", "m.small", b"SMALLPART")
     path, body = seen["upload"]
     assert path == "/resources/models" and b'name="data"; filename="m.small"' in body and b"SMALLPART" in body
+
+
+def test_a_renewal_for_the_session_before_never_lands_in_a_new_login():
+    other = Credentials("up@azaion.local", "pw-2")
+    claims_b = {"nameid": "u2", "unique_name": "up@azaion.local", "role": "ResourceUploader"}
+    renewing, release = threading.Event(), threading.Event()
+    logins = []
+
+    def route(method, path, body, headers):
+        if path == "/login":
+            email = json.loads(body)["email"]
+            logins.append(email)
+            if email == CREDS.email and len(logins) > 1:  # the renewal of the first session
+                renewing.set()
+                assert release.wait(10)
+            claims = CLAIMS if email == CREDS.email else claims_b
+            return 200, {
+                "token": make_token({**claims, "exp": time.time() + (3600 if len(logins) > 1 else -1)})
+            }
+        return 200, wrapped(b"small part")
+
+    api, _ = api_with(route)
+    api.login(CREDS)  # its token has expired already: the next call renews it
+    outcome = []
+    caller = threading.Thread(target=lambda: outcome.append(_outcome(api.get_resource, "models", "m.small")))
+    caller.start()
+    assert renewing.wait(10)
+    user = api.login(other)  # a new /login while the old session's renewal is under way
+    release.set()
+    caller.join(10)
+    # The new login's user, credentials and token stand (the renewal installs its user with its token),
+    # and the call that renewed for the old session fails instead of going on with the new one's token.
+    assert api.user.id == user.id == "u2" and api.credentials() is other
+    assert outcome == [AuthError]
+
+
+def _outcome(call, *args):
+    try:
+        call(*args)
+    except Exception as exc:  # noqa: BLE001 - the test looks at which
+        return type(exc)
+    return None

@@ -177,6 +177,8 @@ class ModelStore:
             self._cache.discard(folder, big_key)
             log.warning("%s/%s failed to decrypt: cache discarded", folder, big_key)
             raise
+        except OSError as exc:  # the cache disk failed under the load
+            raise storage_error(exc, f"{folder}/{big_key}") from exc
         if sent + len(last) != size:
             raise IntegrityError(f"{folder}/{big_key} decrypts to another size than its manifest says")
         if last:
@@ -240,7 +242,10 @@ def _plaintext_size(key, small, big_size, tail):
 def _primed(blocks):
     """``blocks`` with the first one already read and checked, so that a part refused at its first block
     is still an error status; the rest as they come."""
-    first = next(blocks, None)
+    try:
+        first = next(blocks, None)
+    except OSError as exc:  # the cache disk failed under the load's first block
+        raise storage_error(exc, "the model's first block") from exc
 
     def rest():
         try:

@@ -2,6 +2,7 @@
 no byte leaves a load that its manifest does not vouch for, on every path a load can take."""
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 
 import security
 from aligned_io import READ_AHEAD
-from errors import IntegrityError, PayloadTooLarge, UpstreamError
+from errors import IntegrityError, PayloadTooLarge, StorageError, UpstreamError
 from manifest import ManifestError, blob_size, small_size
 from tests.store_fakes import BLOCK, PART, go_offline, load, make_store
 from tests.support.wait import until
@@ -335,3 +336,23 @@ def test_an_upload_into_a_folder_the_cdn_does_not_have_yet_creates_its_bucket(
     blob = blob_size(size)
     assert s3.head_object(Bucket="fresh", Key="m.bin.big")["ContentLength"] == blob - small_size(blob)
     assert load(store, folder="fresh") == data
+
+
+def test_a_disk_error_under_a_load_is_a_storage_error_never_a_bare_oserror(sealed):
+    store, api, cache, data = sealed
+    calls = []
+    real = cache.hasher
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 4:  # past the checks before the answer: the load has begun to stream
+            raise OSError(errno.EIO, "Input/output error")
+        return real()
+
+    cache.hasher = failing
+    got = b""
+    plaintext = store.load("models", "m.bin")
+    with pytest.raises(StorageError, match="could not write|cache"):
+        for chunk in plaintext:
+            got += bytes(chunk)
+    assert len(got) < len(data) and data.startswith(got)

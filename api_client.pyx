@@ -101,7 +101,7 @@ class ResourceApi:
             raise NotLoggedIn()
         token, user = self._fetch_token(creds)
         with self._lock:
-            if self._session != session:  # a /login came in meanwhile: its token stands
+            if self._session != session:  # another sign-in came in meanwhile: its JWT stands
                 raise AuthError("the session changed while it was being renewed: try again")
             self._token, self._user = token, user
         log.info("session renewed user_id=%s", user.id)

@@ -1,239 +1,254 @@
-"""The Dockerfile builds and runs here: on a base image made from Debian packages (no registry pull), on
-the suite's Docker Engine. The running container answers /health from the host, runs as non-root, and
-its filesystem holds the compiled extensions but no sources, no compiler and no tests.
+"""The Dockerfile builds and runs here, for this machine's architecture and for linux/arm64 (the devices'),
+the latter under qemu emulation: each on a base image made from Debian packages for that architecture
+(no registry pull), on the suite's Docker Engine. The running container answers /health from the host,
+logs in, loads a model byte-identical to what was published, uploads one, and counts it all in /metrics,
+against the dev stack; it runs as non-root, and its filesystem holds extensions for its architecture
+only, no sources, no compiler and no tests.
+
+Every test below runs once per architecture (the module-scoped `arch` fixture); the mechanics live in
+tests/support/container_image.py. Base root filesystems and built images are cached: see `image`.
 """
 
+import base64
 import collections
-import contextlib
 import hashlib
-import io
-import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import tarfile
-import tempfile
 import time
 import uuid
-from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
+from pathlib import PurePosixPath
 
-import docker
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from devstack import crypto
+from tests.integration.conftest import PASSWORD
+from tests.support import container_image as ci
 from tests.support.docker_fixtures import unavailable
+from tests.support.loader import free_port
 
+# The first test of a group carries debootstrap and the image build when they are not cached: measured
+# on two busy cores, 4 + 13 min for arm64 (emulated), 8 min for the native build.
 pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.timeout(1800)]
+EMULATED_TIMEOUT = 5400
 
-ROOT = Path(__file__).resolve().parents[2]
-BASE_IMAGE = "azaion-loader-base:bookworm"
-ROOTFS_LABEL = "org.azaion.test.rootfs"
-CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-DEBIAN_MIRROR = os.environ.get("AZAION_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-DEBOOTSTRAP_ARGS = ["--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm"]
-# Debian point releases and security updates move on; an older tarball is rebuilt.
-CACHE_MAX_AGE = 7 * 24 * 3600
+TESTED = [ci.ARCHES[name] for name in dict.fromkeys([ci.native_arch(), "arm64"]) if name in ci.ARCHES]
 BIN_DIRS = {"bin", "sbin", "usr/bin", "usr/sbin", "usr/local/bin", "opt/venv/bin"}
 # gcc, gcc-12, x86_64-linux-gnu-gcc-12, aarch64-linux-gnu-ld ... and Cython's command-line tools.
 COMPILER = re.compile(
     r"^(?:[\w.]+-linux-gnu\w*-)?(?:cc|c\+\+|gcc|g\+\+|cpp|clang|tcc|as|ld|cython|cythonize)(?:-[\d.]+)?$"
 )
+EXTENSION = re.compile(r"\.so(?:\.[\d.]+)?$")
+MiB = 1024 * 1024
 
 
 def _log(message: str) -> None:
     print(f"[container-image] {message}", flush=True)
 
 
-def _cache_dir(tmp_path_factory) -> Path:
-    """Where the debootstrap tarball outlives the session: $AZAION_TEST_CACHE, else /var/cache."""
-    for candidate in (os.environ.get("AZAION_TEST_CACHE"), "/var/cache/azaion-loader-tests"):
-        if candidate:
-            try:
-                Path(candidate).mkdir(parents=True, exist_ok=True)
-            except OSError:
-                continue
-            if os.access(candidate, os.W_OK):
-                return Path(candidate)
-    return tmp_path_factory.mktemp("debootstrap-cache")
-
-
-def _unmount_under(root: Path) -> None:
-    # An interrupted debootstrap leaves /proc and /sys mounted in the chroot; rmtree would descend into them.
-    prefix = str(root.resolve()) + "/"
-    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-
-
-def _bookworm_rootfs(cache: Path) -> Path:
-    """A tar of `debootstrap --variant=minbase` bookworm with python3 and venv, carrying the host's CA
-    bundle (the package registries' TLS certificates are only trusted by it). Cached between runs."""
-    arch = subprocess.run(
-        ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    key = hashlib.sha256(
-        json.dumps([DEBOOTSTRAP_ARGS, DEBIAN_MIRROR, arch]).encode() + CA_BUNDLE.read_bytes()
-    ).hexdigest()[:16]
-    tarball = cache / f"bookworm-minbase-{arch}-{key}.tar"
-    if tarball.exists() and time.time() - tarball.stat().st_mtime < CACHE_MAX_AGE:
-        _log(f"debootstrap: cached {tarball}")
-        return tarball
-    for stale in cache.glob("bookworm-minbase-*.tar"):
-        stale.unlink(missing_ok=True)
-    for abandoned in cache.glob(".debootstrap-*"):
-        # Left by a killed session; a live one finishes within debootstrap's 20 min timeout.
-        if time.time() - abandoned.stat().st_mtime > 3600:
-            _unmount_under(abandoned)
-            shutil.rmtree(abandoned, ignore_errors=True)
-    # Debootstrap needs a real directory with device nodes; the tmp dir is next to the cache so the
-    # finished tarball moves into place atomically and a half-written one is never reused.
-    work = Path(tempfile.mkdtemp(prefix=".debootstrap-", dir=cache))
-    try:
-        started = time.monotonic()
-        rootfs = work / "rootfs"
-        result = subprocess.run(
-            ["debootstrap", *DEBOOTSTRAP_ARGS, str(rootfs), DEBIAN_MIRROR],
-            capture_output=True,
-            text=True,
-            timeout=1200,
-            check=False,
-        )
-        if result.returncode != 0:
-            pytest.fail(
-                f"debootstrap failed ({result.returncode}):\n{result.stdout[-3000:]}"
-                f"\n{result.stderr[-3000:]}",
-                pytrace=False,
-            )
-        _log(f"debootstrap: {time.monotonic() - started:.0f} s")
-        shutil.copyfile(CA_BUNDLE, rootfs / "etc/ssl/certs/ca-certificates.crt")
-        partial = work / "rootfs.tar"
-        subprocess.run(["tar", "--numeric-owner", "-C", str(rootfs), "-cf", str(partial), "."], check=True)
-        os.replace(partial, tarball)
-    finally:
-        _unmount_under(work)
-        shutil.rmtree(work, ignore_errors=True)
-    return tarball
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(a, id=a.name, marks=[pytest.mark.timeout(EMULATED_TIMEOUT)] if a.emulated else [])
+        for a in TESTED
+    ],
+)
+def arch(request) -> ci.Arch:
+    """The architecture the image is built for: this machine's, then arm64 through qemu."""
+    problem = ci.emulation_problem(request.param)
+    if problem:
+        unavailable(problem)
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def base_image(dockerd, tmp_path_factory) -> str:
-    """BASE_IMAGE, imported from the debootstrap tarball: the base the Dockerfile is told to use."""
+def cache(tmp_path_factory):
+    return ci.cache_dir(lambda: tmp_path_factory.mktemp("image-cache"))
+
+
+@pytest.fixture(scope="module")
+def base_image(dockerd, arch, cache) -> str:
+    """A Debian bookworm base for `arch`, from debootstrap: the base the Dockerfile is told to use."""
     if os.geteuid() != 0:
         unavailable("building the Debian base image with debootstrap needs root")
     if shutil.which("debootstrap") is None:
         unavailable("debootstrap is missing (scripts/system-deps installs it)")
-    tarball = _bookworm_rootfs(_cache_dir(tmp_path_factory))
-    client = dockerd.client(timeout=900)
-    with contextlib.suppress(docker.errors.ImageNotFound):
-        if client.images.get(BASE_IMAGE).labels.get(ROOTFS_LABEL) == tarball.name:
-            # A re-import would get a new id and throw away the engine's build cache for nothing.
-            _log(f"docker import: {BASE_IMAGE} is already this tarball")
-            return BASE_IMAGE
-    repository, tag = BASE_IMAGE.split(":")
+    try:
+        tarball = ci.bookworm_rootfs(cache, arch, log=_log)
+    except ci.BuildError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    tag = f"azaion-loader-base:bookworm-{arch}"
     started = time.monotonic()
-    raw = client.api.import_image(
-        src=str(tarball),
-        repository=repository,
-        tag=tag,
-        changes=[f"ENV PIP_CERT={CA_BUNDLE}", f"LABEL {ROOTFS_LABEL}={tarball.name}"],
-    )
-    assert "error" not in str(raw), raw
-    _log(f"docker import {BASE_IMAGE}: {time.monotonic() - started:.0f} s")
+    ci.load_base(dockerd.client(timeout=900), arch, tarball, tag)
+    _log(f"docker load {tag}: {time.monotonic() - started:.0f} s")
     # Left in place on a shared engine: it is deterministic, and another session may be building on it.
-    return BASE_IMAGE
-
-
-def _build(client, tag: str, base_image: str, target: str | None = None) -> float:
-    """`docker build --network host` of the repository (the SDK honours .dockerignore); returns seconds."""
-    started = time.monotonic()
-    output: list[str] = []
-    chunks = client.api.build(
-        path=str(ROOT),
-        tag=tag,
-        target=target,
-        buildargs={"BASE_IMAGE": base_image},
-        network_mode="host",
-        rm=True,
-        forcerm=True,
-        pull=False,
-        decode=True,
-    )
-    for chunk in chunks:
-        if "stream" in chunk:
-            output.append(chunk["stream"])
-            if chunk["stream"].startswith("Step "):
-                _log(f"{time.monotonic() - started:6.0f} s  {chunk['stream'].strip()[:100]}")
-        if "error" in chunk:
-            pytest.fail(f"docker build failed: {chunk['error']}\n{''.join(output)[-6000:]}", pytrace=False)
-    return time.monotonic() - started
+    return tag
 
 
 @pytest.fixture(scope="module")
-def image(dockerd, base_image):
-    """The image the repository's Dockerfile makes on BASE_IMAGE."""
-    client = dockerd.client(timeout=1800)
-    tag = f"azaion-loader:test-{uuid.uuid4().hex[:8]}"
-    seconds = _build(client, tag, base_image)
+def image(dockerd, arch, base_image, cache):
+    """The image the repository's Dockerfile makes on the base, for `arch`: built when the build context
+    or the base changed since the last build on this machine, else loaded from that build's archive in
+    the cache (everything below runs against it either way)."""
+    client = dockerd.client(timeout=3600)
+    tag = f"azaion-loader:test-{arch}-{uuid.uuid4().hex[:8]}"
+    try:
+        info = ci.cached_build(client, tag, base_image, arch, cache, log=_log)
+    except ci.BuildError as exc:
+        pytest.fail(str(exc), pytrace=False)
     built = client.images.get(tag)
-    _log(f"docker build: {seconds:.0f} s; image size {built.attrs['Size'] / 1e6:.0f} MB")
+    _log(
+        f"docker build {arch}: {info['build_seconds']} s{' (cached)' if info['cached'] else ''};"
+        f" image size {built.attrs['Size'] / 1e6:.0f} MB"
+    )
     yield built
     # noprune keeps the parent layers: they are the engine's build cache for the next run.
     client.images.remove(built.id, force=True, noprune=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _engine_address(host: str) -> str:
-    """Where a host-network container listens, seen from here: this machine, or a tcp engine's host."""
-    if host.startswith(("tcp://", "http://", "https://")):
-        return urlparse(host).hostname or "127.0.0.1"
-    return "127.0.0.1"
-
-
 @pytest.fixture(scope="module")
-def container(dockerd, image):
+def container(dockerd, arch, image, stack, cdn_proxy):
+    """The image running on the engine with host networking, against the dev stack on this machine (the
+    CDN behind the suite's fault proxy, as for every loader in tests/integration)."""
+    if not dockerd.host.startswith("unix://"):
+        unavailable(
+            f"the container must reach the dev stack on this machine's loopback; {dockerd.host} is not"
+        )
     client = dockerd.client()
-    port = _free_port()
+    port = free_port()
     running = client.containers.run(
         image.id,
         detach=True,
         network_mode="host",
-        environment={"LOADER_PORT": str(port)},
-        name=f"azaion-loader-test-{uuid.uuid4().hex[:8]}",
+        platform=arch.platform,
+        environment={"LOADER_PORT": str(port), "RESOURCE_API_URL": stack.api_url},
+        name=f"azaion-loader-test-{arch}-{uuid.uuid4().hex[:8]}",
     )
-    url = f"http://{_engine_address(dockerd.host)}:{port}/health"
+    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        started, limit = time.monotonic(), 180
         while True:
             running.reload()
             logs = running.logs().decode(errors="replace")
             if running.status == "exited":
                 pytest.fail(f"the container exited:\n{logs}", pytrace=False)
             try:
-                if httpx.get(url, timeout=5).status_code == 200:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no answer on {url} within 60 s:\n{logs}", pytrace=False)
+            if time.monotonic() - started > limit:
+                pytest.fail(f"no answer on {url}/health within {limit} s:\n{logs}", pytrace=False)
             time.sleep(0.5)
+        _log(f"{arch}: /health answered {time.monotonic() - started:.1f} s after the start")
         yield running, url
     finally:
         running.remove(force=True, v=True)
 
 
+@pytest.fixture(scope="module")
+def exported(dockerd, image):
+    files, machines = ci.export(dockerd.client(timeout=900), image.id)
+    top = collections.Counter(name.split("/")[0] for name in files)
+    site = sorted({n.split("/")[5] for n in files if n.startswith("opt/venv/lib/") and n.count("/") > 5})
+    _log(f"{len(files)} paths, {len(machines)} ELF files; per top-level dir: {dict(sorted(top.items()))}")
+    _log(f"/opt/venv site-packages: {site}")
+    return files, machines
+
+
+@pytest.fixture(scope="module")
+def files(exported) -> dict[str, tarfile.TarInfo]:
+    return exported[0]
+
+
+@pytest.fixture(scope="module")
+def added_files(dockerd, base_image, files) -> set[str]:
+    """What the Dockerfile put on top of the base (Debian's own docs ship an example .c file)."""
+    return set(files) - set(ci.export(dockerd.client(timeout=900), base_image)[0])
+
+
+# --- the running container --------------------------------------------------------------------------
+
+
 def test_health_answers_from_the_host(container):
     _, url = container
-    response = httpx.get(url, timeout=5)
+    response = httpx.get(url + "/health", timeout=5)
     assert response.status_code == 200
     assert response.json() == {"status": "healthy"}
+
+
+def test_runs_on_its_architecture(container, image, arch):
+    running, _ = container
+    assert (image.attrs["Os"], image.attrs["Architecture"]) == ("linux", arch.name)
+    result = running.exec_run(["python3", "-c", "import platform; print(platform.machine())"])
+    assert result.output.decode().strip() == arch.triplet.split("-")[0]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _samples(metrics_text: str) -> list:
+    return [sample for family in text_string_to_metric_families(metrics_text) for sample in family.samples]
+
+
+def test_logs_in_loads_uploads_and_counts_against_the_dev_stack(container, arch, stack, proxy):
+    running, url = container
+    http = httpx.Client(base_url=url, timeout=600)
+
+    # A sealed (format 2) model of three 4 MiB blocks, the last one partial, loaded by an operator.
+    model, published = f"image-{arch}-{uuid.uuid4().hex[:8]}.bin", os.urandom(9 * MiB + 3)
+    stack.publish("models", model, published)
+    operator = f"op-{uuid.uuid4().hex[:8]}@azaion.local"
+    stack.add_user(operator, PASSWORD, ["Operator"])
+    r = http.post("/login", json={"email": operator, "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    assert r.json()["user"]["email"] == operator and r.json()["user"]["role"] == "Operator"
+    r = http.post(f"/load/{model}", json={"folder": "models"})
+    assert r.status_code == 200, r.text
+    _log(f"{arch}: /load {model}: sha256 {_sha256(r.content)}, published {_sha256(published)}")
+    assert r.content == published and r.headers["content-length"] == str(len(published))
+    assert proxy.count("GET", f"/models/{model}.big") >= 1, "the big part came from the CDN"
+
+    # The hardware line the API bound the account to is the one read inside the container.
+    bound = next(user["hardware"] for user in stack.admin.users() if user["email"] == operator)
+    inside = running.exec_run(
+        ["python3", "-c", "import hardware_service; print(hardware_service.collect_hardware())"]
+    )
+    assert inside.exit_code == 0, inside.output.decode(errors="replace")
+    _log(f"{arch}: hardware line {bound!r}")
+    assert inside.output.decode().strip() == bound and bound.startswith("CPU: ")
+
+    # An upload, read back through the container and, as any other reader would, through the contract.
+    uploaded, name = os.urandom(5 * MiB + 7), f"image-{arch}-{uuid.uuid4().hex[:8]}-up.bin"
+    uploader = f"up-{uuid.uuid4().hex[:8]}@azaion.local"
+    stack.add_user(uploader, PASSWORD, ["ResourceUploader"])
+    assert http.post("/login", json={"email": uploader, "password": PASSWORD}).status_code == 200
+    r = http.post(f"/upload/{name}", files={"data": (name, uploaded)}, data={"folder": "models"})
+    assert r.status_code == 200 and r.json() == {"status": "ok", "size": len(uploaded)}, r.text
+    small = stack.admin.get_file("models", name + ".small")
+    big = stack.s3_admin_client().get_object(Bucket="models", Key=name + ".big")["Body"].read()
+    key = base64.b64decode(stack.manifest("models", name)["key"])
+    assert crypto.decrypt(key, small + big) == uploaded
+    r = http.post(f"/load/{name}", json={"folder": "models"})
+    _log(f"{arch}: /upload {name}: sha256 {_sha256(uploaded)}; loaded back: {_sha256(r.content)}")
+    assert r.status_code == 200 and r.content == uploaded
+
+    # /metrics counts exactly that.
+    r = http.get("/metrics")
+    assert r.status_code == 200
+    samples = _samples(r.text)
+    value = {s.name: s.value for s in samples if not s.labels}
+    assert value["loader_bytes_loaded_total"] == len(published) + len(uploaded)
+    assert value["loader_bytes_uploaded_total"] == len(uploaded)
+    ok = collections.Counter()
+    for s in samples:
+        if s.name == "loader_requests_total" and (s.labels["method"], s.labels["status"]) == ("POST", "200"):
+            ok[s.labels["route"].split("/")[1]] += int(s.value)
+    assert (ok["login"], ok["load"], ok["upload"]) == (2, 2, 1), ok
 
 
 def test_healthcheck_command_passes_inside(container, image):
@@ -267,62 +282,39 @@ def test_configuration_for_a_device(image):
     assert {env["MODEL_CACHE_DIR"], str(PurePosixPath(env["IMAGES_PATH"]).parent)} <= set(config["Volumes"])
 
 
-def _export_names(client, image: str) -> dict[str, tarfile.TarInfo]:
-    """Every path in `image` (a `docker export` of a created, never started container), read as it streams."""
-    created = client.containers.create(image, command=["/none"])
-    try:
-        stream = io.BufferedReader(_IterStream(created.export()), buffer_size=1 << 20)
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            return {member.name.removeprefix("./").rstrip("/"): member for member in tar}
-    finally:
-        created.remove(force=True, v=True)
+# --- what the image holds ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def files(dockerd, image) -> dict[str, tarfile.TarInfo]:
-    names = _export_names(dockerd.client(timeout=900), image.id)
-    top = collections.Counter(name.split("/")[0] for name in names)
-    site = sorted({n.split("/")[5] for n in names if n.startswith("opt/venv/lib/") and n.count("/") > 5})
-    _log(f"{len(names)} paths; per top-level dir: {dict(sorted(top.items()))}")
-    _log(f"/opt/venv site-packages: {site}")
-    return names
-
-
-@pytest.fixture(scope="module")
-def added_files(dockerd, base_image, files) -> set[str]:
-    """What the Dockerfile put on top of the base (Debian's own docs ship an example .c file)."""
-    return set(files) - set(_export_names(dockerd.client(timeout=900), base_image))
-
-
-class _IterStream(io.RawIOBase):
-    """A file object over an iterator of byte chunks."""
-
-    def __init__(self, chunks):
-        self._chunks = iter(chunks)
-        self._pending = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while not self._pending:
-            try:
-                self._pending = next(self._chunks)
-            except StopIteration:
-                return 0
-        size = min(len(buffer), len(self._pending))
-        buffer[:size], self._pending = self._pending[:size], self._pending[size:]
-        return size
-
-
-def test_app_is_main_py_and_every_compiled_module(files):
-    modules = sorted(p.stem for p in ROOT.glob("*.pyx"))
+def test_app_is_main_py_and_every_compiled_module(files, arch):
+    modules = sorted(p.stem for p in ci.ROOT.glob("*.pyx"))
     app = sorted(name.removeprefix("app/") for name in files if name.startswith("app/"))
     _log(f"/app: {app}")
     assert "main.py" in app
     for module in modules:
-        assert any(f.startswith(f"{module}.cpython-") and f.endswith(".so") for f in app), (module, app)
+        assert any(f.startswith(f"{module}.cpython-") and f.endswith(f"-{arch.triplet}.so") for f in app), (
+            module,
+            app,
+        )
     assert set(app) == {"main.py"} | {f for f in app if f.endswith(".so")}, "only main.py and .so in /app"
+
+
+def test_every_extension_and_program_is_for_its_architecture(exported, arch):
+    """ELF headers read from the image itself (no readelf or file needed): the loader's extensions, every
+    extension the venv's wheels brought, and every program and library of the base."""
+    files, machines = exported
+    extensions = sorted(
+        name
+        for name, info in files.items()
+        if info.isreg() and name.startswith(("app/", "opt/venv/")) and EXTENSION.search(name)
+    )
+    assert len(extensions) > len(list(ci.ROOT.glob("*.pyx"))), extensions
+    not_elf = [name for name in extensions if name not in machines]
+    assert not not_elf, f"extensions that are not ELF: {not_elf}"
+    foreign = sorted(
+        f"{name}: e_machine {machine:#x}" for name, machine in machines.items() if machine != arch.elf_machine
+    )
+    _log(f"{arch}: {len(extensions)} extensions, {len(machines)} ELF files")
+    assert not foreign, f"not {arch} (e_machine {arch.elf_machine:#x}): {foreign}"
 
 
 def test_no_source_code_added(added_files):
@@ -349,17 +341,24 @@ def test_no_compiler_or_build_tools(files):
     assert not any(name.startswith("opt/build") for name in files), "the build venv stays in the build stage"
 
 
-def test_compiler_check_finds_the_build_stage_compiler(dockerd, base_image, image):
-    """The check above can fail: the build stage (cached by the image build) does hold a compiler."""
-    client = dockerd.client(timeout=1800)
-    tag = f"azaion-loader-build:test-{uuid.uuid4().hex[:8]}"
-    _build(client, tag, base_image, target="build")
-    try:
-        compilers = _compilers(_export_names(client, tag))
-    finally:
-        client.images.remove(tag, force=True, noprune=True)
-    assert any(name.endswith("bin/gcc") for name in compilers), compilers
-
-
 def test_no_tests(files):
     assert not [name for name in files if name.split("/")[:2] in (["app", "tests"], ["tests"])]
+
+
+# Natively only: the check does not depend on the architecture. After a build of the image the build
+# stage is in the engine's cache; after that, in the archive cache beside the image.
+@pytest.mark.parametrize("arch", [a for a in TESTED if not a.emulated], ids=str, indirect=True)
+def test_compiler_check_finds_the_build_stage_compiler(dockerd, arch, base_image, image, cache):
+    """The check above can fail: the build stage does hold a compiler."""
+    client = dockerd.client(timeout=1800)
+    tag = f"azaion-loader-build:test-{uuid.uuid4().hex[:8]}"
+    try:
+        ci.cached_build(client, tag, base_image, arch, cache, target="build", log=_log)
+    except ci.BuildError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    stage = client.images.get(tag)
+    try:
+        compilers = _compilers(ci.export(client, stage.id)[0])
+    finally:
+        client.images.remove(stage.id, force=True, noprune=True)
+    assert any(name.endswith("bin/gcc") for name in compilers), compilers

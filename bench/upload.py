@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from common import MIB, arguments, awscli, random_file, runs  # noqa: E402
 
+from devstack.loader import LoaderProcess  # noqa: E402
 from devstack.stack import Stack  # noqa: E402
-from tests.support.loader import LoaderProcess  # noqa: E402
 
 NAME = "bench-upload.bin"
 AWS_KEY = "bench-awscli.bin"

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from devstack.dockerd import Dockerd, import_image, running_engine
 from devstack.images import publish_images
 from devstack.seed import (
     DEMO_FOLDER,
@@ -24,7 +25,6 @@ from devstack.seed import (
     seed,
 )
 from devstack.stack import REPO_ROOT, Stack
-from tests.support.dockerd import Dockerd, import_image, running_engine
 
 DEMO_IMAGE = "azaion/demo-app:1.0"
 

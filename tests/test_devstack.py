@@ -21,6 +21,7 @@ from botocore.exceptions import ClientError, ResponseStreamingError
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from devstack import crypto
+from devstack.faultproxy import FaultProxy
 from devstack.seaweed import SeaweedFS
 from devstack.seed import (
     DEMO_FOLDER,
@@ -33,7 +34,6 @@ from devstack.seed import (
 )
 from devstack.split import MANIFEST_BLOCK_SIZE, BigPartDigests, publish_resource, small_size
 from devstack.stack import Stack
-from tests.support.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.integration
 

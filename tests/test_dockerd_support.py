@@ -1,4 +1,4 @@
-"""The test suite's Docker Engine helper (tests/support/dockerd.py) does what the unlock tests rely on."""
+"""The test suite's Docker Engine helper (devstack/dockerd.py) does what the unlock tests rely on."""
 
 import io
 import tarfile
@@ -7,7 +7,7 @@ import uuid
 import pytest
 from docker.errors import DockerException
 
-from tests.support.dockerd import import_image
+from devstack.dockerd import import_image
 
 pytestmark = pytest.mark.docker
 

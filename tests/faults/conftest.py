@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from devstack.loader import LoaderProcess
 from tests.integration import conftest as integration
 from tests.support.docker_fixtures import unavailable
-from tests.support.loader import LoaderProcess
 
 # The integration fixtures, re-exported: pytest finds a conftest's fixtures by its attributes.
 stack = integration.stack

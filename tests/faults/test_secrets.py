@@ -14,9 +14,9 @@ import requests
 
 import hardware_service
 import security
+from devstack.dockerd import import_image
 from devstack.images import publish_images
 from tests.faults.conftest import MiB, model_name, start_loader
-from tests.support.dockerd import import_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 

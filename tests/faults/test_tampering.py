@@ -23,8 +23,8 @@ import requests
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from devstack import crypto
+from devstack.loader import LoaderProcess
 from tests.faults.conftest import PASSWORD
-from tests.support.loader import LoaderProcess
 
 pytestmark = pytest.mark.integration
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from devstack.dockerd import import_image, remove_images
 from devstack.images import publish_images
 from tests.faults.conftest import PASSWORD, MiB, start_loader
-from tests.support.dockerd import import_image, remove_images
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 

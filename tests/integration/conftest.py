@@ -5,9 +5,9 @@ import uuid
 
 import pytest
 
+from devstack.faultproxy import FaultProxy
+from devstack.loader import LoaderProcess
 from devstack.stack import Stack
-from tests.support.faultproxy import FaultProxy
-from tests.support.loader import LoaderProcess
 
 PASSWORD = "Pa55-word!"
 

@@ -25,10 +25,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack import crypto
+from devstack.loader import free_port
 from tests.integration.conftest import PASSWORD
 from tests.support import container_image as ci
 from tests.support.docker_fixtures import unavailable
-from tests.support.loader import free_port
 
 # The first test of a group carries debootstrap and the image build when they are not cached: measured
 # on two busy cores, 4 + 13 min for arm64 (emulated), 8 min for the native build.

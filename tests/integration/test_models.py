@@ -11,9 +11,9 @@ import time
 import pytest
 import requests
 
+from devstack.loader import LoaderProcess, free_port, proc_field
 from download import segments
 from tests.integration.conftest import PASSWORD
-from tests.support.loader import LoaderProcess, free_port, proc_field
 
 pytestmark = pytest.mark.integration
 

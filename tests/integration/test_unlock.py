@@ -7,10 +7,10 @@ import time
 import pytest
 
 from devstack import crypto
+from devstack.dockerd import import_image, remove_images
 from devstack.images import publish_images
+from devstack.loader import LoaderProcess, proc_field
 from tests.integration.conftest import PASSWORD
-from tests.support.dockerd import import_image, remove_images
-from tests.support.loader import LoaderProcess, proc_field
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def proc_field(pid, name, file="status"):
@@ -92,11 +92,11 @@ class LoaderProcess:
 
     def post(self, path, **kw):
         kw.setdefault("timeout", 120)
-        return requests.post(self.url + path, **kw)
+        return requests.post(self.url + path, **kw)  # noqa: S113 - the timeout is set above
 
     def get(self, path, **kw):
         kw.setdefault("timeout", 30)
-        return requests.get(self.url + path, **kw)
+        return requests.get(self.url + path, **kw)  # noqa: S113 - the timeout is set above
 
     def wait_unlock(self, timeout=600):
         """Poll /unlock/status until the unlock is ready or in error; its final status."""

@@ -2,9 +2,11 @@
 """Client of the Resource API (contract section 3).
 
 Holds the session: credentials and token in memory only, the user read from the JWT, and the CDN
-configuration fetched after login. Every call has a timeout; connection failures and 502/503/504 are
-retried with bounded backoff; a 401 renews the token with one fresh login and retries once.
-requests' exceptions never leave this module: answers map to the ``errors`` hierarchy.
+configuration fetched after login. Every call has a timeout. Retries are urllib3's ``Retry`` mounted on the
+session, with the numbers of ``constants`` (API_*): connection failures, timeouts before the answer and
+502/503/504 are tried again with backoff, and a Retry-After is honoured. A 401 renews the token with one
+fresh login and retries once. requests' exceptions never leave this module: answers map to the ``errors``
+hierarchy, each failure logged at DEBUG with its cause.
 """
 
 import logging
@@ -13,9 +15,12 @@ import time
 
 import jwt
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ReadTimeoutError
+from urllib3.util.retry import Retry
 
 import security
-from constants import CDN_CONFIG_NAME
+from constants import API_ATTEMPTS, API_BACKOFF, API_RETRY_AFTER_MAX, API_RETRY_STATUSES, CDN_CONFIG_NAME
 from credentials import Credentials
 from errors import (AuthError, Forbidden, HardwareMismatch, NotFound, NotLoggedIn, UpstreamError,
                     UpstreamTimeout)
@@ -23,21 +28,53 @@ from user import User
 
 log = logging.getLogger("loader.api")
 
-RETRY_STATUSES = frozenset((502, 503, 504))
 # Small parts are at most 3072 bytes and cdn.yaml is tiny: anything far larger is not a valid answer.
 MAX_SMALL_ANSWER = 1024 * 1024
+
+
+class _LoggedRetry(Retry):
+    """urllib3's Retry, telling each retry in the loader's log: urllib3 itself tells a retried status only
+    at DEBUG (main.py drops its own line for a retried connection, which this one replaces)."""
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)  # raises when spent
+        why = type(error).__name__ if error is not None else f"status {response.status}"
+        log.warning("%s %s attempt %d: %s: retrying", method, url, len(retry.history), why)
+        return retry
+
+
+def _session(attempts, backoff):
+    """A requests session whose every call is retried by the Resource API's one policy (constants API_*)."""
+    retry = _LoggedRetry(
+        total=max(1, int(attempts)) - 1,
+        backoff_factor=backoff,
+        status_forcelist=API_RETRY_STATUSES,
+        allowed_methods=None,  # POSTs too: every call of the contract is idempotent
+        raise_on_status=False,  # the last answer is returned, and mapped like any other
+        retry_after_max=API_RETRY_AFTER_MAX,
+    )
+    http = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    http.mount("http://", adapter)
+    http.mount("https://", adapter)
+    return http
+
+
+def _timed_out(exc):
+    """A timeout, also one urllib3 gave up retrying (requests then raises a ConnectionError around it)."""
+    if isinstance(exc, requests.Timeout):
+        return True
+    return isinstance(getattr(exc.args[0] if exc.args else None, "reason", None), ReadTimeoutError)
 
 
 class ResourceApi:
     """One logged-in session against the Resource API. Thread-safe."""
 
-    def __init__(self, base_url, hardware, *, timeout=(5.0, 30.0), attempts=3, backoff=0.25, session=None):
+    def __init__(self, base_url, hardware, *, timeout=(5.0, 30.0), attempts=API_ATTEMPTS, backoff=API_BACKOFF):
         self._base = base_url.rstrip("/")
         self._hardware = hardware  # a callable giving the hardware line, read once when first needed
         self._timeout = timeout
-        self._attempts = max(1, int(attempts))
-        self._backoff = backoff
-        self._http = session if session is not None else requests.Session()
+        self._http = _session(attempts, backoff)
         self._lock = threading.Lock()
         self._credentials = None
         self._token = None
@@ -87,7 +124,10 @@ class ResourceApi:
             claims = jwt.decode(token, options={"verify_signature": False})
             if not isinstance(claims, dict):
                 raise TypeError
-        except (ValueError, KeyError, TypeError, jwt.PyJWTError):
+        except (ValueError, KeyError, TypeError, jwt.PyJWTError) as exc:
+            # The answer holds the token, which a parse error may quote: only the error's type is logged,
+            # and it is not kept as the cause.
+            log.debug("POST /login: the answer did not parse (%s)", type(exc).__name__)
             raise UpstreamError("the Resource API's sign-in answer carries no valid JWT") from None
         return token, User.from_claims(claims)
 
@@ -158,9 +198,11 @@ class ResourceApi:
             try:
                 text = self.get_resource("", CDN_CONFIG_NAME).decode("utf-8")
             except UnicodeDecodeError:
+                # The error holds the whole text, CDN secrets and all: it is not kept as the cause.
+                log.debug("cdn.yaml is not UTF-8")
                 raise UpstreamError("cdn.yaml from the Resource API is not UTF-8 text") from None
-            except NotFound:
-                raise UpstreamError("the Resource API has no cdn.yaml: the CDN is not configured") from None
+            except NotFound as exc:
+                raise UpstreamError("the Resource API has no cdn.yaml: the CDN is not configured") from exc
             self._cdn_yaml = text
         return text
 
@@ -177,27 +219,14 @@ class ResourceApi:
 
     def _send(self, method, path, token, **kwargs):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        url = self._base + path
-        last = None
-        for attempt in range(self._attempts):
-            if attempt:
-                time.sleep(self._backoff * (2 ** (attempt - 1)))
-            try:
-                resp = self._http.request(method, url, headers=headers, timeout=self._timeout, **kwargs)
-            except requests.Timeout as exc:
-                last = UpstreamTimeout(f"the Resource API did not answer {method} {path} in time")
-                log.warning("%s %s attempt %d: timeout (%s)", method, path, attempt + 1, type(exc).__name__)
-                continue
-            except requests.RequestException as exc:
-                last = UpstreamError(f"the Resource API is unreachable ({type(exc).__name__})")
-                log.warning("%s %s attempt %d: %s", method, path, attempt + 1, type(exc).__name__)
-                continue
-            if resp.status_code in RETRY_STATUSES and attempt + 1 < self._attempts:
-                log.warning("%s %s attempt %d: status %d", method, path, attempt + 1, resp.status_code)
-                resp.close()
-                continue
-            return resp
-        raise last
+        try:
+            return self._http.request(method, self._base + path, headers=headers, timeout=self._timeout,
+                                      **kwargs)
+        except requests.RequestException as exc:
+            log.debug("%s %s failed", method, path, exc_info=True)
+            if _timed_out(exc):
+                raise UpstreamTimeout(f"the Resource API did not answer {method} {path} in time") from exc
+            raise UpstreamError(f"the Resource API is unreachable ({type(exc).__name__})") from exc
 
     @staticmethod
     def _read_capped(resp, limit):
@@ -209,7 +238,8 @@ class ResourceApi:
                     raise UpstreamError("the Resource API sent an answer far larger than expected")
                 chunks.append(chunk)
         except requests.RequestException as exc:
-            raise UpstreamError(f"the Resource API answer broke off ({type(exc).__name__})") from None
+            log.debug("%s %s: the answer broke off", resp.request.method, resp.request.path_url, exc_info=True)
+            raise UpstreamError(f"the Resource API answer broke off ({type(exc).__name__})") from exc
         return b"".join(chunks)
 
     @staticmethod

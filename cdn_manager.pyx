@@ -4,13 +4,20 @@
 ``CdnManager`` wraps two injected boto3 clients: the downloader identity for HEAD/GET, the uploader
 identity for PUT. ``fill`` reads a range of an object straight into a caller's buffer; an interrupted
 transfer is resumed with a ranged GET pinned to the ETag (``IfMatch``), so a resumed download can never
-splice two versions of an object. botocore's and boto3's exceptions never leave this module.
+splice two versions of an object.
+
+One retry policy (constants CDN_*): botocore's standard mode retries a request that fails; a body cut off
+mid-stream, which botocore does not retry, is resumed a bounded number of times with backoff. Nothing
+retries on top of botocore. botocore's and boto3's exceptions never leave this module: each becomes the
+``errors`` hierarchy, its cause kept and logged at DEBUG with the operation.
 """
 
 import http.client
 import logging
 import os
+import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
@@ -21,14 +28,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 from botocore.response import StreamingBody
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from constants import CHUNK_SIZE
+from constants import CDN_ATTEMPTS, CDN_RESUME_BACKOFF, CDN_RESUMES, CHUNK_SIZE
 from errors import IntegrityError, NotFound, StorageError, UpstreamError, storage_error
 
 log = logging.getLogger("loader.cdn")
 
 # Errors while a body streams in that a ranged GET from the current offset can cure.
 STREAM_ERRORS = (BotoCoreError, Urllib3Error, http.client.HTTPException, OSError)
-RESUME_ATTEMPTS = 5
 # Uploads: parts of this size, this many in flight (in memory) at once.
 UPLOAD_PART = 16 * 1024 * 1024
 UPLOAD_CONCURRENCY = 4
@@ -50,7 +56,10 @@ class CdnConfig:
     def from_yaml(cls, text):
         try:
             data = yaml.safe_load(text)
-        except yaml.YAMLError:
+        except yaml.YAMLError as exc:
+            # A YAML error quotes the text around the fault, which may be a CDN key or secret: only its type
+            # is logged, and it is not kept as the cause.
+            log.debug("cdn.yaml did not parse (%s)", type(exc).__name__)
             raise UpstreamError("cdn.yaml is not valid YAML") from None
         if not isinstance(data, dict):
             raise UpstreamError("cdn.yaml is not a mapping")
@@ -66,7 +75,7 @@ class CdnConfig:
         key, secret = self.downloader if identity == "downloader" else self.uploader
         config = Config(
             s3={"addressing_style": "path"},
-            retries={"max_attempts": 4, "mode": "standard"},
+            retries={"total_max_attempts": CDN_ATTEMPTS, "mode": "standard"},  # the one retry of a request
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             max_pool_connections=pool,
@@ -107,7 +116,7 @@ class CdnManager:
     """S3 operations with the downloader and uploader clients (injected, or built from a CdnConfig)."""
 
     def __init__(self, config=None, *, download_client=None, upload_client=None, chunk_size=CHUNK_SIZE,
-                 part_size=UPLOAD_PART):
+                 part_size=UPLOAD_PART, resumes=CDN_RESUMES, resume_backoff=CDN_RESUME_BACKOFF):
         if download_client is None or upload_client is None:
             if config is None:
                 raise ValueError("a CdnConfig or both clients are required")
@@ -115,22 +124,19 @@ class CdnManager:
         self._upload = upload_client or config.client("uploader")
         self.chunk_size = chunk_size
         self.part_size = part_size
+        self.resumes = resumes
+        self.resume_backoff = resume_backoff
 
     def head(self, bucket, key):
         try:
             r = self._download.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            raise _map_client_error(exc, f"{bucket}/{key}") from None
+            log.debug("HEAD %s/%s failed", bucket, key, exc_info=True)
+            raise _map_client_error(exc, f"{bucket}/{key}") from exc
         except BotoCoreError as exc:
-            raise UpstreamError(f"the CDN is unreachable ({type(exc).__name__})") from None
+            log.debug("HEAD %s/%s failed", bucket, key, exc_info=True)
+            raise UpstreamError(f"the CDN is unreachable ({type(exc).__name__})") from exc
         return ObjectInfo(r["ContentLength"], r["ETag"])
-
-    def iter_object(self, bucket, key, info, start=0, end=None):
-        """Yield bytes ``start``..``end`` (default: to the end) of the object as chunks of bytes; resume
-        interrupted transfers from where they broke off, pinned to ``info.etag``."""
-        buf = memoryview(bytearray(self.chunk_size))
-        for n in self.fill(bucket, key, info, buf, start, end):
-            yield bytes(buf[:n])
 
     def fill(self, bucket, key, info, buf, start=0, end=None):
         """Read bytes ``start``..``end`` of the object into ``buf``, one buffer at a time: each step yields
@@ -139,27 +145,28 @@ class CdnManager:
         Where botocore has nothing to check in the body (no checksum came with it), the bytes go from the
         socket straight into ``buf``: no chunk objects, no copies. A transfer that breaks off is resumed
         from the first byte missing, pinned to ``info.etag``, so a resumed download can never splice two
-        versions of an object.
+        versions of an object; at most ``resumes`` times, the n-th after a random wait of up to
+        ``resume_backoff * 2 ** (n - 1)`` seconds.
         """
         end = info.size if end is None else end
         cdef long long pos = start  # the object offset of buf[0]
         cdef Py_ssize_t n = 0  # bytes in buf, not yet handed out
         cdef Py_ssize_t want, got
-        failures = 0
+        cdef int resumes = 0
         while pos + n < end:
             try:
+                # botocore has retried a request that failed (CDN_ATTEMPTS in all): a failure here is final.
                 r = self._download.get_object(Bucket=bucket, Key=key, IfMatch=info.etag,
                                               Range=f"bytes={pos + n}-{end - 1}")
             except ClientError as exc:
-                raise _map_client_error(exc, f"{bucket}/{key}") from None
+                log.debug("GET %s/%s at %d failed", bucket, key, pos + n, exc_info=True)
+                raise _map_client_error(exc, f"{bucket}/{key}") from exc
             except BotoCoreError as exc:
-                failures += 1
-                if failures > RESUME_ATTEMPTS:
-                    raise UpstreamError(f"the CDN is unreachable ({type(exc).__name__})") from None
-                log.warning("GET %s/%s at %d failed (%s): retrying", bucket, key, pos + n, type(exc).__name__)
-                continue
+                log.debug("GET %s/%s at %d failed", bucket, key, pos + n, exc_info=True)
+                raise UpstreamError(f"the CDN is unreachable ({type(exc).__name__})") from exc
             body = r["Body"]
             asked = end - pos - n
+            cut = broke = None  # why the body broke off, when it did
             try:
                 if r.get("ContentLength", asked) != asked:
                     raise IntegrityError(f"the CDN answered a ranged GET of {bucket}/{key} with "
@@ -181,18 +188,21 @@ class CdnManager:
                         pos += n
                         n = 0
                 if pos + n < end:
-                    log.warning("GET %s/%s ended early at %d of %d: resuming", bucket, key, pos + n, end)
+                    cut = "it ended early"
                 elif (body if sock is None else body._raw_stream).read(1):  # also frees the connection
                     raise IntegrityError(f"the CDN sent more bytes than asked of {bucket}/{key}")
             except STREAM_ERRORS as exc:
-                log.warning("GET %s/%s broke off at %d (%s): resuming", bucket, key, pos + n,
-                            type(exc).__name__)
+                log.debug("GET %s/%s broke off at %d", bucket, key, pos + n, exc_info=True)
+                cut, broke = type(exc).__name__, exc
             finally:
                 body.close()
             if pos + n < end:
-                failures += 1
-                if failures > RESUME_ATTEMPTS:
-                    raise UpstreamError(f"the CDN transfer of {bucket}/{key} kept breaking off")
+                resumes += 1
+                if resumes > self.resumes:
+                    raise UpstreamError(f"the CDN transfer of {bucket}/{key} kept breaking off") from broke
+                log.warning("GET %s/%s broke off at %d of %d (%s): resuming (%d of %d)", bucket, key, pos + n,
+                            end, cut, resumes, self.resumes)
+                time.sleep(random.random() * self.resume_backoff * 2 ** (resumes - 1))
 
     def part_upload(self, bucket, key, path):
         """A PartUpload of ``path`` (still being written) to ``bucket/key`` with the uploader identity."""
@@ -214,9 +224,14 @@ class CdnManager:
                 self._upload.upload_file(path, bucket, key, Config=config)
             return self.head(bucket, key).etag
         except ClientError as exc:
-            raise _map_client_error(exc, f"{bucket}/{key}") from None
+            log.debug("upload of %s/%s failed", bucket, key, exc_info=True)
+            raise _map_client_error(exc, f"{bucket}/{key}") from exc
         except (BotoCoreError, boto3.exceptions.S3UploadFailedError) as exc:
-            raise UpstreamError(f"the CDN upload of {bucket}/{key} failed ({type(exc).__name__})") from None
+            log.debug("upload of %s/%s failed", bucket, key, exc_info=True)
+            raise UpstreamError(f"the CDN upload of {bucket}/{key} failed ({type(exc).__name__})") from exc
+        except OSError as exc:  # reading the staged file
+            log.debug("upload of %s/%s failed", bucket, key, exc_info=True)
+            raise storage_error(exc, "the upload") from exc
 
 
 class PartUpload:
@@ -241,10 +256,12 @@ class PartUpload:
         try:
             return call(Bucket=self.bucket, Key=self.key, **kw)
         except ClientError as exc:
-            raise _map_client_error(exc, f"{self.bucket}/{self.key}") from None
+            log.debug("upload of %s/%s failed at %s", self.bucket, self.key, what, exc_info=True)
+            raise _map_client_error(exc, f"{self.bucket}/{self.key}") from exc
         except BotoCoreError as exc:
+            log.debug("upload of %s/%s failed at %s", self.bucket, self.key, what, exc_info=True)
             raise UpstreamError(f"the CDN upload of {self.bucket}/{self.key} failed at {what} "
-                                f"({type(exc).__name__})") from None
+                                f"({type(exc).__name__})") from exc
 
     def _start(self):
         try:
@@ -309,7 +326,11 @@ class PartUpload:
         return r["ETag"]
 
     def _put(self):
-        with open(self._path, "rb") as f:
+        try:
+            f = open(self._path, "rb")
+        except OSError as exc:
+            raise storage_error(exc, "the upload") from exc
+        with f:
             return self._call("its PUT", self._client.put_object, Body=f)["ETag"]
 
     def abort(self):
@@ -335,9 +356,11 @@ def _create_bucket(client, bucket):
         client.create_bucket(Bucket=bucket)
     except ClientError as exc:
         if _error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-            raise _map_client_error(exc, bucket) from None
+            log.debug("creating the bucket %s failed", bucket, exc_info=True)
+            raise _map_client_error(exc, bucket) from exc
     except BotoCoreError as exc:
-        raise UpstreamError(f"the CDN could not create the bucket {bucket} ({type(exc).__name__})") from None
+        log.debug("creating the bucket %s failed", bucket, exc_info=True)
+        raise UpstreamError(f"the CDN could not create the bucket {bucket} ({type(exc).__name__})") from exc
 
 
 def _socket_reader(body):

@@ -1,8 +1,9 @@
 # cython: language_level=3, embedsignature=True
-"""Names and numbers fixed by the wire contract (docs/contract.md).
+"""Names and numbers fixed by the wire contract (docs/contract.md), and the retry policy of each upstream.
 
 Everything here is a plain constant: the split sizes, the manifest's block, the compiled-in resource key
-string, the name rules and the role sets. The configuration (names and defaults) is main.py's Settings.
+string, the name rules, the role sets and the retries. The configuration (names and defaults) is main.py's
+Settings.
 """
 
 # The binary split: the small part is min(SPLIT_SMALL_MAX, floor(0.3 * len(blob))) bytes.
@@ -43,13 +44,25 @@ BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 # The root folder of the Resource API holds cdn.yaml.
 CDN_CONFIG_NAME = "cdn.yaml"
 
-# Roles (contract section 3). Any other role text is kept as it is.
-ROLE_OPERATOR = "Operator"
-ROLE_VALIDATOR = "Validator"
-ROLE_COMPANION_PC = "CompanionPC"
-ROLE_ADMIN = "Admin"
-ROLE_RESOURCE_UPLOADER = "ResourceUploader"
-ROLE_API_ADMIN = "ApiAdmin"
-KNOWN_ROLES = (ROLE_OPERATOR, ROLE_VALIDATOR, ROLE_COMPANION_PC, ROLE_ADMIN, ROLE_RESOURCE_UPLOADER,
-               ROLE_API_ADMIN)
-UPLOAD_ROLES = frozenset((ROLE_ADMIN, ROLE_RESOURCE_UPLOADER, ROLE_API_ADMIN))
+# Roles that may upload (contract section 3). The others (Operator, Validator, CompanionPC, and any role
+# text the contract does not name) are kept as they are and may load only.
+UPLOAD_ROLES = frozenset(("Admin", "ResourceUploader", "ApiAdmin"))
+
+# --- Retries: one policy per upstream, all its numbers here (README, "Retries") ---------------------------
+# The Resource API (api_client: urllib3's Retry on the requests session). A call is tried API_ATTEMPTS times
+# in all when it cannot connect, times out before the answer, or is answered with one of API_RETRY_STATUSES.
+# urllib3 sends the first retry at once and waits API_BACKOFF * 2 ** (n - 1) s before the n-th (0.5 s before
+# the third); a Retry-After is honoured instead, up to API_RETRY_AFTER_MAX s. Every call is retried, POSTs
+# too: each is idempotent (a sign-in, a read, a store of the same file under the same name).
+API_ATTEMPTS = 3
+API_BACKOFF = 0.25
+API_RETRY_STATUSES = (502, 503, 504)
+API_RETRY_AFTER_MAX = 10
+# The CDN (cdn_manager: botocore's "standard" mode). Each S3 request is tried CDN_ATTEMPTS times in all on a
+# connection error, a timeout, a 5xx or throttling, after botocore's jittered exponential backoff. A body
+# cut off mid-stream, which botocore does not retry, is resumed from its first missing byte (a ranged GET
+# pinned to the ETag) at most CDN_RESUMES times per segment, after a random wait of up to
+# CDN_RESUME_BACKOFF * 2 ** (n - 1) s before the n-th resume. Nothing else retries a CDN request.
+CDN_ATTEMPTS = 5  # botocore's total_max_attempts: its max_attempts would count the retries alone
+CDN_RESUMES = 3
+CDN_RESUME_BACKOFF = 0.25

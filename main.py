@@ -626,6 +626,12 @@ def metrics() -> Metrics:
     return Metrics()
 
 
+def _told_by_api_client(record: logging.LogRecord) -> bool:
+    """urllib3 warns of each retry after a broken connection; api_client tells every retry (broken or not)
+    in the loader's own words, so urllib3's line would say it twice."""
+    return not record.getMessage().startswith("Retrying (")
+
+
 def main() -> None:
     import uvicorn
 
@@ -636,6 +642,7 @@ def main() -> None:
     # stays at INFO at most.
     for name in ("botocore", "boto3", "s3transfer", "urllib3", "docker"):
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
+    logging.getLogger("urllib3.connectionpool").addFilter(_told_by_api_client)
     uvicorn.run(
         app,
         host=s.loader_host,

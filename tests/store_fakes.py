@@ -126,6 +126,7 @@ def make_store(
         upload_client=upload_client or s3,
         chunk_size=64 * 1024,
         part_size=PART,
+        resume_backoff=0,
     )
     options.setdefault("block_size", BLOCK)
     return ModelStore(api, cache, cdn_factory=lambda text: cdn, **options), api, cache

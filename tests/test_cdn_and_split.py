@@ -14,7 +14,8 @@ import pytest
 import aligned_io
 import security
 from binary_split import small_size, validate_folder, validate_name
-from cdn_manager import CdnConfig, CdnManager
+from cdn_manager import CdnConfig, CdnManager, ObjectInfo
+from constants import CDN_ATTEMPTS, CDN_RESUMES
 from download import SEGMENT, SMALL_SEGMENT, TAIL, segments, tail_start
 from errors import (
     BadRequest,
@@ -23,9 +24,11 @@ from errors import (
     IntegrityError,
     NotFound,
     PayloadTooLarge,
+    StorageError,
     UpstreamError,
 )
 from model_cache import Expect
+from tests.fakes import DROP, ApiServer
 from tests.store_fakes import (
     BLOCK,
     MIB,
@@ -393,7 +396,7 @@ def test_a_ranged_get_answered_with_the_wrong_length_is_refused(s3):
     cdn = CdnManager(download_client=WholeObject(), upload_client=s3)
     info = cdn.head("models", "x.big")
     with pytest.raises(IntegrityError):
-        list(cdn.iter_object("models", "x.big", info, 1000, 2000))
+        list(cdn.fill("models", "x.big", info, memoryview(bytearray(cdn.chunk_size)), 1000, 2000))
 
 
 def test_offline_follows_a_download_still_in_flight(tmp_path, s3):
@@ -502,6 +505,60 @@ def test_a_transfer_that_keeps_breaking_fails_and_leaves_no_partial_file(tmp_pat
         load(store)
     assert not list((tmp_path / "cache").rglob("*.part"))
     assert not os.path.exists(cache.path("models", "m.bin.big"))
+
+
+def test_a_body_that_keeps_breaking_is_resumed_a_bounded_number_of_times(s3):
+    flaky = FlakyClient(s3, failures=100, after=10)
+    s3.put_object(Bucket="models", Key="x.big", Body=os.urandom(1000))
+    cdn = CdnManager(download_client=flaky, upload_client=s3, resume_backoff=0)
+    info = cdn.head("models", "x.big")
+    with pytest.raises(UpstreamError, match="kept breaking off") as caught:
+        list(cdn.fill("models", "x.big", info, memoryview(bytearray(cdn.chunk_size))))
+    # each resume from where the body before broke off, CDN_RESUMES of them; the last break is the cause
+    assert flaky.gets == [f"bytes={10 * i}-999" for i in range(1 + CDN_RESUMES)]
+    assert isinstance(caught.value.__cause__, ConnectionResetError)
+
+
+@pytest.fixture
+def fake_s3():
+    """``fake_s3(route)``: a CdnManager (the real botocore clients) against an ApiServer answering
+    ``route``, and the server."""
+    servers = []
+
+    def make(route):
+        servers.append(ApiServer(route))
+        config = CdnConfig(servers[-1].url, ("dk", "ds-secret"), ("uk", "us-secret"))
+        return CdnManager(config), servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def test_a_cdn_request_is_retried_by_botocore_alone(fake_s3):
+    """botocore's standard mode retries a request that fails, CDN_ATTEMPTS times in all; nothing retries on
+    top of it (a GET refused for good, or whose connection drops every time, is not asked again)."""
+    answers = iter([(503, b""), (500, b""), (200, b"", {"ETag": '"e1"'})])
+    cdn, server = fake_s3(lambda m, p, b, h: next(answers))
+    assert cdn.head("models", "x.big").etag == '"e1"'
+    assert len(server.calls) == 3
+
+    for answer, error in (((503, b""), "answered 503"), (DROP, "unreachable")):
+        cdn, server = fake_s3(lambda m, p, b, h, answer=answer: answer)
+        buf = memoryview(bytearray(cdn.chunk_size))
+        with pytest.raises(UpstreamError, match=error) as caught:
+            list(cdn.fill("models", "x.big", ObjectInfo(1000, '"e1"'), buf))
+        assert [c[:2] for c in server.calls] == [("GET", "/models/x.big")] * CDN_ATTEMPTS
+        assert caught.value.__cause__ is not None
+
+
+def test_a_cdn_upload_of_a_staged_file_that_cannot_be_read_is_a_storage_error(tmp_path, s3):
+    cdn = CdnManager(download_client=s3, upload_client=s3)
+    gone = str(tmp_path / "gone.part")
+    with pytest.raises(StorageError):
+        cdn.upload_file("models", "m.bin.big", gone)
+    with pytest.raises(StorageError):
+        cdn.part_upload("models", "m.bin.big", gone).finish(0)
 
 
 def test_concurrent_loads_share_one_download(tmp_path, s3):

@@ -151,3 +151,12 @@ def test_two_first_requests_at_once_build_one_services(tmp_path, monkeypatch):
     finally:
         main.settings.cache_clear()
         main.forget_services()
+
+
+def test_urllib3s_own_retry_warning_is_dropped_as_api_client_tells_it():
+    def record(msg, args):
+        return logging.LogRecord("urllib3.connectionpool", logging.WARNING, __file__, 1, msg, args, None)
+
+    retrying = record("Retrying (%r) after connection broken by '%r': %s", (1, 2, "/x"))
+    assert not main._told_by_api_client(retrying)
+    assert main._told_by_api_client(record("Connection pool is full, discarding connection: %s", ("h",)))

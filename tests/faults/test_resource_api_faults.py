@@ -11,8 +11,8 @@ from tests.support.wait import until
 pytestmark = pytest.mark.integration
 
 API_TIMEOUT = 2
-# The client tries 3 times; each try may wait for the connect and the read timeout, with 0.25 s + 0.5 s
-# of backoff between. Far more than that is a hang, not a timeout.
+# The client tries 3 times (constants.API_ATTEMPTS); each try may wait for the connect and the read timeout,
+# with 0 s + 0.5 s of backoff between. Far more than that is a hang, not a timeout.
 BOUND = 15.0
 
 

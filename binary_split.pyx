@@ -198,7 +198,11 @@ class ModelStore:
         """A staged upload: ``write`` plaintext chunks, then ``finish(folder)``; ``abort`` on failure. With
         the ``folder`` known from the start, the big part goes to the CDN while it is written."""
         self.check_upload(name, folder)
-        part = self._cache.new_part(STAGING, name + BIG_SUFFIX)
+        try:
+            part = self._cache.new_part(STAGING, name + BIG_SUFFIX)
+        except OSError as exc:
+            log.debug("staging %s failed", name, exc_info=True)
+            raise storage_error(exc, "the upload") from exc
         cdn_upload = None if folder is None else self.cdn().part_upload(folder, name + BIG_SUFFIX, part)
         return StagedUpload(self, name, part, self.max_upload, folder, cdn_upload)
 
@@ -276,7 +280,8 @@ class StagedUpload:
         try:
             self._file = open(part, "wb")
         except OSError as exc:
-            raise storage_error(exc, "the upload") from None
+            log.debug("staging %s failed", name, exc_info=True)
+            raise storage_error(exc, "the upload") from exc
 
     def write(self, chunk):
         self.size += len(chunk)
@@ -305,8 +310,9 @@ class StagedUpload:
             if self._cdn_upload is not None:
                 self._file.flush()
         except OSError as exc:
+            log.debug("staging %s failed", self.name, exc_info=True)
             self.abort()
-            raise storage_error(exc, "the upload") from None
+            raise storage_error(exc, "the upload") from exc
         self._parts.update_big(data)
         if self._cdn_upload is not None:
             try:
@@ -330,7 +336,8 @@ class StagedUpload:
             try:
                 self._file.close()  # fsynced only once it is published: the CDN upload need not wait
             except OSError as exc:
-                raise storage_error(exc, "the upload") from None
+                log.debug("staging %s failed", self.name, exc_info=True)
+                raise storage_error(exc, "the upload") from exc
             manifest = self._parts.manifest(self._key, self.size)
             self._store.publish(folder, self.name, self._part, self._small, self._parts, manifest,
                                 self._cdn_upload)
@@ -341,16 +348,22 @@ class StagedUpload:
         return self.size
 
     def abort(self):
-        """Drop the staging file, and the parts already sent (a no-op once it has been published)."""
+        """Drop the staging file, and the parts already sent (a no-op once it has been published). It runs
+        on the way out of a failure, whose error is the one to report: a disk error here is only logged."""
         if self._cdn_upload is not None:
             self._cdn_upload.abort()
             self._cdn_upload = None
         self._parts.close()
-        self._file.close()
+        try:
+            self._file.close()  # a full disk fails the flush of what is still buffered
+        except OSError as exc:
+            log.debug("closing the staging file of %s failed (%s)", self.name, exc.strerror)
         try:
             os.unlink(self._part)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            log.warning("could not remove the staging file of %s: %s", self.name, exc.strerror)
 
 
 # --- unlock: the encrypted `docker save` archive, decrypted straight into the Docker Engine ---------
@@ -381,7 +394,8 @@ class Unlocker:
                 return docker.APIClient(base_url=self._docker_host, timeout=self._docker_timeout)
             return docker.APIClient(timeout=self._docker_timeout, **docker.utils.kwargs_from_env())
         except docker.errors.DockerException as exc:
-            raise EngineError(f"the Docker Engine is not configured ({type(exc).__name__})") from None
+            log.debug("connecting to the Docker Engine failed", exc_info=True)
+            raise EngineError(f"the Docker Engine is not configured ({type(exc).__name__})") from exc
 
     def _run(self, credentials):
         try:
@@ -404,23 +418,17 @@ class Unlocker:
             client.close()
 
     def _unlock_with(self, client, credentials):
-        import requests  # the docker SDK speaks through requests; its errors are mapped here
-        from docker.errors import DockerException
-
         try:
             if self._wanted and self._all_present(client):
                 return list(self._wanted)
-            total = os.path.getsize(self._path)
-        except FileNotFoundError:
-            raise NotFound(f"the image archive is missing at {self._path}") from None
-        except OSError as exc:
-            raise StorageError(f"the image archive at {self._path} cannot be read ({exc.strerror})") from None
-        except (DockerException, requests.RequestException) as exc:
-            raise EngineError(f"the Docker Engine is unreachable ({type(exc).__name__})") from None
+        except _engine_errors() as exc:
+            log.debug("asking the Docker Engine for the images failed", exc_info=True)
+            raise EngineError(f"the Docker Engine is unreachable ({type(exc).__name__})") from exc
+        total = self._archive(os.path.getsize)
         self._api.login(credentials)
         self.status.set_state(DOWNLOADING_KEY)
         key = security.archive_key(self._api.key_fragment())
-        if not _archive_decrypts(self._path, key):
+        if not self._archive(_archive_decrypts, key):
             raise DecryptionError("the image archive does not decrypt: wrong key or corrupt archive")
         self.status.set_total(total)
         self.status.set_state(DECRYPTING)
@@ -428,10 +436,22 @@ class Unlocker:
             events = client.load_image(self._plaintext(key))
             self.status.set_state(LOADING_IMAGES)
             return self._loaded_tags(events)
-        except DecryptionError:
-            raise DecryptionError("the image archive does not decrypt: wrong key or corrupt archive") from None
-        except (DockerException, requests.RequestException) as exc:
-            raise EngineError(f"the Docker Engine failed while loading images ({type(exc).__name__})") from None
+        except DecryptionError as exc:
+            raise DecryptionError("the image archive does not decrypt: wrong key or corrupt archive") from exc
+        except _engine_errors() as exc:
+            # The archive's own read errors come as a StorageError: an OSError here is the Engine's socket.
+            log.debug("loading the images into the Docker Engine failed", exc_info=True)
+            raise EngineError(f"the Docker Engine failed while loading images ({type(exc).__name__})") from exc
+
+    def _archive(self, read, *args):
+        """``read(path, *args)`` of the image archive, its OSError the loader's error."""
+        try:
+            return read(self._path, *args)
+        except FileNotFoundError as exc:
+            raise NotFound(f"the image archive is missing at {self._path}") from exc
+        except OSError as exc:
+            log.debug("reading the image archive failed", exc_info=True)
+            raise StorageError(f"the image archive at {self._path} cannot be read ({exc.strerror})") from exc
 
     def _all_present(self, client):
         from docker.errors import ImageNotFound
@@ -489,6 +509,10 @@ class Unlocker:
             if last and not put(last):
                 return
             put(None)
+        except OSError as exc:
+            # Not an OSError on the Engine's side: requests would take it for its socket's.
+            log.debug("reading the image archive failed", exc_info=True)
+            put(StorageError(f"the image archive at {self._path} cannot be read ({exc.strerror})"))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             put(exc)
 
@@ -511,6 +535,18 @@ class Unlocker:
         if not tags:
             raise EngineError("the Docker Engine loaded no image from the archive")
         return tags
+
+
+def _engine_errors():
+    """What the Docker SDK raises when the Engine fails: its own errors, requests', and urllib3's or the
+    socket's while it reads a streamed answer."""
+    import http.client
+
+    import requests
+    import urllib3
+    from docker.errors import DockerException
+
+    return DockerException, requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError
 
 
 def _archive_decrypts(path, key):

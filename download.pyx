@@ -110,15 +110,20 @@ class Download:
 
     def prepare(self):
         """Create the .part file with all its space reserved: a full disk fails here, before streaming."""
-        os.makedirs(os.path.dirname(self.part), exist_ok=True)
-        fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.makedirs(os.path.dirname(self.part), exist_ok=True)
+            fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            log.debug("creating %s failed", self.part, exc_info=True)
+            raise storage_error(exc, f"{self.bucket}/{self.key}") from exc
         try:
             if self.info.size:
                 os.posix_fallocate(fd, 0, self.info.size)
         except OSError as exc:
+            log.debug("reserving %d bytes for %s failed", self.info.size, self.part, exc_info=True)
             os.close(fd)
             os.unlink(self.part)
-            raise storage_error(exc, f"{self.bucket}/{self.key}") from None
+            raise storage_error(exc, f"{self.bucket}/{self.key}") from exc
         try:
             self._direct = open_direct(self.part, os.O_RDWR)
         except OSError:
@@ -154,6 +159,7 @@ class Download:
                 self.state = COMMITTED
                 self.cond.notify_all()
         except OSError as exc:
+            log.debug("download of %s/%s failed", self.bucket, self.key, exc_info=True)
             self._fail(storage_error(exc, f"{self.bucket}/{self.key}"))
         except LoaderError as exc:
             self._fail(exc)
@@ -228,6 +234,7 @@ class Download:
                             self.cond.notify_all()
                         self._advance()
             except OSError as exc:
+                log.debug("writing segment %d of %s/%s failed", index, self.bucket, self.key, exc_info=True)
                 self._record(storage_error(exc, f"{self.bucket}/{self.key}"))
                 return
             except LoaderError as exc:

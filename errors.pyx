@@ -87,9 +87,13 @@ class EngineError(LoaderError):
 
 
 def storage_error(exc, what):
-    """The StorageError for an OSError of the local disk while it held ``what``."""
+    """The StorageError for an OSError of the local disk while it held ``what``, with ``exc`` as its cause
+    (also where it is handed on rather than raised)."""
     import errno
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return StorageError(f"the model cache has no room for {what}")
-    return StorageError(f"the model cache could not write {what} ({errno.errorcode.get(exc.errno, 'error')})")
+        error = StorageError(f"the model cache has no room for {what}")
+    else:
+        error = StorageError(f"the model cache failed on {what} ({errno.errorcode.get(exc.errno, 'error')})")
+    error.__cause__ = exc
+    return error

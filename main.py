@@ -428,6 +428,7 @@ UPLOAD_BATCH = 1024 * 1024
 
 
 async def receive_upload(request: Request, svc: Services, filename: str, limit: int) -> int:
+    from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     from errors import BadRequest, PayloadTooLarge
@@ -462,7 +463,10 @@ async def receive_upload(request: Request, svc: Services, filename: str, limit: 
             received += len(chunk)
             if received > most:
                 raise PayloadTooLarge(f"the upload is larger than the configured maximum of {limit} bytes")
-            parser.write(chunk)
+            try:
+                parser.write(chunk)
+            except FormParserError as exc:
+                raise BadRequest("the upload is not valid multipart/form-data") from exc
             if form.folder_done and staged is None:
                 await run_in_threadpool(svc.store.check_upload, filename, form.folder)
             if form.pending and (len(form.pending) >= UPLOAD_BATCH or form.data_done):
@@ -471,7 +475,10 @@ async def receive_upload(request: Request, svc: Services, filename: str, limit: 
                     staged = await run_in_threadpool(svc.store.begin_upload, filename, folder)
                 data, form.pending = bytes(form.pending), bytearray()
                 await write(data)
-        parser.finalize()
+        try:
+            parser.finalize()
+        except FormParserError as exc:
+            raise BadRequest("the upload is not valid multipart/form-data") from exc
         if not form.data_seen:
             raise BadRequest("the upload has no file field 'data'")
         if form.folder is None:

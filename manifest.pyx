@@ -68,6 +68,7 @@ class Manifest:
         try:
             doc = json.loads(bytes(raw).decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
+            # The manifest holds the data key, and a UnicodeDecodeError all of the text: not kept as the cause.
             raise bad("not UTF-8 JSON") from None
         if not isinstance(doc, dict):
             raise bad("not a JSON object")

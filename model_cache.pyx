@@ -144,12 +144,13 @@ class BigPartCache:
             os.replace(meta_tmp, final + META_SUFFIX)
             _fsync_dir(os.path.dirname(final))
         except OSError as exc:
+            log.debug("committing %s/%s to the cache failed", bucket, key, exc_info=True)
             for p in (part, meta_tmp):
                 try:
                     os.unlink(p)
                 except OSError:
                     pass
-            raise storage_error(exc, f"{bucket}/{key}") from None
+            raise storage_error(exc, f"{bucket}/{key}") from exc
 
     def discard(self, bucket, key):
         """Forget the cached part, and any download of it still in flight (it is never committed)."""
@@ -169,8 +170,16 @@ class BigPartCache:
 
         A sealed part in the cache that belongs to the manifest is used as it is, without asking the CDN.
         Every other check that can fail early (HEAD, the size, ``expect.check``, disk space) runs before
-        this returns, so the caller can still answer with a proper error status.
+        this returns, so the caller can still answer with a proper error status; a disk error on the way
+        is a StorageError.
         """
+        try:
+            return self._open(bucket, key, cdn, expect)
+        except OSError as exc:
+            log.debug("opening %s/%s failed", bucket, key, exc_info=True)
+            raise storage_error(exc, f"{bucket}/{key}") from exc
+
+    def _open(self, bucket, key, cdn, expect):
         expect.block_size = expect.block_size or self.block_size
         if expect.sealed:
             cached = self._cached(bucket, key, expect, None, cdn)

@@ -183,7 +183,7 @@ cdef class Decryptor:
         try:
             self._ctx.finalize()  # raises when the ciphertext was not a whole number of blocks
         except ValueError:
-            raise DecryptionError() from None
+            raise DecryptionError() from None  # opaque on purpose: one error for every way it fails
         last = self._held
         if len(last) != BLOCK:
             raise DecryptionError()

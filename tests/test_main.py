@@ -87,6 +87,16 @@ def test_upload_requires_multipart(client):
     assert r.status_code == 400
 
 
+def test_a_malformed_multipart_body_is_400(client, monkeypatch):
+    monkeypatch.setattr(main.services().store, "check_upload", lambda *a: None)  # as a logged-in uploader
+    r = client.post(
+        "/upload/m.bin",
+        content=b"not a multipart body",
+        headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+    )
+    assert r.status_code == 400 and r.json() == {"detail": "the upload is not valid multipart/form-data"}
+
+
 def test_a_stop_lets_the_downloads_in_flight_commit(tmp_path, monkeypatch):
     # A load ends with its last byte, before its big part is hashed and committed: a stop waits for that.
     monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))

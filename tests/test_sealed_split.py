@@ -352,7 +352,54 @@ def test_a_disk_error_under_a_load_is_a_storage_error_never_a_bare_oserror(seale
     cache.hasher = failing
     got = b""
     plaintext = store.load("models", "m.bin")
-    with pytest.raises(StorageError, match="could not write|cache"):
+    with pytest.raises(StorageError, match="the model cache failed on .* [(]EIO[)]"):
         for chunk in plaintext:
             got += bytes(chunk)
     assert len(got) < len(data) and data.startswith(got)
+
+
+def test_a_disk_error_before_the_answer_is_a_storage_error(sealed):
+    store, api, cache, data = sealed
+
+    def failing():
+        raise OSError(errno.EIO, "Input/output error")
+
+    cache.hasher = failing  # the first hash is the load's check of the part's end, before the answer
+    with pytest.raises(StorageError, match="[(]EIO[)]"):
+        store.load("models", "m.bin")
+    assert cache.settle(10)
+
+
+def test_a_cache_folder_that_cannot_be_made_is_a_storage_error(sealed):
+    store, api, cache, data = sealed
+    for p in Path(cache.root, "models").iterdir():
+        p.unlink()
+    Path(cache.root, "models").rmdir()
+    Path(cache.root, "models").write_bytes(b"")  # a file where the bucket's folder must go
+    with pytest.raises(StorageError):
+        store.load("models", "m.bin")
+
+
+def test_a_staging_folder_that_cannot_be_made_is_a_storage_error(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    Path(cache.root).mkdir(parents=True, exist_ok=True)
+    Path(cache.root, ".staging").write_bytes(b"")  # a file where the staging folder must go
+    with pytest.raises(StorageError):
+        store.begin_upload("m.bin")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("size", [500, 100_000])
+def test_a_full_disk_under_a_staged_upload_is_a_storage_error_and_leaves_nothing(tmp_path, s3, size):
+    """A big upload fails at a write, a small one (held in memory and in the file's buffer) at its finish."""
+    from binary_split import StagedUpload
+
+    store, api, cache = make_store(tmp_path, s3)
+    part = tmp_path / "m.bin.big.part"
+    part.symlink_to("/dev/full")  # every write that reaches it: ENOSPC
+    up = StagedUpload(store, "m.bin", str(part), None)
+    with pytest.raises(StorageError, match="no room"):
+        up.write(os.urandom(size))
+        up.finish("models")
+    assert not part.is_symlink()  # the staging file (here the link) is gone
+    assert ("models", "m.bin.manifest") not in api.store

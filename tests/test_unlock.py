@@ -1,0 +1,73 @@
+"""binary_split's Unlocker against a fake Docker Engine (tests.fakes.ApiServer) and a fake Resource API:
+what an unlock reports when the archive or the Engine fails."""
+
+import os
+
+import pytest
+
+import security
+from binary_split import Unlocker
+from credentials import Credentials
+from tests.fakes import DROP, ApiServer
+from tests.support.wait import until
+from unlock_state import UnlockStatus
+
+CREDS = Credentials("up@azaion.local", "pw")
+
+
+class FakeApi:
+    def __init__(self, fragment=b"fragment"):
+        self.fragment = fragment
+
+    def login(self, credentials):
+        return None
+
+    def key_fragment(self):
+        return self.fragment
+
+
+@pytest.fixture
+def engine():
+    """``engine(route)``: a fake Docker Engine that answers /version, and ``route`` for anything else."""
+    servers = []
+
+    def make(route):
+        def answer(method, path, body, headers):
+            if path.endswith("/version"):
+                return 200, {"ApiVersion": "1.41", "Version": "20.10.0"}
+            return route(method, path, body, headers)
+
+        servers.append(ApiServer(answer))
+        return "tcp://" + servers[-1].url.removeprefix("http://")
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def unlock(images_path, docker_host, api=None):
+    status = UnlockStatus()
+    Unlocker(api or FakeApi(), status, str(images_path), docker_host=docker_host).start(CREDS)
+    until(lambda: status.snapshot()["state"] in ("ready", "error"), what="the unlock did not end", every=0.02)
+    return status.snapshot()
+
+
+def test_an_archive_that_cannot_be_read_is_a_storage_error(tmp_path, engine):
+    archive = tmp_path / "images.enc"
+    archive.mkdir()  # it has a size, but cannot be opened for reading
+    status = unlock(archive, engine(lambda *a: (500, b"")))
+    assert status["state"] == "error"
+    assert status["error"] == f"the image archive at {archive} cannot be read (Is a directory)"
+
+
+def test_a_missing_archive_is_named(tmp_path, engine):
+    status = unlock(tmp_path / "none.enc", engine(lambda *a: (500, b"")))
+    assert status["error"] == f"the image archive is missing at {tmp_path / 'none.enc'}"
+
+
+def test_an_engine_that_drops_the_load_is_an_engine_error(tmp_path, engine):
+    archive = tmp_path / "images.enc"
+    archive.write_bytes(security.encrypt(security.archive_key(b"fragment"), os.urandom(100_000)))
+    status = unlock(archive, engine(lambda *a: DROP))
+    assert status["state"] == "error"
+    assert status["error"].startswith("the Docker Engine failed while loading images")

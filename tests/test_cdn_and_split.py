@@ -15,6 +15,7 @@ import aligned_io
 import security
 from binary_split import small_size, validate_folder, validate_name
 from cdn_manager import CdnConfig, CdnManager
+from devstack.wait import until
 from download import SEGMENT, SMALL_SEGMENT, TAIL, segments, tail_start
 from errors import (
     BadRequest,
@@ -37,7 +38,6 @@ from tests.store_fakes import (
     make_store,
     publish,
 )
-from tests.support.wait import until
 
 
 def test_config_from_yaml_hides_secrets():

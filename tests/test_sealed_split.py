@@ -13,10 +13,10 @@ import pytest
 
 import security
 from aligned_io import READ_AHEAD
+from devstack.wait import until
 from errors import IntegrityError, PayloadTooLarge, StorageError, UpstreamError
 from manifest import ManifestError, blob_size, small_size
 from tests.store_fakes import BLOCK, PART, go_offline, load, make_store
-from tests.support.wait import until
 
 SIZE = 5 * BLOCK + 5000  # a big part of six blocks, the last one short
 

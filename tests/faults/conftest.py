@@ -8,12 +8,12 @@ leaves behind: its files and its memory.
 import contextlib
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from devstack.loader import LoaderProcess
+from devstack.wait import until
 from tests.integration import conftest as integration
 from tests.support.docker_fixtures import unavailable
 
@@ -86,11 +86,14 @@ class Tmpfs:
         return (st.f_blocks - st.f_bfree) * st.f_frsize
 
     def umount(self):
-        for _ in range(50):
-            if subprocess.run(["umount", str(self.path)], capture_output=True).returncode == 0:
-                return
-            time.sleep(0.1)
-        subprocess.run(["umount", "-l", str(self.path)], check=False)
+        """Unmount once nothing holds it open any more (a loader just stopped may still), lazily at last."""
+        try:
+            until(self._unmounted, 5, every=0.1)
+        except TimeoutError:
+            subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+    def _unmounted(self):
+        return subprocess.run(["umount", str(self.path)], capture_output=True).returncode == 0
 
 
 @contextlib.contextmanager

@@ -67,11 +67,15 @@ def test_validation_errors_name_fields_but_never_echo_values(client):
     assert r.json()["detail"].startswith("invalid request: body.email")
 
 
-def test_unexpected_exceptions_are_a_plain_500(client, monkeypatch):
-    def boom(*a):
+class Failing:
+    """Services whose login fails with an exception no handler knows."""
+
+    def authenticate(self, email, password):
         raise RuntimeError("internal state with password=hunter2")
 
-    monkeypatch.setattr(main.Services, "authenticate", boom)
+
+def test_unexpected_exceptions_are_a_plain_500(client, monkeypatch):
+    monkeypatch.setitem(main.app.dependency_overrides, main.services, Failing)
     r = client.post("/login", json={"email": "a@b", "password": "hunter2"})
     assert r.status_code == 500 and r.json() == {"detail": "internal error"}
 

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import requests
 
+from devstack.ports import free_port
 from devstack.wait import until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,12 +21,6 @@ def proc_field(pid, name, file="status"):
         if line.startswith(name + ":"):
             return int(line.split()[1])
     raise KeyError(name)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LoaderProcess:

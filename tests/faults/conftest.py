@@ -46,14 +46,6 @@ def files_under(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def proc_kib(pid, field):
-    """A ``VmRSS``/``VmHWM``-style field of /proc/<pid>/status, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 @pytest.fixture
 def api_faults(stack):
     """The reference API with fresh call counters, and its injected faults cleared after the test."""

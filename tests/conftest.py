@@ -25,3 +25,19 @@ def s3():
 
 
 pytest_plugins = ["tests.support.docker_fixtures"]
+
+# The fixtures that start SeaweedFS, the Resource API, a loader or dockerd. `make unit` runs every test not
+# marked integration or docker, so a test that uses one of these (itself or through another fixture) must
+# carry one of those marks.
+PROCESS_FIXTURES = {"stack", "loader", "dockerd", "private_dockerd"}
+
+
+def pytest_collection_modifyitems(items):
+    unmarked = [
+        item.nodeid
+        for item in items
+        if PROCESS_FIXTURES & set(item.fixturenames)
+        and not (item.get_closest_marker("integration") or item.get_closest_marker("docker"))
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"these tests start processes but are not marked integration: {unmarked}")

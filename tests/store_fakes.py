@@ -125,15 +125,16 @@ def make_store(
     upload_client=None,
     api=None,
     built=None,
+    cache_options=None,
     **options,
 ):
     """A ModelStore on a FakeApi (``api``, or a new one for ``roles``) and moto's S3 (``options``:
-    max_upload, require_manifest...), its uploads sealed in BLOCK-sized blocks; the cache keeps format-1
-    parts in BLOCK-sized blocks too. The store builds its CDN clients for the session's cdn.yaml as it does
-    in the service: moto's S3 for YAML, real clients for any other; ``built`` gets each cdn.yaml it built
-    clients for."""
+    max_upload, require_manifest...), its uploads sealed in BLOCK-sized blocks; the cache (``cache_options``:
+    hasher, hash_grace) keeps format-1 parts in BLOCK-sized blocks too. The store builds its CDN clients for
+    the session's cdn.yaml as it does in the service: moto's S3 for YAML, real clients for any other;
+    ``built`` gets each cdn.yaml it built clients for."""
     api = api or FakeApi(roles)
-    cache = BigPartCache(tmp_path / "cache", block_size=BLOCK)
+    cache = BigPartCache(tmp_path / "cache", block_size=BLOCK, **(cache_options or {}))
     cdn = CdnManager(
         download_client=download_client or s3,
         upload_client=upload_client or s3,

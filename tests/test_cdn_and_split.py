@@ -193,9 +193,8 @@ class RecordingSha256:
 
 def recording_store(tmp_path, s3, download_client=None, hash_grace=5.0):
     calls = []
-    store, api, cache = make_store(tmp_path, s3, download_client=download_client)
-    cache.hasher = lambda: RecordingSha256(calls)
-    cache.hash_grace = hash_grace
+    hashing = {"hasher": lambda: RecordingSha256(calls), "hash_grace": hash_grace}
+    store, api, cache = make_store(tmp_path, s3, download_client=download_client, cache_options=hashing)
     return store, api, cache, calls
 
 

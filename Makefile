@@ -24,9 +24,10 @@ system-deps:
 test: system-deps build
 	$(PY) -m pytest
 
-# The fast loop: the unit tests (moto's S3, in-memory fakes; no SeaweedFS, API process, loader or dockerd).
+# The fast loop: every test not marked integration or docker, wherever it lives under tests/ (moto's S3,
+# in-memory fakes; no SeaweedFS, API process, loader or dockerd: tests/conftest.py keeps it so).
 unit: build
-	$(PY) -m pytest -q -m "not integration and not docker" tests/test_*.py
+	$(PY) -m pytest -q -m "not integration and not docker"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

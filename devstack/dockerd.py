@@ -41,6 +41,8 @@ from pathlib import Path
 import docker
 from docker.errors import DockerException
 
+from devstack.wait import until
+
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 START_TIMEOUT = 60.0
 # dockerd gives running containers 15 s (its --shutdown-timeout) before it exits on SIGTERM.
@@ -169,18 +171,23 @@ class Dockerd:
             # Own session: a Ctrl-C meant for pytest must not kill the daemon before we stop it in order.
             start_new_session=True,
         )
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self._close_log()
-                self._proc = None
-                raise DockerdError(f"dockerd exited with code {code} while starting:\n{self.log_tail()}")
-            if ping(self.host, timeout=2.0):
-                return self
-            time.sleep(0.25)
-        self.stop()
-        raise DockerdError(f"dockerd did not answer within {self.start_timeout:.0f} s:\n{self.log_tail()}")
+        try:
+            until(self._answers, self.start_timeout, every=0.25)
+        except TimeoutError:
+            self.stop()
+            raise DockerdError(
+                f"dockerd did not answer within {self.start_timeout:.0f} s:\n{self.log_tail()}"
+            ) from None
+        return self
+
+    def _answers(self) -> bool:
+        """Whether the starting dockerd answers yet; an error when it has exited instead."""
+        if self._proc.poll() is not None:
+            code = self._proc.returncode
+            self._close_log()
+            self._proc = None
+            raise DockerdError(f"dockerd exited with code {code} while starting:\n{self.log_tail()}")
+        return ping(self.host, timeout=2.0)
 
     def stop(self) -> None:
         """SIGTERM, wait, then SIGKILL. Containers are stopped by dockerd itself on SIGTERM."""

@@ -180,6 +180,7 @@ class FaultProxy:
         self._faults: list[Fault] = []
         self._counts: Counter[tuple[str, str]] = Counter()
         self._seen: list[Seen] = []
+        self._stalls = 0
         self._server: socketserver.ThreadingTCPServer | None = None
         self._live: set[socket.socket] = set()
 
@@ -246,10 +247,16 @@ class FaultProxy:
         with self._lock:
             return list(self._seen)
 
+    def stalls(self) -> int:
+        """How many exchanges have reached their stall (a test waits for this, not for a while)."""
+        with self._lock:
+            return self._stalls
+
     def reset_counts(self) -> None:
         with self._lock:
             self._counts.clear()
             self._seen.clear()
+            self._stalls = 0
 
     # --- faults ---------------------------------------------------------------------------------
 
@@ -413,6 +420,8 @@ class FaultProxy:
                 return
             if stall_at is not None and sent + len(piece) >= stall_at:
                 client.sendall(piece[: stall_at - sent])
+                with self._lock:
+                    self._stalls += 1
                 time.sleep(fault.seconds)
                 piece, sent, stall_at = piece[stall_at - sent :], stall_at, None
             client.sendall(piece)

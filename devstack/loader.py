@@ -2,13 +2,15 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import requests
+
+from devstack.ports import free_port
+from devstack.wait import until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,12 +21,6 @@ def proc_field(pid, name, file="status"):
         if line.startswith(name + ":"):
             return int(line.split()[1])
     raise KeyError(name)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LoaderProcess:
@@ -54,17 +50,18 @@ class LoaderProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"loader exited with {self.proc.returncode}: {self.log()[-2000:]}")
-            try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
-                    self.started_in = time.monotonic() - (deadline - timeout)
-                    return self
-            except requests.RequestException:
-                time.sleep(0.05)
-        raise RuntimeError("loader did not answer /health in time")
+        started = time.monotonic()
+        until(self._healthy, timeout, "loader did not answer /health in time", every=0.05)
+        self.started_in = time.monotonic() - started
+        return self
+
+    def _healthy(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"loader exited with {self.proc.returncode}: {self.log()[-2000:]}")
+        try:
+            return requests.get(self.url + "/health", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
 
     def stop(self, sig=signal.SIGTERM):
         if self.proc and self.proc.poll() is None:
@@ -98,26 +95,23 @@ class LoaderProcess:
         kw.setdefault("timeout", 30)
         return requests.get(self.url + path, **kw)  # noqa: S113 - the timeout is set above
 
-    def wait_unlock(self, timeout=600):
-        """Poll /unlock/status until the unlock is ready or in error; its final status."""
-        deadline = time.monotonic() + timeout
-        status = None
-        while time.monotonic() < deadline:
-            status = self.get("/unlock/status").json()
-            if status["state"] in ("ready", "error"):
-                return status
-            time.sleep(0.1)
-        raise AssertionError(f"unlock still running after {timeout}s: {status}")
+    def wait_unlock(self, timeout=600, done=lambda status: status["state"] in ("ready", "error"), every=0.1):
+        """Poll /unlock/status until ``done(status)`` (by default: the unlock is ready or in error); that
+        status."""
+        seen = [None]
+
+        def finished():
+            seen[0] = self.get("/unlock/status").json()
+            return seen[0] if done(seen[0]) else None
+
+        return until(finished, timeout, lambda: f"unlock not done after {timeout}s: {seen[0]}", every)
 
     def cached_big_part(self, folder, name, timeout=30):
         """Path of the committed cache file of ``name``'s big part, once its sidecar is written (a download
         whose reader went away still finishes and commits on its own)."""
         path = Path(self.env["MODEL_CACHE_DIR"]) / folder / (name + ".big")
-        deadline = time.monotonic() + timeout
-        while not path.with_name(path.name + ".meta").exists():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{path} was not committed within {timeout}s")
-            time.sleep(0.02)
+        meta = path.with_name(path.name + ".meta")
+        until(meta.exists, timeout, f"{path} was not committed within {timeout}s", every=0.02)
         return path
 
     def login(self, email, password):

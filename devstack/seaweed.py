@@ -11,7 +11,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -20,6 +19,7 @@ import yaml
 from botocore.config import Config
 
 from devstack.ports import GRPC_OFFSET, free_port
+from devstack.wait import until
 
 REGION = "us-east-1"
 IDENTITY_ACTIONS = {
@@ -152,17 +152,20 @@ class SeaweedFS:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
         http = requests.Session()
         http.trust_env = False  # a proxy from the environment must never see loopback traffic
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             if not self.is_running:
                 raise RuntimeError(f"weed exited with {self._proc.returncode}; see {self.log_path}")
-            if self._volume_server_joined(http) and self._s3_answers(http):
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"SeaweedFS did not become ready within {timeout} s; see {self.log_path}")
+            return self._volume_server_joined(http) and self._s3_answers(http)
+
+        try:
+            what = f"SeaweedFS did not become ready within {timeout} s; see {self.log_path}"
+            until(ready, timeout, what, every=0.1)
+        except TimeoutError:
+            self.stop()
+            raise
 
     def _volume_server_joined(self, http: requests.Session) -> bool:
         # The S3 gateway answers before the volume server has joined the master (its first heartbeat

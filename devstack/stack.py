@@ -18,13 +18,13 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from devstack.admin import AdminClient
 from devstack.ports import free_port
 from devstack.seaweed import SeaweedFS
 from devstack.split import Published, Source, manifest_name, publish_resource
+from devstack.wait import until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,16 +103,14 @@ class Stack:
             )
 
     def _wait_api(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._api.poll() is not None:
-                raise RuntimeError(
-                    f"the Resource API exited with {self._api.returncode}; see {self.data_dir / 'api.log'}"
-                )
-            if self.admin.healthy():
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"the Resource API did not answer within {timeout} s")
+        until(self._api_answers, timeout, f"the Resource API did not answer within {timeout} s", every=0.05)
+
+    def _api_answers(self) -> bool:
+        if self._api.poll() is not None:
+            raise RuntimeError(
+                f"the Resource API exited with {self._api.returncode}; see {self.data_dir / 'api.log'}"
+            )
+        return self.admin.healthy()
 
     def start_api(self) -> None:
         self._launch_api()

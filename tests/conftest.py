@@ -15,13 +15,36 @@ def openssl():
     return path
 
 
-@pytest.fixture
-def s3():
-    """moto's in-process S3 with the bucket "models"."""
+@pytest.fixture(scope="session")
+def _s3_client():
+    """One boto3 client for every test: building one costs a tenth of a second of CPU or more, and a client
+    answers from whichever moto mock is active."""
     with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket="models")
-        yield client
+        return boto3.client("s3", region_name="us-east-1")
+
+
+@pytest.fixture
+def s3(_s3_client):
+    """moto's in-process S3, empty for each test but for the bucket "models"."""
+    with mock_aws():
+        _s3_client.create_bucket(Bucket="models")
+        yield _s3_client
 
 
 pytest_plugins = ["tests.support.docker_fixtures"]
+
+# The fixtures that start SeaweedFS, the Resource API, a loader or dockerd. `make unit` runs every test not
+# marked integration or docker, so a test that uses one of these (itself or through another fixture) must
+# carry one of those marks.
+PROCESS_FIXTURES = {"stack", "loader", "dockerd", "private_dockerd"}
+
+
+def pytest_collection_modifyitems(items):
+    unmarked = [
+        item.nodeid
+        for item in items
+        if PROCESS_FIXTURES & set(item.fixturenames)
+        and not (item.get_closest_marker("integration") or item.get_closest_marker("docker"))
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests that start processes need the integration or docker mark: {unmarked}")

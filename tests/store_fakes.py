@@ -10,12 +10,14 @@ from model_cache import BigPartCache
 from user import User
 
 MIB = 1024 * 1024
-YAML = """host: http://127.0.0.1:1
+# The session's cdn.yaml: the stores make_store builds answer it with moto's S3.
+YAML = """host: http://moto.invalid
 downloader_access_key: dk
 downloader_access_secret: ds-secret
 uploader_access_key: uk
 uploader_access_secret: us-secret
 """
+OFFLINE_YAML = YAML.replace("http://moto.invalid", "http://127.0.0.1:1")  # a CDN where nothing listens
 
 
 class FakeApi:
@@ -25,6 +27,7 @@ class FakeApi:
         self.user = User("1", "u@x", roles)
         self.store = {}
         self.refuse = set()  # names whose upload fails
+        self.yaml = YAML
 
     def credentials(self):
         if self.user is None:
@@ -43,7 +46,7 @@ class FakeApi:
         self.store[(folder, name)] = bytes(data)
 
     def cdn_yaml(self):
-        return YAML
+        return self.yaml
 
 
 class WrappedClient:
@@ -115,12 +118,23 @@ PART = 5 * 1024 * 1024  # the smallest part S3 takes: uploads of a few MiB go in
 
 
 def make_store(
-    tmp_path, s3, roles=("ResourceUploader",), download_client=None, upload_client=None, **options
+    tmp_path,
+    s3,
+    roles=("ResourceUploader",),
+    download_client=None,
+    upload_client=None,
+    api=None,
+    built=None,
+    cache_options=None,
+    **options,
 ):
-    """A ModelStore on the FakeApi and moto's S3 (``opts``: max_upload, require_manifest...), its
-    uploads sealed in BLOCK-sized blocks; the cache keeps format-1 parts in BLOCK-sized blocks too."""
-    api = FakeApi(roles)
-    cache = BigPartCache(tmp_path / "cache", block_size=BLOCK)
+    """A ModelStore on a FakeApi (``api``, or a new one for ``roles``) and moto's S3 (``options``:
+    max_upload, require_manifest...), its uploads sealed in BLOCK-sized blocks; the cache (``cache_options``:
+    hasher, hash_grace) keeps format-1 parts in BLOCK-sized blocks too. The store builds its CDN clients for
+    the session's cdn.yaml as it does in the service: moto's S3 for YAML, real clients for any other;
+    ``built`` gets each cdn.yaml it built clients for."""
+    api = api or FakeApi(roles)
+    cache = BigPartCache(tmp_path / "cache", block_size=BLOCK, **(cache_options or {}))
     cdn = CdnManager(
         download_client=download_client or s3,
         upload_client=upload_client or s3,
@@ -128,8 +142,14 @@ def make_store(
         part_size=PART,
         resume_backoff=0,
     )
+
+    def cdn_factory(text):
+        if built is not None:
+            built.append(text)
+        return cdn if text == YAML else CdnManager(config=CdnConfig.from_yaml(text))
+
     options.setdefault("block_size", BLOCK)
-    return ModelStore(api, cache, cdn_factory=lambda text: cdn, **options), api, cache
+    return ModelStore(api, cache, cdn_factory=cdn_factory, **options), api, cache
 
 
 def load(store, name="m.bin", folder="models"):
@@ -147,8 +167,6 @@ def publish(s3, api, data, name="m.bin"):
     return blob[k:]
 
 
-def go_offline(store):
-    """From now on the store's CDN is one where nothing listens (127.0.0.1:1)."""
-    offline = CdnManager(config=CdnConfig.from_yaml(YAML))
-    store._cdn_factory = lambda text: offline
-    store._cdn_key = None
+def go_offline(api):
+    """From now on the session's cdn.yaml names a CDN where nothing listens (127.0.0.1:1)."""
+    api.yaml = OFFLINE_YAML

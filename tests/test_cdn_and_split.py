@@ -16,7 +16,8 @@ import security
 from binary_split import small_size, validate_folder, validate_name
 from cdn_manager import CdnConfig, CdnManager, ObjectInfo
 from constants import CDN_ATTEMPTS, CDN_RESUMES
-from download import SEGMENT, SMALL_SEGMENT, TAIL, segments, tail_start
+from devstack.wait import until
+from download import FETCHING, SEGMENT, SMALL_SEGMENT, TAIL, segments, tail_start
 from errors import (
     BadRequest,
     DecryptionError,
@@ -40,7 +41,6 @@ from tests.store_fakes import (
     make_store,
     publish,
 )
-from tests.support.wait import until
 
 
 def test_config_from_yaml_hides_secrets():
@@ -145,10 +145,8 @@ def test_stale_cache_is_refreshed(tmp_path, s3):
 
 
 def test_prepare_builds_the_cdn_clients_once_ahead_of_the_first_load(tmp_path, s3):
-    store, api, cache = make_store(tmp_path, s3)
     built = []
-    cdn = store._cdn_factory("")
-    store._cdn_factory = lambda text: built.append(text) or cdn
+    store, api, cache = make_store(tmp_path, s3, built=built)
     data = os.urandom(50_000)
     publish(s3, api, data)
     store.prepare()
@@ -173,7 +171,7 @@ def test_offline_uses_the_verified_cache_only(tmp_path, s3):
     publish(s3, api, data)
     load(store)
     assert cache.settle(10)
-    go_offline(store)
+    go_offline(api)
     assert load(store) == data
     cache.discard("models", "m.bin.big")
     with pytest.raises(UpstreamError):
@@ -198,9 +196,8 @@ class RecordingSha256:
 
 def recording_store(tmp_path, s3, download_client=None, hash_grace=5.0):
     calls = []
-    store, api, cache = make_store(tmp_path, s3, download_client=download_client)
-    cache.hasher = lambda: RecordingSha256(calls)
-    cache.hash_grace = hash_grace
+    hashing = {"hasher": lambda: RecordingSha256(calls), "hash_grace": hash_grace}
+    store, api, cache = make_store(tmp_path, s3, download_client=download_client, cache_options=hashing)
     return store, api, cache, calls
 
 
@@ -265,23 +262,22 @@ def _streaming(tmp_path, s3, hash_grace, size=3 * MIB):
     first = bytes(next(chunks))
     started.set()
     download = cache._downloads[("models", "m.bin.big")]
-    until(lambda: download.written == len(big))
-    return store, cache, chunks, big, data, first, calls
+    until(lambda: download.state != FETCHING)  # every byte is in: the download would hash and commit next
+    return store, api, cache, chunks, big, data, first, calls
 
 
 def test_the_download_leaves_the_hashing_to_the_loads_that_still_stream(tmp_path, s3):
-    store, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
-    hashed_by_load = len(calls)
-    assert not cache.settle(0.3)  # every byte is in, but a load still streams: no commit yet
-    assert not [n for n, _ in calls if n.startswith("cdn-")]
+    store, api, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
     assert first + b"".join(bytes(c) for c in chunks) == data  # the load streams on to its end
     assert cache.settle(10)
-    assert len(calls) == len(block_digests(big)) >= hashed_by_load  # the load hashed every block itself
+    # The download waited for the load: it hashed no block itself, the load hashed each one once.
+    assert not [n for n, _ in calls if n.startswith("cdn-")]
+    assert len(calls) == len(block_digests(big))
     assert json.load(open(cache.path("models", "m.bin.big.meta")))["blocks"] == block_digests(big)
 
 
 def test_a_load_that_leaves_early_has_the_download_hash_the_rest(tmp_path, s3):
-    store, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
+    store, api, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
     before = len(calls)
     chunks.close()  # the load is gone after its first blocks
     assert cache.settle(10)
@@ -291,7 +287,7 @@ def test_a_load_that_leaves_early_has_the_download_hash_the_rest(tmp_path, s3):
 
 
 def test_a_load_that_outlasts_the_grace_has_the_rest_hashed_beside_it_at_the_lowest_priority(tmp_path, s3):
-    store, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=0.2)
+    store, api, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=0.2)
     assert cache.settle(10)  # the commit does not wait for a load paced by its client
     assert ("cdn-models/m.bin.big", 19) in calls
     assert _nice(threading.current_thread()) == os.getpriority(os.PRIO_PROCESS, 0)
@@ -313,7 +309,7 @@ def _open_flags(path_part):
 
 
 def test_a_download_writes_its_part_past_the_page_cache(tmp_path, s3):
-    store, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
+    store, api, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
     # The download (its commit held by the load) still has the .part open: one descriptor bypasses the
     # page cache.
     assert any(f & os.O_DIRECT for f in _open_flags(".part"))
@@ -400,8 +396,8 @@ def test_a_ranged_get_answered_with_the_wrong_length_is_refused(s3):
 
 
 def test_offline_follows_a_download_still_in_flight(tmp_path, s3):
-    store, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
-    go_offline(store)
+    store, api, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
+    go_offline(api)
     assert load(store) == data  # the download is not committed yet, but every byte of it is in
     chunks.close()
     assert cache.settle(10) and cache.downloads == 1
@@ -409,7 +405,7 @@ def test_offline_follows_a_download_still_in_flight(tmp_path, s3):
 
 
 def test_a_part_discarded_in_flight_is_never_committed(tmp_path, s3):
-    store, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
+    store, api, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
     cache.discard("models", "m.bin.big")
     assert first + b"".join(bytes(c) for c in chunks) == data  # it finishes for its load
     assert cache.settle(10)
@@ -417,8 +413,8 @@ def test_a_part_discarded_in_flight_is_never_committed(tmp_path, s3):
 
 
 def test_a_newer_version_is_not_overwritten_by_an_older_download(tmp_path, s3):
-    store, cache, chunks, old_big, old, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
-    api = store._api  # the older download's commit waits for its load
+    # the older download's commit waits for its load
+    store, api, cache, chunks, old_big, old, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
     big = publish(s3, api, b"new" * 60_000)
     assert load(store) == b"new" * 60_000
     chunks.close()

@@ -32,8 +32,9 @@ from devstack.seed import (
     LEGACY_MODEL_SHA256,
     seed,
 )
-from devstack.split import MANIFEST_BLOCK_SIZE, BigPartDigests, publish_resource, small_size
+from devstack.split import MANIFEST_BLOCK_SIZE, publish_resource
 from devstack.stack import Stack
+from devstack.wait import until
 
 pytestmark = pytest.mark.integration
 
@@ -79,29 +80,6 @@ def get_resource(http, stack, token, folder, name, password, hardware):
     return http.post(url, json=body, headers=bearer(token), timeout=10)
 
 
-# --- crypto ----------------------------------------------------------------------------------------
-
-
-def test_blob_is_what_openssl_writes(openssl):
-    key, iv, plain = crypto.resource_key(), bytes(range(16)), b"azaion" * 1000
-    expected = subprocess.run(
-        [openssl, "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex()],
-        input=plain,
-        capture_output=True,
-        check=True,
-    ).stdout
-    assert crypto.encrypt(key, plain, iv) == iv + expected
-    assert crypto.decrypt(key, iv + expected) == plain
-    assert len(iv + expected) == crypto.encrypted_size(len(plain))
-
-
-def test_key_strings_follow_the_contract():
-    digest = hashlib.sha384(b"Azaion_HW_%$$$)0_").digest()
-    assert crypto.hardware_hash("HW") == base64.b64encode(digest).decode()
-    assert crypto.api_key_string("e", "p", "HW") == f"e-p-{crypto.hardware_hash('HW')}-#%@AzaionKey@%#---"
-    assert crypto.resource_key() == hashlib.sha256(b"azaion-loader/resource-key/v1").digest()
-
-
 # --- login -----------------------------------------------------------------------------------------
 
 
@@ -141,12 +119,16 @@ def test_login_refusals(stack, http, body, status):
 
 
 def test_an_expired_token_is_401(stack, http, account):
-    stack.set_token_ttl(1)
+    stack.set_key_fragment(b"fragment")
+    stack.set_token_ttl(2)
     try:
         token = login(http, stack, *account)
-        time.sleep(2.1)
-        response = http.get(f"{stack.api_url}/binary-split/key-fragment", headers=bearer(token), timeout=10)
-        assert response.status_code == 401
+
+        def key_fragment():
+            return http.get(f"{stack.api_url}/binary-split/key-fragment", headers=bearer(token), timeout=10)
+
+        assert key_fragment().status_code == 200
+        until(lambda: key_fragment().status_code == 401, 10, "the token never expired")
     finally:
         stack.set_token_ttl(3600)
 
@@ -390,25 +372,6 @@ def test_publish_refuses_an_unknown_format(stack):
         stack.publish("sealed", "nope.bin", b"x", format=3)
 
 
-@pytest.mark.parametrize(
-    "pieces, blocks",
-    [
-        ([], 0),
-        ([b"a" * 10], 1),
-        ([b"a" * 16], 1),
-        ([b"a" * 16, b"b"], 2),
-        ([b"a" * 5, b"b" * 20, b"c" * 23], 3),  # 48 bytes: three whole blocks, pieces across the edges
-    ],
-)
-def test_block_digests_do_not_depend_on_how_the_bytes_arrive(pieces, blocks):
-    digests = BigPartDigests(block_size=16)
-    for piece in pieces:
-        digests.update(piece)
-    whole = b"".join(pieces)
-    assert digests.finish() == (sha256(whole), [sha256(whole[i : i + 16]) for i in range(0, len(whole), 16)])
-    assert len(digests.blocks) == blocks
-
-
 def test_stack_helpers_change_what_is_stored(stack):
     published = stack.publish("sealed", "helpers.bin", b"helpers" * 3000)
     big = stack.read_cdn("sealed", "helpers.bin.big")
@@ -432,10 +395,6 @@ def test_stack_helpers_change_what_is_stored(stack):
     assert stack.delete_file("sealed", "helpers.bin.manifest") is True
     assert stack.manifest("sealed", "helpers.bin") is None
     assert stack.delete_file("sealed", "helpers.bin.manifest") is False
-
-
-def test_small_size_switches_to_the_cap_at_10240():
-    assert small_size(10239) == 3071 and small_size(10240) == 3072 and small_size(10**9) == 3072
 
 
 # --- S3 identities ---------------------------------------------------------------------------------
@@ -628,8 +587,10 @@ def test_proxy_injects_statuses_delays_and_drops(stack, proxy, blob_object, http
     proxy.stall_next(1000, 2.0)
     with pytest.raises((requests.ConnectionError, requests.Timeout)):  # the read timeout fires in the stall
         http.get(url, timeout=(5, 0.5))
+    proxy.reset_counts()
     proxy.stall_next(1000, 0.3)
     assert http.get(url, timeout=5).content == blob_object
+    assert proxy.stalls() == 1
 
     proxy.drop_next()
     with pytest.raises(requests.ConnectionError):

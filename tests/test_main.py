@@ -5,7 +5,6 @@ import logging
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from fastapi.testclient import TestClient
 
 import errors
 import main
+from devstack.wait import until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,11 +67,15 @@ def test_validation_errors_name_fields_but_never_echo_values(client):
     assert r.json()["detail"].startswith("invalid request: body.email")
 
 
-def test_unexpected_exceptions_are_a_plain_500(client, monkeypatch):
-    def boom(*a):
+class Failing:
+    """Services whose login fails with an exception no handler knows."""
+
+    def authenticate(self, email, password):
         raise RuntimeError("internal state with password=hunter2")
 
-    monkeypatch.setattr(main.Services, "authenticate", boom)
+
+def test_unexpected_exceptions_are_a_plain_500(client, monkeypatch):
+    monkeypatch.setitem(main.app.dependency_overrides, main.services, Failing)
     r = client.post("/login", json={"email": "a@b", "password": "hunter2"})
     assert r.status_code == 500 and r.json() == {"detail": "internal error"}
 
@@ -143,17 +147,21 @@ def test_two_first_requests_at_once_build_one_services(tmp_path, monkeypatch):
     monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
     main.settings.cache_clear()
     main.forget_services()
-    built = []
+    built, got = [], []
     real = main.Services.__init__
 
     def slow_init(self, s):
         built.append(self)
-        time.sleep(0.2)  # long enough for the other caller to arrive while this one builds
+        # The first build goes on only once the other caller is inside services() too, waiting for it.
+        until(lambda: all(inside_services(t) for t in threads if t is not threading.current_thread()))
         real(self, s)
+
+    def inside_services(thread):
+        frame = sys._current_frames().get(thread.ident)
+        return frame is not None and frame.f_code is main.services.__code__
 
     monkeypatch.setattr(main.Services, "__init__", slow_init)
     try:
-        got = []
         threads = [threading.Thread(target=lambda: got.append(main.services())) for _ in range(2)]
         [t.start() for t in threads]
         [t.join() for t in threads]

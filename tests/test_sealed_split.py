@@ -13,10 +13,10 @@ import pytest
 
 import security
 from aligned_io import READ_AHEAD
+from devstack.wait import until
 from errors import IntegrityError, PayloadTooLarge, StorageError, UpstreamError
 from manifest import ManifestError, blob_size, small_size
 from tests.store_fakes import BLOCK, PART, go_offline, load, make_store
-from tests.support.wait import until
 
 SIZE = 5 * BLOCK + 5000  # a big part of six blocks, the last one short
 
@@ -145,7 +145,7 @@ def test_a_warm_load_checks_blocks_as_it_streams_not_the_whole_file_first(sealed
 def test_a_warm_sealed_load_needs_no_cdn(sealed):
     store, api, cache, data = sealed
     assert load(store) == data and cache.settle(10)
-    go_offline(store)
+    go_offline(api)
     assert load(store) == data
     cache.discard("models", "m.bin.big")
     with pytest.raises(UpstreamError):
@@ -301,8 +301,7 @@ def test_an_upload_that_fails_midway_drops_its_parts_and_leaves_the_old_model(tm
     store, api, cache = make_store(tmp_path, s3, max_upload=2 * PART + 10)
     upload(store, old)
     client = CountingClient(s3, fail="upload_part" if how == "cdn fails" else None)
-    store, _, _ = make_store(tmp_path / "again", s3, upload_client=client, max_upload=2 * PART + 10)
-    store._api = api
+    store, _, _ = make_store(tmp_path / "again", s3, upload_client=client, api=api, max_upload=2 * PART + 10)
     with pytest.raises((PayloadTooLarge, UpstreamError)):
         upload_to(store, os.urandom(3 * PART), "models")
     assert "abort_multipart_upload" in client.calls

@@ -8,8 +8,8 @@ import pytest
 import security
 from binary_split import Unlocker
 from credentials import Credentials
+from devstack.wait import until
 from tests.fakes import DROP, ApiServer
-from tests.support.wait import until
 from unlock_state import UnlockStatus
 
 CREDS = Credentials("up@azaion.local", "pw")

@@ -8,12 +8,12 @@ leaves behind: its files and its memory.
 import contextlib
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from devstack.loader import LoaderProcess
+from devstack.wait import until
 from tests.integration import conftest as integration
 from tests.support.docker_fixtures import unavailable
 
@@ -44,14 +44,6 @@ def files_under(root):
     """Every regular file below ``root``, as paths relative to it."""
     root = Path(root)
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
-def proc_kib(pid, field):
-    """A ``VmRSS``/``VmHWM``-style field of /proc/<pid>/status, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 @pytest.fixture
@@ -86,11 +78,14 @@ class Tmpfs:
         return (st.f_blocks - st.f_bfree) * st.f_frsize
 
     def umount(self):
-        for _ in range(50):
-            if subprocess.run(["umount", str(self.path)], capture_output=True).returncode == 0:
-                return
-            time.sleep(0.1)
-        subprocess.run(["umount", "-l", str(self.path)], check=False)
+        """Unmount once nothing holds it open any more (a loader just stopped may still), lazily at last."""
+        try:
+            until(self._unmounted, 5, every=0.1)
+        except TimeoutError:
+            subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+    def _unmounted(self):
+        return subprocess.run(["umount", str(self.path)], capture_output=True).returncode == 0
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from tests.faults.conftest import PASSWORD, MiB, files_under, proc_kib, start_loader
+from devstack.loader import proc_field
+from tests.faults.conftest import PASSWORD, MiB, files_under, start_loader
 
 pytestmark = pytest.mark.integration
 
@@ -181,7 +182,7 @@ def assert_refused_unread(loader, sent, before_kib):
     assert status == 413, (status, body[:200])
     assert "larger than" in json.loads(body)["detail"]
     assert accepted < MAX_ACCEPTED, f"the loader took {accepted} bytes of a refused body"
-    growth = proc_kib(loader.pid, "VmHWM") - before_kib
+    growth = proc_field(loader.pid, "VmHWM") - before_kib
     assert growth < MAX_GROWTH_KIB, f"the loader's peak memory grew by {growth} KiB"
 
 
@@ -191,7 +192,7 @@ def test_oversized_json_is_413_unread(limited, path, chunked):
     """Reliability: 200 MB JSON body over MAX_JSON_BYTES, with Content-Length or chunked | 413 before the body
     is read; the loader's memory does not grow by the body"""
     limited.get("/status")  # the compiled modules are loaded before memory is measured
-    before = proc_kib(limited.pid, "VmHWM")
+    before = proc_field(limited.pid, "VmHWM")
     sent = send_huge(limited.port, path, {"Content-Type": "application/json"}, HUGE, chunked=chunked)
     assert_refused_unread(limited, sent, before)
     assert limited.get("/health").status_code == 200
@@ -211,7 +212,7 @@ def test_oversized_upload_is_413_unread(limited, uploader, chunked, field):
     """Reliability: 200 MB upload over MAX_UPLOAD_BYTES, with Content-Length or chunked, in the file field or
     in another field | 413 after at most the limit is read; nothing held in memory, no staging file left"""
     assert limited.login(uploader, PASSWORD).status_code == 200
-    before = proc_kib(limited.pid, "VmHWM")
+    before = proc_field(limited.pid, "VmHWM")
     prefix = part("folder") + b"models\r\n" + part(field, "m.bin" if field == "data" else None)
     sent = send_huge(limited.port, "/upload/m.bin", UPLOAD_TYPE, HUGE, chunked=chunked, prefix=prefix)
     assert_refused_unread(limited, sent, before)

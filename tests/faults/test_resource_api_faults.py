@@ -5,8 +5,8 @@ import time
 
 import pytest
 
+from devstack.wait import until
 from tests.faults.conftest import PASSWORD, model_name, start_loader
-from tests.support.wait import until
 
 pytestmark = pytest.mark.integration
 

@@ -17,6 +17,7 @@ import security
 from devstack.dockerd import import_image
 from devstack.images import publish_images
 from tests.faults.conftest import MiB, model_name, start_loader
+from tests.integration.conftest import wait_out_the_tokens
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -157,7 +158,7 @@ def test_no_secret_in_logs_error_bodies_or_files(tmp_path, stack, proxy, private
             stack.set_token_ttl(1)
             try:
                 s.call("post", "/login", 200, json={"email": up, "password": up_pw})
-                time.sleep(2.2)
+                wait_out_the_tokens(stack, up, up_pw)
                 s.call("post", f"/load/{n}", 200, json={"folder": "models"})  # the token is renewed
             finally:
                 stack.set_token_ttl(3600)

@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from devstack import crypto
 from devstack.loader import LoaderProcess
+from devstack.wait import until
 from tests.faults.conftest import PASSWORD
 
 pytestmark = pytest.mark.integration
@@ -187,11 +187,8 @@ def test_a_block_altered_in_the_cache_is_fetched_again(loader, stack, user, prox
     assert proxy.count("GET", f"/models/{big_key(n)}") > gets  # the part came from the CDN again
     assert metric(loader, "loader_cache_refetches_total") >= max(1, refetches + 1)
     # and the cache holds the right part again
-    expected = stack.read_cdn("models", big_key(n))
-    deadline = time.monotonic() + 15
-    while read_or_none(loader.cached_big_part("models", n)) != expected:
-        assert time.monotonic() < deadline, "the cache was not mended"
-        time.sleep(0.1)
+    right = stack.read_cdn("models", big_key(n))
+    until(lambda: read_or_none(loader.cached_big_part("models", n)) == right, 15, "the cache was not mended")
 
 
 @pytest.mark.parametrize("after", ["continue", "cut"])
@@ -217,14 +214,7 @@ def test_the_cdn_object_replaced_mid_transfer_is_refused(loader, stack, user, pr
 
     thread = threading.Thread(target=load)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not any(
-        s.method == "GET" and s.path == path and s.headers.get("range", "").startswith("bytes=0-")
-        for s in proxy.seen()
-    ):
-        assert time.monotonic() < deadline, "the load never asked for the object's start"
-        time.sleep(0.02)
-    time.sleep(0.5)  # the held transfer reaches its stall
+    until(proxy.stalls, 20, "the load's transfer of the object's start never reached its stall")
     stack.replace_cdn("models", big_key(n), replaced)
     if after == "cut":
         proxy.stop()  # every exchange in flight is cut; the proxy comes back on its port

@@ -2,19 +2,28 @@
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from devstack.dockerd import import_image, remove_images
 from devstack.images import publish_images
+from devstack.wait import until
 from tests.faults.conftest import PASSWORD, MiB, start_loader
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
 TAG = "azaion/fault-unlock:1"
 RUNNING = ("authenticating", "downloading_key", "decrypting", "loading_images")
+
+
+def ended(status):
+    return status["state"] not in RUNNING
+
+
+def under_way(status):
+    """16 MiB into the transfer (or over already)."""
+    return ended(status) or status["bytesDone"] > 16 * MiB
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +36,6 @@ def large_archive(private_dockerd, tmp_path_factory):
     fragment = publish_images(private_dockerd.host, [TAG], path)
     remove_images(client, [TAG])
     return path, fragment
-
-
-def wait_until(loader, done, timeout=300):
-    deadline = time.monotonic() + timeout
-    status = None
-    while time.monotonic() < deadline:
-        status = loader.get("/unlock/status").json()
-        if done(status):
-            return status
-        time.sleep(0.02)
-    raise AssertionError(f"unlock stuck: {status}")
 
 
 def kill_engine(engine):
@@ -54,9 +52,8 @@ def kill_engine(engine):
     ):
         return
     os.kill(int(containerd.name), signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while containerd.exists() and time.monotonic() < deadline:  # gone, not only signalled, before a restart
-        time.sleep(0.05)
+    # gone, not only signalled, before a restart
+    until(lambda: not containerd.exists(), 30, "the killed containerd did not go away", every=0.05)
 
 
 def stop_engine(engine, how):
@@ -82,10 +79,10 @@ def test_dockerd_gone_mid_unlock_is_an_error_then_a_retry_works(
     with start_loader(tmp_path / "loader", stack, **env) as loader:
         try:
             assert loader.post("/unlock", json={"email": user, "password": PASSWORD}).status_code == 202
-            moving = wait_until(loader, lambda s: s["state"] not in RUNNING or s["bytesDone"] > 16 * MiB)
+            moving = loader.wait_unlock(300, done=under_way, every=0.02)
             assert moving["state"] == "decrypting" and moving["bytesDone"] < total, moving
             stop_engine(private_dockerd, how)
-            status = wait_until(loader, lambda s: s["state"] not in RUNNING, timeout=120)
+            status = loader.wait_unlock(120, done=ended)
         finally:
             private_dockerd.start()
         assert status["state"] == "error", status
@@ -94,6 +91,6 @@ def test_dockerd_gone_mid_unlock_is_an_error_then_a_retry_works(
             assert status["bytesDone"] < total, status  # the kill did land mid-transfer
 
         assert loader.post("/unlock", json={"email": user, "password": PASSWORD}).status_code == 202
-        status = wait_until(loader, lambda s: s["state"] not in RUNNING, timeout=600)
+        status = loader.wait_unlock(600, done=ended)
         assert status["state"] == "ready" and status["images"] == [TAG], status
     remove_images(private_dockerd.client(), [TAG])

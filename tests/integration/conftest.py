@@ -4,12 +4,25 @@ and the loader started as ``python main.py`` against them."""
 import uuid
 
 import pytest
+import requests
 
 from devstack.faultproxy import FaultProxy
 from devstack.loader import LoaderProcess
 from devstack.stack import Stack
+from devstack.wait import until
 
 PASSWORD = "Pa55-word!"
+
+
+def wait_out_the_tokens(stack, email, password=PASSWORD):
+    """Return once the tokens the API has issued so far have expired (with a TTL of a second, see
+    Stack.set_token_ttl): it refuses a token issued now, which expires no sooner than any before it."""
+    http = requests.Session()
+    http.trust_env = False
+    login = http.post(f"{stack.api_url}/login", json={"email": email, "password": password}, timeout=10)
+    bearer = {"Authorization": f"Bearer {login.json()['token']}"}
+    url = f"{stack.api_url}/binary-split/key-fragment"
+    until(lambda: http.get(url, headers=bearer, timeout=10).status_code == 401, 30, "the token never expired")
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack import crypto
-from devstack.loader import free_port
+from devstack.ports import free_port
+from devstack.wait import until
 from tests.integration.conftest import PASSWORD
 from tests.support import container_image as ci
 from tests.support.docker_fixtures import unavailable
@@ -128,21 +129,22 @@ def container(dockerd, arch, image, stack, cdn_proxy):
         name=f"azaion-loader-test-{arch}-{uuid.uuid4().hex[:8]}",
     )
     url = f"http://127.0.0.1:{port}"
+
+    def logs():
+        return running.logs().decode(errors="replace")
+
+    def healthy():
+        running.reload()
+        if running.status == "exited":
+            pytest.fail(f"the container exited:\n{logs()}", pytrace=False)
+        try:
+            return httpx.get(url + "/health", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
         started, limit = time.monotonic(), 180
-        while True:
-            running.reload()
-            logs = running.logs().decode(errors="replace")
-            if running.status == "exited":
-                pytest.fail(f"the container exited:\n{logs}", pytrace=False)
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() - started > limit:
-                pytest.fail(f"no answer on {url}/health within {limit} s:\n{logs}", pytrace=False)
-            time.sleep(0.5)
+        until(healthy, limit, lambda: f"no answer on {url}/health within {limit} s:\n{logs()}", every=0.5)
         _log(f"{arch}: /health answered {time.monotonic() - started:.1f} s after the start")
         yield running, url
     finally:

@@ -1,19 +1,21 @@
 """Contract section 4 for /login, /load and /upload, against the real reference API and SeaweedFS."""
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import threading
-import time
 
 import pytest
 import requests
 
-from devstack.loader import LoaderProcess, free_port, proc_field
+from devstack.loader import LoaderProcess, proc_field
+from devstack.ports import free_port
+from devstack.wait import until
 from download import segments
-from tests.integration.conftest import PASSWORD
+from tests.integration.conftest import PASSWORD, wait_out_the_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +106,7 @@ def test_expired_token_is_renewed_transparently(loader, stack, user):
     stack.set_token_ttl(1)
     try:
         loader.login(user, PASSWORD)
-        time.sleep(2.2)
+        wait_out_the_tokens(stack, user)
         stack.reset_counters()
         r = loader.load(n, "models")
         assert r.status_code == 200 and r.content == data
@@ -322,21 +324,27 @@ def test_a_client_that_hangs_up_mid_load_leaves_nothing_running(loader, stack, u
     stack.publish("models", n, data)
     loader.login(user, PASSWORD)
     assert loader.load(warm, "models").status_code == 200  # the thread pool is up to size
-    threads = proc_field(loader.proc.pid, "Threads")
+    threads = proc_field(loader.pid, "Threads")
     with loader.load(n, "models", stream=True) as r:
         assert r.status_code == 200
         first = next(r.iter_content(1024 * 1024))
         assert data.startswith(first)
-    # The download goes on without its reader and commits; the reading thread and its file are gone.
-    path = loader.cached_big_part("models", n)
-    deadline = time.monotonic() + 10
-    while proc_field(loader.proc.pid, "Threads") > threads and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc_field(loader.proc.pid, "Threads") <= threads
-    assert not [
-        f
-        for f in os.listdir(f"/proc/{loader.proc.pid}/fd")
-        if os.readlink(f"/proc/{loader.proc.pid}/fd/{f}").startswith(str(path.parent))
-    ]
+    # The download goes on without its reader and commits; the reading thread and its files go away (a
+    # thread of the pool that ends meanwhile can make the count drop first: both are waited for).
+    cache = loader.cached_big_part("models", n).parent
+
+    def open_in_cache():
+        fds = f"/proc/{loader.pid}/fd"
+        found = []
+        for fd in os.listdir(fds):
+            with contextlib.suppress(FileNotFoundError):  # closed since the listing
+                if os.readlink(f"{fds}/{fd}").startswith(str(cache)):
+                    found.append(fd)
+        return found
+
+    def gone():
+        return proc_field(loader.pid, "Threads") <= threads and not open_in_cache()
+
+    until(gone, 10, lambda: f"the load left threads, or descriptors {open_in_cache()} in the cache", 0.05)
     assert loader.get("/health").status_code == 200
     assert loader.load(n, "models").content == data

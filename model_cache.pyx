@@ -60,6 +60,18 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _fits(meta, expect, info):
+    """Whether a sidecar (``_meta``'s dict, or None) describes the part ``expect`` wants: of a sealed part its
+    manifest's version, size and block size; of a format-1 part no version, and the CDN's ``info`` (size and
+    ETag) when given."""
+    if meta is None:
+        return False
+    if expect.sealed:
+        return (meta["version"], meta["size"], meta["block_size"]) == (expect.version, expect.size,
+                                                                       expect.block_size)
+    return meta["version"] is None and (info is None or (meta["size"], meta["etag"]) == (info.size, info.etag))
+
+
 def _unlink_quietly(path):
     try:
         os.unlink(path)
@@ -214,14 +226,7 @@ class BigPartCache:
         """(check's result, blocks) of the cached part when its sidecar fits ``expect`` (and the CDN's
         ``info``, when given); else None."""
         meta = self._meta(bucket, key)
-        if meta is None:
-            return None
-        if expect.sealed:
-            if (meta["version"] != expect.version or meta["size"] != expect.size
-                    or meta["block_size"] != expect.block_size):
-                return None
-        elif meta["version"] is not None or (info is not None and (meta["size"], meta["etag"]) != (info.size,
-                                                                                                  info.etag)):
+        if not _fits(meta, expect, info):
             return None
         try:
             f = open_reader(self.path(bucket, key))
@@ -271,23 +276,39 @@ class BigPartCache:
         if expect.sealed and info.size != expect.size:
             raise IntegrityError(f"the big part of {expect.what} on the CDN does not match its manifest "
                                  f"({info.size} bytes, not {expect.size})")
-        self.misses += 1
-        with self._lock:
-            download = self._downloads.get((bucket, key))
-            if download is None or download.info.etag != info.etag or download.version != expect.version:
-                if download is not None:
-                    download.abandon()  # another version: it must not land over this one
-                download = Download(self, bucket, key, info, expect.blocks, expect.version,
-                                    expect.block_size)
-                fd = download.prepare()
-                self.downloads += 1
-                self._downloads[(bucket, key)] = download
-                self._running.add(download)
-                threading.Thread(target=download.run, args=(fd, cdn), daemon=True,
-                                 name=f"cdn-{bucket}/{key}").start()
-                log.info("downloading %s/%s (%d bytes) from the CDN", bucket, key, info.size)
-            reader = download.open_reader()
+        looked = first != 0  # the cache is looked at once at most (a load from block ``first`` never does)
+        while True:
+            with self._lock:
+                download = self._downloads.get((bucket, key))
+                joinable = (download is not None and download.info.etag == info.etag
+                            and download.version == expect.version)
+                # A download commits its part before it leaves _downloads: with none in flight, a part that
+                # fits was committed since this load looked at the cache (its HEAD came in between), so it is
+                # used, not fetched a second time.
+                if joinable or looked or not _fits(self._meta(bucket, key), expect, info):
+                    self.misses += 1
+                    if not joinable:
+                        if download is not None:
+                            download.abandon()  # another version: it must not land over this one
+                        download = self._start(bucket, key, cdn, expect, info)
+                    reader = download.open_reader()
+                    break
+            looked = True
+            cached = self._cached(bucket, key, expect, None if expect.sealed else info, cdn)
+            if cached is not None:
+                return cached  # else the part failed its check (and is gone): fetch it
         return self._follow(download, reader, expect, first)
+
+    def _start(self, bucket, key, cdn, expect, info):
+        """A new download of the CDN's object, running on its own thread; called under the lock."""
+        download = Download(self, bucket, key, info, expect.blocks, expect.version, expect.block_size)
+        fd = download.prepare()
+        self.downloads += 1
+        self._downloads[(bucket, key)] = download
+        self._running.add(download)
+        threading.Thread(target=download.run, args=(fd, cdn), daemon=True, name=f"cdn-{bucket}/{key}").start()
+        log.info("downloading %s/%s (%d bytes) from the CDN", bucket, key, info.size)
+        return download
 
     def _follow(self, download, reader, expect, first):
         """(check's result, blocks) of a download: the part's end is checked before streaming."""

@@ -16,7 +16,7 @@ from aligned_io import READ_AHEAD
 from devstack.wait import until
 from errors import IntegrityError, PayloadTooLarge, StorageError, UpstreamError
 from manifest import ManifestError, blob_size, small_size
-from tests.store_fakes import BLOCK, PART, go_offline, load, make_store
+from tests.store_fakes import BLOCK, PART, WrappedClient, go_offline, load, make_store
 
 SIZE = 5 * BLOCK + 5000  # a big part of six blocks, the last one short
 
@@ -402,3 +402,41 @@ def test_a_full_disk_under_a_staged_upload_is_a_storage_error_and_leaves_nothing
         up.finish("models")
     assert not part.is_symlink()  # the staging file (here the link) is gone
     assert ("models", "m.bin.manifest") not in api.store
+
+
+class HeldHead(WrappedClient):
+    """An S3 client whose first HEAD once ``hold`` is set waits for ``release``, after telling ``held``."""
+
+    def __init__(self, client):
+        super().__init__(client)
+        self.held, self.release, self.hold = threading.Event(), threading.Event(), False
+
+    def _takes(self):
+        return False  # bodies pass as they are
+
+    def head_object(self, **kw):
+        if self.hold:
+            self.hold = False
+            self.held.set()
+            assert self.release.wait(10)
+        return self._c.head_object(**kw)
+
+
+def test_a_load_that_found_no_cache_uses_the_part_another_load_committed_meanwhile(tmp_path, s3):
+    # Load B finds the cache empty and asks the CDN's HEAD; before the answer, load A downloads the whole
+    # part and commits it. B must use that part, not start a second download of it.
+    client = HeldHead(s3)
+    store, _, cache = make_store(tmp_path, s3, download_client=client)
+    data = os.urandom(SIZE)
+    upload(store, data)
+    cache.discard("models", "m.bin.big")
+    client.hold = True
+    late = {}
+    b = threading.Thread(target=lambda: late.setdefault("data", load(store)))
+    b.start()
+    assert client.held.wait(10)
+    assert load(store) == data and cache.settle(10) and cache.downloads == 1
+    client.release.set()
+    b.join(10)
+    assert late["data"] == data
+    assert (cache.downloads, cache.hits) == (1, 1)

@@ -417,8 +417,8 @@ async def unlock_status(svc: Svc):
 
 
 @app.get("/metrics", response_class=PlainTextResponse)
-async def metrics_text(svc: Svc):
-    body, content_type = metrics().render(svc)
+async def metrics_text(_svc: Svc):  # built (off the event loop) before the scrape reads its counters
+    body, content_type = metrics().render()
     return Response(body, media_type=content_type)
 
 
@@ -553,77 +553,12 @@ class _FormState:
 # --- metrics ---------------------------------------------------------------------------------------------
 
 
-class Metrics:
-    """Prometheus metrics: request counts and latencies here, the modules' counters read at scrape time."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "loader_requests_total", "HTTP requests", ["method", "route", "status"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "loader_request_seconds", "HTTP request latency", ["method", "route"], registry=self.registry
-        )
-
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(method, route).observe(seconds)
-
-    def render(self, svc: Services):
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        from unlock_state import STATES
-
-        snap = svc.unlock_status.snapshot()
-        lines = [
-            _metric(
-                "loader_bytes_loaded_total", "counter", "Decrypted bytes streamed by /load", svc.bytes_loaded
-            ),
-            _metric(
-                "loader_bytes_uploaded_total",
-                "counter",
-                "Plaintext bytes accepted by /upload",
-                svc.bytes_uploaded,
-            ),
-            _metric(
-                "loader_cache_hits_total", "counter", "Loads served from the verified cache", svc.cache.hits
-            ),
-            _metric("loader_cache_misses_total", "counter", "Loads that needed the CDN", svc.cache.misses),
-            _metric("loader_cdn_downloads_total", "counter", "CDN downloads started", svc.cache.downloads),
-            _metric(
-                "loader_cache_refetches_total",
-                "counter",
-                "Cached big parts that failed a block check and were fetched again",
-                svc.cache.refetches,
-            ),
-            _metric(
-                "loader_format1_loads_total",
-                "counter",
-                "Loads of resources without a manifest (format 1, unverified)",
-                svc.store.format1_loads,
-            ),
-            _metric(
-                "loader_unlock_duration_seconds",
-                "gauge",
-                "Duration of the last unlock",
-                svc.unlock_status.duration or 0.0,
-            ),
-            "# HELP loader_unlock_state Current unlock state (1 for the current one)\n"
-            "# TYPE loader_unlock_state gauge\n"
-            + "".join(f'loader_unlock_state{{state="{st}"}} {int(st == snap["state"])}\n' for st in STATES),
-        ]
-        return generate_latest(self.registry) + "".join(lines).encode(), CONTENT_TYPE_LATEST
-
-
-def _metric(name: str, kind: str, help_text: str, value) -> str:
-    return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n{name} {value}\n"
-
-
 @cache
-def metrics() -> Metrics:
-    return Metrics()
+def metrics():
+    """The process's metrics, made on the first request; a scrape reads the services' counters."""
+    from metrics import Metrics
+
+    return Metrics(services)
 
 
 def main() -> None:

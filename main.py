@@ -81,6 +81,7 @@ class Services:
         import hardware_service
         import model_cache
         import unlock_state
+        import upload_form
 
         self.hardware = hardware_service.HardwareService()
         self.api = api_client.ResourceApi(
@@ -103,6 +104,7 @@ class Services:
         self.unlocker = binary_split.Unlocker(
             unlock_api, self.unlock_status, s.images_path, s.unlock_images.split(), s.docker_host
         )
+        self._receive_upload = upload_form.receive_upload
         self.bytes_loaded = 0
         self.bytes_uploaded = 0
 
@@ -118,6 +120,12 @@ class Services:
         # cdn.yaml and the CDN clients, ready before the first load asks for them
         threading.Thread(target=self.store.prepare, daemon=True, name="cdn-prepare").start()
         return user
+
+    async def upload(self, name: str, headers, body, limit: int) -> int:
+        """Stage, encrypt and publish the multipart ``body`` as it arrives; returns the plaintext size."""
+        size = await self._receive_upload(self.store, name, headers, body, limit)
+        self.bytes_uploaded += size
+        return size
 
     def start_unlock(self, email: str, password: str):
         return self.unlocker.start(self.credentials(email, password))
@@ -401,8 +409,7 @@ async def load(filename: str, body: LoadRequest, svc: Svc):
 
 @app.post("/upload/{filename:path}", responses=errors_for(400, 401, 403, 422, 502, 504, 507))
 async def upload(filename: str, request: Request, svc: Svc):
-    size = await receive_upload(request, svc, filename, settings().max_upload_bytes)
-    svc.bytes_uploaded += size
+    size = await svc.upload(filename, request.headers, request.stream(), settings().max_upload_bytes)
     return {"status": "ok", "size": size}
 
 
@@ -420,134 +427,6 @@ async def unlock_status(svc: Svc):
 async def metrics_text(_svc: Svc):  # built (off the event loop) before the scrape reads its counters
     body, content_type = metrics().render()
     return Response(body, media_type=content_type)
-
-
-# --- upload: multipart parsed as a stream, so the plaintext never lands on disk or whole in memory ---
-
-UPLOAD_BATCH = 1024 * 1024
-
-
-async def receive_upload(request: Request, svc: Services, filename: str, limit: int) -> int:
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
-    from errors import BadRequest, PayloadTooLarge
-
-    kind, params = parse_options_header(request.headers.get("content-type", ""))
-    if kind != b"multipart/form-data" or not params.get(b"boundary"):
-        raise BadRequest("upload must be multipart/form-data with a file field 'data' and a field 'folder'")
-    most = limit + 64 * 1024  # the file, plus room for the multipart framing and the folder field
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > most:
-        raise PayloadTooLarge(f"the upload is larger than the configured maximum of {limit} bytes")
-    await run_in_threadpool(svc.store.check_upload, filename)  # 400/401/403 before the body is read
-
-    form = _FormState()
-    parser = MultipartParser(params[b"boundary"], form.callbacks())
-    staged = None
-    received = 0
-    # One batch is encrypted, hashed and written on a worker thread while the next is received and
-    # parsed here: in turn, the two took a 1 GiB upload about a second longer.
-    writing = None
-
-    async def write(data: bytes) -> None:
-        nonlocal writing
-        if writing is not None:
-            await writing
-        writing = asyncio.ensure_future(run_in_threadpool(staged.write, data))
-
-    try:
-        async for chunk in request.stream():
-            # Every byte counts, not only the file's: a chunked body announces no length, and a huge
-            # field of another name would otherwise be read to its end.
-            received += len(chunk)
-            if received > most:
-                raise PayloadTooLarge(f"the upload is larger than the configured maximum of {limit} bytes")
-            parser.write(chunk)
-            if form.folder_done and staged is None:
-                await run_in_threadpool(svc.store.check_upload, filename, form.folder)
-            if form.pending and (len(form.pending) >= UPLOAD_BATCH or form.data_done):
-                if staged is None:  # the folder, when it came first, lets the CDN upload overlap this
-                    folder = form.folder if form.folder_done else None
-                    staged = await run_in_threadpool(svc.store.begin_upload, filename, folder)
-                data, form.pending = bytes(form.pending), bytearray()
-                await write(data)
-        parser.finalize()
-        if not form.data_seen:
-            raise BadRequest("the upload has no file field 'data'")
-        if form.folder is None:
-            raise BadRequest("the upload has no field 'folder'")
-        if staged is None:
-            staged = await run_in_threadpool(svc.store.begin_upload, filename, form.folder)
-        if form.pending:
-            await write(bytes(form.pending))
-        if writing is not None:
-            await writing
-        return await run_in_threadpool(staged.finish, form.folder)
-    except BaseException:
-        if writing is not None:
-            await asyncio.wait([writing])  # the worker must be done with the file before it goes
-        if staged is not None:
-            staged.abort()
-        raise
-
-
-class _FormState:
-    """Collects the multipart events: the bytes of field 'data' and the text of field 'folder'."""
-
-    MAX_FIELD = 1024
-
-    def __init__(self):
-        self.pending = bytearray()
-        self.folder = None
-        self.folder_done = self.data_seen = self.data_done = False
-        self._field = self._header = b""
-        self._value = b""
-        self._name = None
-        self._text = bytearray()
-
-    def callbacks(self):
-        def on_header_field(data, start, end):
-            self._field += data[start:end]
-
-        def on_header_value(data, start, end):
-            self._value += data[start:end]
-
-        def on_header_end():
-            if self._field.lower() == b"content-disposition":
-                self._header = self._value
-            self._field = self._value = b""
-
-        def on_headers_finished():
-            from python_multipart.multipart import parse_options_header
-
-            _, params = parse_options_header(self._header)
-            self._name = params.get(b"name")
-            self._header = b""
-            if self._name == b"data":
-                self.data_seen = True
-
-        def on_part_data(data, start, end):
-            if self._name == b"data":
-                self.pending += data[start:end]
-            elif self._name == b"folder" and len(self._text) < self.MAX_FIELD:
-                self._text += data[start:end]
-
-        def on_part_end():
-            if self._name == b"folder":
-                self.folder = self._text.decode("utf-8", "replace").strip()
-                self.folder_done = True
-            elif self._name == b"data":
-                self.data_done = True
-            self._name = None
-
-        return {
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        }
 
 
 # --- metrics ---------------------------------------------------------------------------------------------

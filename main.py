@@ -4,7 +4,6 @@ This file only translates HTTP to module calls and errors to statuses. The compi
 imported lazily, on the first request that needs them, so the process answers /health at once.
 """
 
-import asyncio
 import logging
 import threading
 import time
@@ -80,6 +79,7 @@ class Services:
         import binary_split
         import hardware_service
         import model_cache
+        import read_ahead
         import unlock_state
         import upload_form
 
@@ -105,6 +105,7 @@ class Services:
             unlock_api, self.unlock_status, s.images_path, s.unlock_images.split(), s.docker_host
         )
         self._receive_upload = upload_form.receive_upload
+        self._read_ahead = read_ahead.ReadAhead
         self.bytes_loaded = 0
         self.bytes_uploaded = 0
 
@@ -130,53 +131,19 @@ class Services:
     def start_unlock(self, email: str, password: str):
         return self.unlocker.start(self.credentials(email, password))
 
-    async def stream_loaded(self, chunks, depth: int = 2):
-        """Send a load's chunks as a worker thread reads and decrypts them, at most ``depth`` ahead.
-
-        The thread runs the blocking iterator on its own, so reading and decrypting the next chunks
-        overlaps with sending this one, and each chunk costs one wake-up of the event loop.
-        """
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Queue = asyncio.Queue()
-        room = threading.Semaphore(depth)
-        stop = threading.Event()
-
-        def hand_over(item) -> None:
-            try:
-                loop.call_soon_threadsafe(ready.put_nowait, item)
-            except RuntimeError:  # the event loop is gone: nobody is listening any more
-                stop.set()
-
-        def produce() -> None:
-            try:
-                for chunk in chunks:
-                    while not room.acquire(timeout=0.5):
-                        if stop.is_set():
-                            return
-                    if stop.is_set():
-                        return
-                    hand_over(chunk)
-                hand_over(None)
-            except BaseException as exc:  # noqa: BLE001 - raised on the event loop's side
-                hand_over(exc)
-            finally:
-                close = getattr(chunks, "close", None)
-                if close is not None:
-                    close()  # in this thread, which ran the generator: its files close here
-
-        threading.Thread(target=produce, daemon=True, name="load-stream").start()
+    async def stream_loaded(self, plaintext):
+        """Send a load's chunks as a worker thread reads and decrypts them, at most LOAD_AHEAD ahead, so
+        reading and decrypting the next chunks overlaps with sending this one. A failure after the answer
+        began can only cut it off."""
+        chunks = self._read_ahead(plaintext, LOAD_AHEAD, "load-stream")
         try:
-            while (item := await ready.get()) is not None:
-                if isinstance(item, errors.LoaderError):
-                    raise CutOff(item.detail) from item
-                if isinstance(item, BaseException):
-                    raise item
-                room.release()
-                self.bytes_loaded += len(item)
-                yield item
+            async for chunk in chunks:
+                self.bytes_loaded += len(chunk)
+                yield chunk
+        except errors.LoaderError as exc:
+            raise CutOff(exc.detail) from exc
         finally:
-            stop.set()
-            room.release()  # a producer waiting for room sees the stop at once
+            chunks.stop()  # the client is gone, or all was sent: the worker closes the load's files
 
 
 class CutOff(Exception):  # noqa: N818 - what happens to the answer, not an error kind of the loader
@@ -207,6 +174,9 @@ def forget_services() -> None:
 
 
 Svc = Annotated[Services, Depends(services)]
+
+# Decrypted chunks of a load waiting to be sent, at most.
+LOAD_AHEAD = 2
 
 # On a stop, how long the downloads in flight may take to commit (a load ends with its last byte; the hash
 # and the commit of its big part follow). Docker waits 10 s before it kills.
@@ -401,7 +371,7 @@ async def login(body: Credentials, svc: Svc):
 async def load(filename: str, body: LoadRequest, svc: Svc):
     plaintext = await run_in_threadpool(svc.store.load, body.folder, filename)
     return StreamingResponse(
-        svc.stream_loaded(iter(plaintext)),
+        svc.stream_loaded(plaintext),
         media_type="application/octet-stream",
         headers={"Content-Length": str(plaintext.size)},
     )

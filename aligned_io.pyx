@@ -136,6 +136,11 @@ def read_blocks(int fd, long long size, Py_ssize_t block_size, hasher, long long
     ``written(end, timeout)``, when given, tells where the bytes written so far end (a file still being
     downloaded), once they reach ``end`` or ``timeout`` seconds passed; it raises the writer's failure
     when they never will.
+
+    This is not read_ahead.ReadAhead (one producer, running a generator a few chunks ahead): the blocks sit
+    at known offsets and are independent, so ``depth`` jobs read and hash them in parallel, each into a
+    buffer of a ring that the caller's view returns to; one producer thread would read and hash them one
+    after the other.
     """
     bufs = [aligned_buffer(block_size) for _ in range(depth + 1)]
     cdef long long count = -(-size // block_size) if block_size > 0 else 0

@@ -11,7 +11,6 @@ key, with a warning, unless ``require_manifest`` refuses them.
 
 import logging
 import os
-import queue
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -27,6 +26,7 @@ from errors import (BadRequest, DecryptionError, EngineError, Forbidden, Integri
                     PayloadTooLarge, StorageError, storage_error)
 from manifest import Manifest, SealedParts, small_size
 from model_cache import Expect
+from read_ahead import ReadAhead
 from unlock_state import DECRYPTING, DOWNLOADING_KEY, LOADING_IMAGES
 
 log = logging.getLogger("loader.split")
@@ -466,33 +466,10 @@ class Unlocker:
     def _plaintext(self, key):
         """Decrypted chunks of the archive. A second thread reads and decrypts ahead (at most
         PIPELINE_DEPTH chunks) while this one hands chunks to the Engine, so the two overlap."""
-        chunks = queue.Queue(maxsize=PIPELINE_DEPTH)
-        stop = threading.Event()
-        producer = threading.Thread(target=self._decrypt_into, args=(key, chunks, stop), daemon=True,
-                                    name="unlock-decrypt")
-        producer.start()
-        try:
-            while True:
-                item = chunks.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()  # the Engine stopped reading (error, or done): let the producer go
-            producer.join()
+        with ReadAhead(self._decrypted(key), PIPELINE_DEPTH, "unlock-decrypt") as chunks:
+            yield from chunks
 
-    def _decrypt_into(self, key, chunks, stop):
-        def put(item):
-            while not stop.is_set():
-                try:
-                    chunks.put(item, timeout=0.2)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
+    def _decrypted(self, key):
         try:
             dec = security.Decryptor(key)
             with open(self._path, "rb") as f:
@@ -503,18 +480,15 @@ class Unlocker:
                         break
                     out = dec.update(data)
                     self.status.add_done(len(data))
-                    if len(out) and not put(out):
-                        return
+                    if len(out):
+                        yield out
             last = dec.finalize()
-            if last and not put(last):
-                return
-            put(None)
         except OSError as exc:
             # Not an OSError on the Engine's side: requests would take it for its socket's.
             log.debug("reading the image archive failed", exc_info=True)
-            put(StorageError(f"the image archive at {self._path} cannot be read ({exc.strerror})"))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            put(exc)
+            raise StorageError(f"the image archive at {self._path} cannot be read ({exc.strerror})") from exc
+        if last:
+            yield last
 
     @staticmethod
     def _loaded_tags(events):

@@ -4,7 +4,6 @@ This file only translates HTTP to module calls and errors to statuses. The compi
 imported lazily, on the first request that needs them, so the process answers /health at once.
 """
 
-import asyncio
 import logging
 import threading
 import time
@@ -80,7 +79,9 @@ class Services:
         import binary_split
         import hardware_service
         import model_cache
+        import read_ahead
         import unlock_state
+        import upload_form
 
         self.hardware = hardware_service.HardwareService()
         self.api = api_client.ResourceApi(
@@ -103,6 +104,8 @@ class Services:
         self.unlocker = binary_split.Unlocker(
             unlock_api, self.unlock_status, s.images_path, s.unlock_images.split(), s.docker_host
         )
+        self._receive_upload = upload_form.receive_upload
+        self._read_ahead = read_ahead.ReadAhead
         self.bytes_loaded = 0
         self.bytes_uploaded = 0
 
@@ -119,56 +122,28 @@ class Services:
         threading.Thread(target=self.store.prepare, daemon=True, name="cdn-prepare").start()
         return user
 
+    async def upload(self, name: str, headers, body, limit: int) -> int:
+        """Stage, encrypt and publish the multipart ``body`` as it arrives; returns the plaintext size."""
+        size = await self._receive_upload(self.store, name, headers, body, limit)
+        self.bytes_uploaded += size
+        return size
+
     def start_unlock(self, email: str, password: str):
         return self.unlocker.start(self.credentials(email, password))
 
-    async def stream_loaded(self, chunks, depth: int = 2):
-        """Send a load's chunks as a worker thread reads and decrypts them, at most ``depth`` ahead.
-
-        The thread runs the blocking iterator on its own, so reading and decrypting the next chunks
-        overlaps with sending this one, and each chunk costs one wake-up of the event loop.
-        """
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Queue = asyncio.Queue()
-        room = threading.Semaphore(depth)
-        stop = threading.Event()
-
-        def hand_over(item) -> None:
-            try:
-                loop.call_soon_threadsafe(ready.put_nowait, item)
-            except RuntimeError:  # the event loop is gone: nobody is listening any more
-                stop.set()
-
-        def produce() -> None:
-            try:
-                for chunk in chunks:
-                    while not room.acquire(timeout=0.5):
-                        if stop.is_set():
-                            return
-                    if stop.is_set():
-                        return
-                    hand_over(chunk)
-                hand_over(None)
-            except BaseException as exc:  # noqa: BLE001 - raised on the event loop's side
-                hand_over(exc)
-            finally:
-                close = getattr(chunks, "close", None)
-                if close is not None:
-                    close()  # in this thread, which ran the generator: its files close here
-
-        threading.Thread(target=produce, daemon=True, name="load-stream").start()
+    async def stream_loaded(self, plaintext):
+        """Send a load's chunks as a worker thread reads and decrypts them, at most LOAD_AHEAD ahead, so
+        reading and decrypting the next chunks overlaps with sending this one. A failure after the answer
+        began can only cut it off."""
+        chunks = self._read_ahead(plaintext, LOAD_AHEAD, "load-stream")
         try:
-            while (item := await ready.get()) is not None:
-                if isinstance(item, errors.LoaderError):
-                    raise CutOff(item.detail) from item
-                if isinstance(item, BaseException):
-                    raise item
-                room.release()
-                self.bytes_loaded += len(item)
-                yield item
+            async for chunk in chunks:
+                self.bytes_loaded += len(chunk)
+                yield chunk
+        except errors.LoaderError as exc:
+            raise CutOff(exc.detail) from exc
         finally:
-            stop.set()
-            room.release()  # a producer waiting for room sees the stop at once
+            chunks.stop()  # the client is gone, or all was sent: the worker closes the load's files
 
 
 class CutOff(Exception):  # noqa: N818 - what happens to the answer, not an error kind of the loader
@@ -199,6 +174,9 @@ def forget_services() -> None:
 
 
 Svc = Annotated[Services, Depends(services)]
+
+# Decrypted chunks of a load waiting to be sent, at most.
+LOAD_AHEAD = 2
 
 # On a stop, how long the downloads in flight may take to commit (a load ends with its last byte; the hash
 # and the commit of its big part follow). Docker waits 10 s before it kills.
@@ -393,7 +371,7 @@ async def login(body: Credentials, svc: Svc):
 async def load(filename: str, body: LoadRequest, svc: Svc):
     plaintext = await run_in_threadpool(svc.store.load, body.folder, filename)
     return StreamingResponse(
-        svc.stream_loaded(iter(plaintext)),
+        svc.stream_loaded(plaintext),
         media_type="application/octet-stream",
         headers={"Content-Length": str(plaintext.size)},
     )
@@ -401,8 +379,7 @@ async def load(filename: str, body: LoadRequest, svc: Svc):
 
 @app.post("/upload/{filename:path}", responses=errors_for(400, 401, 403, 422, 502, 504, 507))
 async def upload(filename: str, request: Request, svc: Svc):
-    size = await receive_upload(request, svc, filename, settings().max_upload_bytes)
-    svc.bytes_uploaded += size
+    size = await svc.upload(filename, request.headers, request.stream(), settings().max_upload_bytes)
     return {"status": "ok", "size": size}
 
 
@@ -417,220 +394,20 @@ async def unlock_status(svc: Svc):
 
 
 @app.get("/metrics", response_class=PlainTextResponse)
-async def metrics_text(svc: Svc):
-    body, content_type = metrics().render(svc)
+async def metrics_text(_svc: Svc):  # built (off the event loop) before the scrape reads its counters
+    body, content_type = metrics().render()
     return Response(body, media_type=content_type)
-
-
-# --- upload: multipart parsed as a stream, so the plaintext never lands on disk or whole in memory ---
-
-UPLOAD_BATCH = 1024 * 1024
-
-
-async def receive_upload(request: Request, svc: Services, filename: str, limit: int) -> int:
-    from python_multipart.exceptions import FormParserError
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
-    from errors import BadRequest, PayloadTooLarge
-
-    kind, params = parse_options_header(request.headers.get("content-type", ""))
-    if kind != b"multipart/form-data" or not params.get(b"boundary"):
-        raise BadRequest("upload must be multipart/form-data with a file field 'data' and a field 'folder'")
-    most = limit + 64 * 1024  # the file, plus room for the multipart framing and the folder field
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > most:
-        raise PayloadTooLarge(f"the upload is larger than the configured maximum of {limit} bytes")
-    await run_in_threadpool(svc.store.check_upload, filename)  # 400/401/403 before the body is read
-
-    form = _FormState()
-    parser = MultipartParser(params[b"boundary"], form.callbacks())
-    staged = None
-    received = 0
-    # One batch is encrypted, hashed and written on a worker thread while the next is received and
-    # parsed here: in turn, the two took a 1 GiB upload about a second longer.
-    writing = None
-
-    async def write(data: bytes) -> None:
-        nonlocal writing
-        if writing is not None:
-            await writing
-        writing = asyncio.ensure_future(run_in_threadpool(staged.write, data))
-
-    try:
-        async for chunk in request.stream():
-            # Every byte counts, not only the file's: a chunked body announces no length, and a huge
-            # field of another name would otherwise be read to its end.
-            received += len(chunk)
-            if received > most:
-                raise PayloadTooLarge(f"the upload is larger than the configured maximum of {limit} bytes")
-            try:
-                parser.write(chunk)
-            except FormParserError as exc:
-                raise BadRequest("the upload is not valid multipart/form-data") from exc
-            if form.folder_done and staged is None:
-                await run_in_threadpool(svc.store.check_upload, filename, form.folder)
-            if form.pending and (len(form.pending) >= UPLOAD_BATCH or form.data_done):
-                if staged is None:  # the folder, when it came first, lets the CDN upload overlap this
-                    folder = form.folder if form.folder_done else None
-                    staged = await run_in_threadpool(svc.store.begin_upload, filename, folder)
-                data, form.pending = bytes(form.pending), bytearray()
-                await write(data)
-        try:
-            parser.finalize()
-        except FormParserError as exc:
-            raise BadRequest("the upload is not valid multipart/form-data") from exc
-        if not form.data_seen:
-            raise BadRequest("the upload has no file field 'data'")
-        if form.folder is None:
-            raise BadRequest("the upload has no field 'folder'")
-        if staged is None:
-            staged = await run_in_threadpool(svc.store.begin_upload, filename, form.folder)
-        if form.pending:
-            await write(bytes(form.pending))
-        if writing is not None:
-            await writing
-        return await run_in_threadpool(staged.finish, form.folder)
-    except BaseException:
-        if writing is not None:
-            await asyncio.wait([writing])  # the worker must be done with the file before it goes
-        if staged is not None:
-            staged.abort()
-        raise
-
-
-class _FormState:
-    """Collects the multipart events: the bytes of field 'data' and the text of field 'folder'."""
-
-    MAX_FIELD = 1024
-
-    def __init__(self):
-        self.pending = bytearray()
-        self.folder = None
-        self.folder_done = self.data_seen = self.data_done = False
-        self._field = self._header = b""
-        self._value = b""
-        self._name = None
-        self._text = bytearray()
-
-    def callbacks(self):
-        def on_header_field(data, start, end):
-            self._field += data[start:end]
-
-        def on_header_value(data, start, end):
-            self._value += data[start:end]
-
-        def on_header_end():
-            if self._field.lower() == b"content-disposition":
-                self._header = self._value
-            self._field = self._value = b""
-
-        def on_headers_finished():
-            from python_multipart.multipart import parse_options_header
-
-            _, params = parse_options_header(self._header)
-            self._name = params.get(b"name")
-            self._header = b""
-            if self._name == b"data":
-                self.data_seen = True
-
-        def on_part_data(data, start, end):
-            if self._name == b"data":
-                self.pending += data[start:end]
-            elif self._name == b"folder" and len(self._text) < self.MAX_FIELD:
-                self._text += data[start:end]
-
-        def on_part_end():
-            if self._name == b"folder":
-                self.folder = self._text.decode("utf-8", "replace").strip()
-                self.folder_done = True
-            elif self._name == b"data":
-                self.data_done = True
-            self._name = None
-
-        return {
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        }
 
 
 # --- metrics ---------------------------------------------------------------------------------------------
 
 
-class Metrics:
-    """Prometheus metrics: request counts and latencies here, the modules' counters read at scrape time."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "loader_requests_total", "HTTP requests", ["method", "route", "status"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "loader_request_seconds", "HTTP request latency", ["method", "route"], registry=self.registry
-        )
-
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(method, route).observe(seconds)
-
-    def render(self, svc: Services):
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        from unlock_state import STATES
-
-        snap = svc.unlock_status.snapshot()
-        lines = [
-            _metric(
-                "loader_bytes_loaded_total", "counter", "Decrypted bytes streamed by /load", svc.bytes_loaded
-            ),
-            _metric(
-                "loader_bytes_uploaded_total",
-                "counter",
-                "Plaintext bytes accepted by /upload",
-                svc.bytes_uploaded,
-            ),
-            _metric(
-                "loader_cache_hits_total", "counter", "Loads served from the verified cache", svc.cache.hits
-            ),
-            _metric("loader_cache_misses_total", "counter", "Loads that needed the CDN", svc.cache.misses),
-            _metric("loader_cdn_downloads_total", "counter", "CDN downloads started", svc.cache.downloads),
-            _metric(
-                "loader_cache_refetches_total",
-                "counter",
-                "Cached big parts that failed a block check and were fetched again",
-                svc.cache.refetches,
-            ),
-            _metric(
-                "loader_format1_loads_total",
-                "counter",
-                "Loads of resources without a manifest (format 1, unverified)",
-                svc.store.format1_loads,
-            ),
-            _metric(
-                "loader_unlock_duration_seconds",
-                "gauge",
-                "Duration of the last unlock",
-                svc.unlock_status.duration or 0.0,
-            ),
-            "# HELP loader_unlock_state Current unlock state (1 for the current one)\n"
-            "# TYPE loader_unlock_state gauge\n"
-            + "".join(f'loader_unlock_state{{state="{st}"}} {int(st == snap["state"])}\n' for st in STATES),
-        ]
-        return generate_latest(self.registry) + "".join(lines).encode(), CONTENT_TYPE_LATEST
-
-
-def _metric(name: str, kind: str, help_text: str, value) -> str:
-    return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n{name} {value}\n"
-
-
 @cache
-def metrics() -> Metrics:
-    return Metrics()
+def metrics():
+    """The process's metrics, made on the first request; a scrape reads the services' counters."""
+    from metrics import Metrics
+
+    return Metrics(services)
 
 
 def _told_by_api_client(record: logging.LogRecord) -> bool:

@@ -41,7 +41,8 @@ def test_importing_main_imports_no_compiled_service_module():
     code = (
         "import sys, main; "
         "print(','.join(m for m in ('api_client', 'cdn_manager', 'binary_split', 'hardware_service', "
-        "'security', 'model_cache', 'download', 'manifest', 'aligned_io', 'boto3', 'docker') "
+        "'security', 'model_cache', 'download', 'manifest', 'aligned_io', 'metrics', 'read_ahead', "
+        "'upload_form', 'prometheus_client', 'boto3', 'docker') "
         "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -178,3 +179,45 @@ def test_urllib3s_own_retry_warning_is_dropped_as_api_client_tells_it():
     retrying = record("Retrying (%r) after connection broken by '%r': %s", (1, 2, "/x"))
     assert not main._told_by_api_client(retrying)
     assert main._told_by_api_client(record("Connection pool is full, discarding connection: %s", ("h",)))
+
+
+def test_metrics_read_the_modules_counters_at_each_scrape(client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from unlock_state import STATES
+
+    def scrape():
+        r = client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=")
+        return {f.name: f for f in text_string_to_metric_families(r.text)}
+
+    svc = main.services()
+    client.get("/health")
+    svc.bytes_loaded, svc.bytes_uploaded = 5_000_000_123, 7
+    svc.cache.hits, svc.cache.misses, svc.cache.downloads, svc.cache.refetches = 3, 4, 5, 6
+    svc.store.format1_loads = 8
+    families = scrape()
+    counters = {
+        "loader_bytes_loaded": 5_000_000_123,
+        "loader_bytes_uploaded": 7,
+        "loader_cache_hits": 3,
+        "loader_cache_misses": 4,
+        "loader_cdn_downloads": 5,
+        "loader_cache_refetches": 6,
+        "loader_format1_loads": 8,
+    }
+    for family, value in counters.items():
+        assert families[family].type == "counter"
+        samples = [(s.name, s.labels, s.value) for s in families[family].samples]
+        assert samples == [(family + "_total", {}, value)]
+    assert families["loader_unlock_duration_seconds"].type == "gauge"
+    assert [s.value for s in families["loader_unlock_duration_seconds"].samples] == [0.0]
+    state = families["loader_unlock_state"]
+    assert state.type == "gauge"
+    assert {s.labels["state"]: s.value for s in state.samples} == {s: float(s == "idle") for s in STATES}
+    health = [s for s in families["loader_requests"].samples if s.labels.get("route") == "/health"]
+    assert families["loader_requests"].type == "counter" and health and health[0].value >= 1
+    assert families["loader_request_seconds"].type == "histogram"
+
+    svc.cache.hits += 1  # read at the scrape, not copied when the metrics were made
+    assert scrape()["loader_cache_hits"].samples[0].value == 4

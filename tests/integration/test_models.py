@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.loader import LoaderProcess, proc_field
 from devstack.ports import free_port
@@ -28,6 +29,16 @@ def segments_of(stack, n):
     """How many ranged GETs one download of ``n``'s big part makes (the loader's own segment plan)."""
     size = stack.s3_admin_client().head_object(Bucket="models", Key=n + ".big")["ContentLength"]
     return len(segments(size))
+
+
+def metric_values(loader):
+    """/metrics as {(sample name, labels): value}, labels a sorted tuple of (name, value)."""
+    text = loader.get("/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_login_returns_the_user_from_the_jwt(loader, user):
@@ -283,7 +294,7 @@ def test_parallel_loads_share_one_cdn_download(loader, stack, user, proxy):
     assert all(r == data for r in results)
     # One download: each of its segments fetched once, whatever the number of loads.
     assert proxy.count("GET", f"/models/{n}.big") == segments_of(stack, n) == 3
-    assert "loader_cdn_downloads_total 1" in loader.get("/metrics").text
+    assert metric_values(loader)[("loader_cdn_downloads_total", ())] == 1
 
 
 def test_upload_needs_login(loader):
@@ -310,11 +321,12 @@ def test_metrics_count_requests_bytes_and_cache(loader, stack, user):
     loader.load(n, "models")
     loader.cached_big_part("models", n)
     loader.load(n, "models")
-    text = loader.get("/metrics").text
-    assert f"loader_bytes_loaded_total {2 * len(data)}" in text
-    assert "loader_cache_hits_total 1" in text and "loader_cache_misses_total 1" in text
-    assert 'loader_requests_total{method="POST",route="/load/{filename:path}",status="200"} 2.0' in text
-    assert 'loader_unlock_state{state="idle"} 1' in text
+    value = metric_values(loader)
+    assert value[("loader_bytes_loaded_total", ())] == 2 * len(data)
+    assert value[("loader_cache_hits_total", ())] == 1 and value[("loader_cache_misses_total", ())] == 1
+    load_ok = (("method", "POST"), ("route", "/load/{filename:path}"), ("status", "200"))
+    assert value[("loader_requests_total", load_ok)] == 2
+    assert value[("loader_unlock_state", (("state", "idle"),))] == 1
 
 
 def test_a_client_that_hangs_up_mid_load_leaves_nothing_running(loader, stack, user):

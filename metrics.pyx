@@ -1,0 +1,64 @@
+# cython: language_level=3, embedsignature=True
+"""The loader's Prometheus metrics, all through prometheus_client: request counts and latencies recorded
+as requests end, and the modules' own counters read when /metrics is scraped (the modules keep plain
+counters and know nothing of Prometheus)."""
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from unlock_state import STATES
+
+
+class Metrics:
+    """One registry for the process. ``services()`` gives the wired modules whose counters a scrape
+    reads."""
+
+    def __init__(self, services):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "loader_requests_total", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "loader_request_seconds", "HTTP request latency", ["method", "route"], registry=self.registry
+        )
+        self.registry.register(ServiceCounters(services))
+
+    def observe(self, method, route, status, seconds):
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def render(self):
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class ServiceCounters:
+    """A custom collector: the counters of the loads, uploads, cache and unlock, as they are at the
+    scrape."""
+
+    def __init__(self, services):
+        self._services = services
+
+    def collect(self):
+        svc = self._services()
+        yield _counter("loader_bytes_loaded_total", "Decrypted bytes streamed by /load", svc.bytes_loaded)
+        yield _counter("loader_bytes_uploaded_total", "Plaintext bytes accepted by /upload", svc.bytes_uploaded)
+        yield _counter("loader_cache_hits_total", "Loads served from the verified cache", svc.cache.hits)
+        yield _counter("loader_cache_misses_total", "Loads that needed the CDN", svc.cache.misses)
+        yield _counter("loader_cdn_downloads_total", "CDN downloads started", svc.cache.downloads)
+        yield _counter("loader_cache_refetches_total",
+                       "Cached big parts that failed a block check and were fetched again", svc.cache.refetches)
+        yield _counter("loader_format1_loads_total",
+                       "Loads of resources without a manifest (format 1, unverified)", svc.store.format1_loads)
+        yield GaugeMetricFamily("loader_unlock_duration_seconds", "Duration of the last unlock",
+                                value=svc.unlock_status.duration or 0.0)
+        current = svc.unlock_status.snapshot()["state"]
+        state = GaugeMetricFamily("loader_unlock_state", "Current unlock state (1 for the current one)",
+                                  labels=["state"])
+        for name in STATES:
+            state.add_metric([name], int(name == current))
+        yield state
+
+
+def _counter(name, help_text, value):
+    return CounterMetricFamily(name, help_text, value=value)

@@ -105,7 +105,9 @@ class FaultMiddleware:
             content_type, body = "application/json", json.dumps({"detail": "injected fault"}).encode()
         else:
             content_type, body = GARBAGE[fault.garbage]
-            body = os.urandom(4096) if body is None else body
+            # 4095 bytes: never a whole number of AES blocks, so "random" can never decrypt by chance (one
+            # 4096-byte body in about 256 unpads cleanly, and then fails later with another message).
+            body = os.urandom(4095) if body is None else body
         headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": fault.status or 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})

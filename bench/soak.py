@@ -71,7 +71,7 @@ def main():
     finally:
         engine.cleanup()
         if args.keep:
-            print(f"kept {work} (loader log: {work}/soak/loader/loader-*.log)")
+            print(f"kept {work} (loader log: {work}/soak/loader/loader-*.log)", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
     sys.exit(1 if report.violations else 0)

@@ -4,7 +4,9 @@ This file only translates HTTP to module calls and errors to statuses. The compi
 imported lazily, on the first request that needs them, so the process answers /health at once.
 """
 
+import ctypes
 import logging
+import os
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -416,9 +418,28 @@ def _told_by_api_client(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Retrying (")
 
 
+# glibc's mallopt parameter (malloc.h), and how many arenas the loader's threads share.
+M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas() -> None:
+    """At most two glibc malloc arenas. By default a thread that allocates while the others' arenas are busy
+    gets one of its own, up to eight per core, and each keeps the multi-MiB chunks that loads and uploads
+    freed in it: the soak saw the loader's RSS at rest climb from 160 to 390 MB over 800 operations; with
+    two arenas, 135 to 170 MB, and loads no slower. MALLOC_ARENA_MAX in the environment has the last word."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has no arenas to limit
+
+
 def main() -> None:
     import uvicorn
 
+    limit_malloc_arenas()  # first, while this is the only thread
     s = settings()
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # LOG_LEVEL=DEBUG is for the loader's own loggers. The libraries' DEBUG output prints whole requests

@@ -1,0 +1,551 @@
+"""The soak: thousands of mixed operations against the real stack, faults thrown in at random between them,
+and figures that show nothing was lost. bench/soak.py is its command line, tests/faults/test_soak.py a
+short run in ``make test``.
+
+    soak = Soak(SoakConfig(seed=7, ops=150, sizes=SMALL_SIZES), workdir, stack, cdn_proxy, engine)
+    report = soak.run()            # sets up, runs, heals, checks every model, stops the loader
+    print("\\n".join(report.lines()))
+
+The stack: the loader as a process (devstack.loader), the reference Resource API and SeaweedFS
+(devstack.stack) with a FaultProxy in front of SeaweedFS (cdn.yaml names the proxy), and a private
+dockerd that unlock loads its images into and that the soak stops and starts.
+
+One thread draws everything from ``random.Random(seed)``: the operations (cold and warm loads, bursts of
+loads of one model, uploads of new versions, logins as users of every role and with wrong passwords,
+unlocks, /status, /metrics), which model and user each concerns, the faults and their parameters, and how
+long each lasts; a pool of ``concurrency`` workers runs the operations. A failing run replays with the
+same seed: the same operations and faults in the same order (the interleaving of the workers differs).
+A fault often brings the work it is meant to break: a cold load after a CDN fault, an upload after a
+refused POST, an unlock just before dockerd stops, an upload and loads just before the loader is killed.
+After each heal a probe of the route it broke measures how long recovery takes.
+
+Every answer is judged by devstack.soak_rules. Loader kills are drawn in the first half of the run only,
+so its last incarnation lives through the whole second half: RSS and open descriptors, sampled at quiet
+checkpoints (every operation finished), are compared between that incarnation's first and last quarter.
+After the run every fault is healed, a model left refused by a failed upload is mended by one upload (the
+contract's remedy), and every model must then load its last committed version, and an unlock be ready.
+"""
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from devstack.dockerd import import_image, remove_images
+from devstack.images import publish_images
+from devstack.loader import LoaderProcess, proc_field
+from devstack.soak_client import FOLDER, Client, KiB, MiB, content, digest_of
+from devstack.soak_faults import FAULTS, Faults
+from devstack.soak_report import Report
+from devstack.soak_rules import (
+    OK,
+    Episode,
+    Model,
+    Session,
+    User,
+    Verdict,
+    Version,
+    excused,
+    judge_load,
+    judge_login,
+    judge_simple,
+    judge_upload,
+    killed,
+    violation,
+)
+
+TAG = "azaion/soak:1"
+BENCH_SIZES = (KiB, 64 * KiB, MiB + 3, 5 * MiB, 24 * MiB, 96 * MiB, 256 * MiB)
+SMALL_SIZES = (KiB, 70_000, MiB + 3, 4 * MiB + 17, 8 * MiB)
+RUNNING = ("authenticating", "downloading_key", "decrypting", "loading_images")
+
+# Relative frequencies. A burst is 3-8 loads of one model at once (each counts as an operation).
+OPERATIONS = {
+    "load_warm": 36,
+    "load_cold": 10,
+    "load_burst": 4,
+    "upload": 12,
+    "login": 9,
+    "unlock": 3,
+    "status": 7,
+    "metrics": 7,
+}
+ROLES = {
+    "operator": "Operator",
+    "validator": "Validator",
+    "companion": "CompanionPC",
+    "uploader": "ResourceUploader",
+    "admin": "Admin",
+    "apiadmin": "ApiAdmin",
+}
+# Who the login operations sign in as: mostly roles that may upload, so that uploads happen.
+LOGIN_WEIGHTS = {"uploader": 5, "admin": 2, "apiadmin": 1, "operator": 2, "validator": 1, "companion": 1}
+
+
+@dataclass
+class SoakConfig:
+    seed: int = 1
+    ops: int | None = 2000  # operations to dispatch; None: run for ``minutes``
+    minutes: float | None = None
+    concurrency: int = 8
+    sizes: tuple[int, ...] = BENCH_SIZES
+    unlock_mib: int = 32  # the image inside the unlock archive
+    fault_rate: float = 0.07  # chance of a fault after each operation dispatched
+    checkpoint_every: int = 40  # operations between quiet samples of RSS and descriptors
+    api_timeout: float = 5.0  # the loader's API_TIMEOUT
+    request_timeout: float = 180.0  # the client's read timeout: longer means a hang
+    unlock_timeout: float = 240.0  # an unlock still running this long after the Engine is up is stuck
+    loader_env: dict = field(default_factory=dict)  # more of the loader's environment
+
+
+@dataclass
+class Record:
+    kind: str
+    route: str
+    start: float
+    end: float
+    status: int | None
+    verdict: Verdict
+    model: str | None = None
+    final: bool = False  # one of the checks after the run
+
+
+@dataclass
+class Sample:
+    t: float
+    incarnation: int
+    rss_kb: int
+    fds: int
+
+
+class RWLock:
+    """Uploads share it, logins take it alone: an upload sees one session from its start to its answer."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and not self._readers)
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class Soak(Faults):
+    def __init__(self, config: SoakConfig, workdir, stack, cdn_proxy, engine):
+        self.cfg = config
+        self.workdir = Path(workdir)
+        self.stack, self.proxy, self.engine = stack, cdn_proxy, engine
+        self.rng = random.Random(config.seed)  # noqa: S311 - a replayable stream of choices, no secret
+        self.token = uuid.uuid4().hex[:6]  # names unique on a shared stack; not from the seed
+        self.session = Session()
+        self.session_lock = RWLock()
+        self.lock = threading.Lock()
+        self.records: list[Record] = []
+        self.episodes: list[Episode] = []
+        self.samples: list[Sample] = []
+        self.checkpoints: list[Sample] = []
+        self.harness_errors: list[BaseException] = []
+        self.models: list[Model] = []
+        self.users: dict[str, User] = {}
+        self.incarnation = 0
+        self.dispatched = 0
+        self.engine_up_since: float | None = None
+        self.loader: LoaderProcess | None = None
+        self._inflight: set = set()
+        self._stop_sampling = threading.Event()
+        self._t0 = time.monotonic()
+
+    # --- set-up -----------------------------------------------------------------------------------
+
+    def now(self) -> float:
+        return time.monotonic() - self._t0
+
+    def _setup(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.stack.clear_faults()
+        self.proxy.clear_faults()
+        self.stack.write_cdn_yaml(host=self.proxy.url)
+        for key, role in ROLES.items():
+            user = User(f"soak-{key}-{self.token}@azaion.local", f"Soak-{key}-Pa55", role)
+            self.stack.add_user(user.email, user.password, [role])
+            self.users[key] = user
+        for index, size in enumerate(self.cfg.sizes):
+            name = f"soak{index}-{self.token}.bin"
+            with tempfile.TemporaryFile(dir=self.workdir) as f:
+                for chunk in content(self.cfg.seed, index, 0, size):
+                    f.write(chunk)
+                f.seek(0)
+                self.stack.publish(FOLDER, name, f)
+            digest = digest_of(content(self.cfg.seed, index, 0, size))
+            self.models.append(Model(index, name, size, [Version(0, digest, size, 0.0, 0.0, True)]))
+        client = self.engine.client()
+        try:
+            remove_images(client, [TAG])
+            blob = b"".join(content(self.cfg.seed, -1, 0, self.cfg.unlock_mib * MiB))
+            import_image(client, TAG, {"/blob.bin": blob})
+            self.archive = self.workdir / "images.enc"
+            publish_images(self.engine.host, [TAG], self.archive, admin=self.stack.admin)
+            remove_images(client, [TAG])
+        finally:
+            client.close()
+        self.engine_up_since = 0.0
+        self.loader = LoaderProcess(
+            self.workdir / "loader",
+            RESOURCE_API_URL=self.stack.api_url,
+            API_TIMEOUT=self.cfg.api_timeout,
+            DOCKER_HOST=self.engine.host,
+            IMAGES_PATH=self.archive,
+            **self.cfg.loader_env,
+        )
+        self.client = Client(self.loader.url, self.cfg.request_timeout)
+        self._start_loader()
+        with self.session_lock.alone():
+            self._login(self.users["uploader"], bad=False, kind="login")
+        threading.Thread(target=self._sample_forever, daemon=True, name="soak-sampler").start()
+
+    def _start_loader(self) -> None:
+        self.loader.start()
+        self.incarnation += 1
+
+    def _cache_file(self, model: Model, suffix: str = "") -> Path:
+        return Path(self.loader.env["MODEL_CACHE_DIR"]) / FOLDER / (model.name + ".big" + suffix)
+
+    # --- operations -------------------------------------------------------------------------------
+
+    def _record(self, kind, route, t0, t1, answer, verdict, model=None, final=False) -> Verdict:
+        if final and verdict.outcome != "ok":
+            verdict = violation(f"after the run, with every fault healed: {verdict.why}")
+        with self.lock:
+            self.records.append(
+                Record(kind, route, t0, t1, answer.status, verdict, model.name if model else None, final)
+            )
+        return verdict
+
+    def _episodes(self) -> list[Episode]:
+        with self.lock:
+            return list(self.episodes)
+
+    def _load(self, model: Model, kind: str, final: bool = False) -> Verdict:
+        if kind == "load_cold":
+            for suffix in (".meta", ""):  # the sidecar first: the loader then reads "not cached"
+                with contextlib.suppress(FileNotFoundError):
+                    self._cache_file(model, suffix).unlink()
+        t0 = self.now()
+        a = self.client.load(model.name)
+        t1 = self.now()
+        verdict = judge_load(model, a, self.session, self._episodes(), t0, t1)
+        return self._record(kind, "load", t0, t1, a, verdict, model, final)
+
+    def _upload(self, model: Model, number: int, final: bool = False) -> None:
+        digest = digest_of(content(self.cfg.seed, model.index, number, model.size))
+        with self.session_lock.shared():
+            user = self.session.user
+            if user is None or not user.can_upload:
+                self._refused_upload(user)
+                return
+            with model.upload_lock:
+                version = Version(number, digest, model.size, self.now())
+                with self.lock:
+                    model.versions.append(version)
+                a = self.client.upload(model.name, content(self.cfg.seed, model.index, number, model.size))
+                t1 = self.now()
+                version.end = t1
+                version.ok = a.status == 200 and a.json == {"status": "ok", "size": model.size}
+                verdict = judge_upload(a, user, model.size, self._episodes(), version.start, t1)
+                self._record("upload", "upload", version.start, t1, a, verdict, model, final)
+                if version.ok:  # every upload answered 200 loads afterwards
+                    self._load(model, "load_after_upload", final)
+
+    def _refused_upload(self, user: User | None) -> None:
+        """An upload the session may not make (no session, or a role that may not upload): a small body,
+        to a name no load asks for."""
+        t0 = self.now()
+        a = self.client.upload(f"refused-{self.token}.bin", [b"x" * KiB])
+        t1 = self.now()
+        verdict = judge_upload(a, user, KiB, self._episodes(), t0, t1)
+        self._record("upload_refused", "upload", t0, t1, a, verdict)
+
+    def _login(self, user: User, bad: bool, kind: str, final: bool = False) -> Verdict:
+        """Call with the session lock held alone."""
+        t0 = self.now()
+        password = user.password + "-wrong" if bad else user.password
+        a = self.client.call("POST", "/login", json={"email": user.email, "password": password})
+        t1 = self.now()
+        verdict = judge_login(a, user, bad, self._episodes(), t0, t1)
+        if a.status == 200 and not bad:
+            self.session.log_in(user, t1)
+        return self._record(kind + ("_bad" if bad else ""), "login", t0, t1, a, verdict, final=final)
+
+    def _unlock(self, final: bool = False) -> Verdict:
+        user = self.users["companion"]
+        t0 = self.now()
+        a = self.client.call("POST", "/unlock", json={"email": user.email, "password": user.password})
+        if a.status != 202:
+            t1 = self.now()
+            if a.status is None:
+                verdict = judge_simple("unlock", a, self._episodes(), t0, t1)
+            else:
+                verdict = violation(f"POST /unlock answered {a.status}: {a.detail}")
+            return self._record("unlock", "unlock", t0, t1, a, verdict, final=final)
+        status = self._wait_unlock(t0)
+        t1 = self.now()
+        verdict = self._judge_unlock(status, t0, t1)
+        return self._record("unlock", "unlock", t0, t1, a, verdict, final=final)
+
+    def _wait_unlock(self, t0: float) -> dict | str:
+        """The unlock's end state, or "stuck" when it ran on ``unlock_timeout`` s with the Engine up."""
+        silent_since = None
+        while True:
+            a = self.client.call("GET", "/unlock/status")
+            state = a.json.get("state") if a.status == 200 and isinstance(a.json, dict) else None
+            if state is not None and state not in RUNNING:
+                return a.json
+            silent_since = None if state is not None else silent_since or self.now()
+            if silent_since is not None and self.now() - silent_since > 60:
+                return {"state": "no answer", "error": "/unlock/status did not answer for 60 s"}
+            up = self.engine_up_since
+            if state is not None and up is not None and self.now() - max(t0, up) > self.cfg.unlock_timeout:
+                return "stuck in " + state
+            time.sleep(0.25)
+
+    def _judge_unlock(self, status, t0: float, t1: float) -> Verdict:
+        if isinstance(status, str):
+            return violation(
+                f"the unlock stayed {status} with the Engine back for {self.cfg.unlock_timeout} s"
+            )
+        episodes = self._episodes()
+        if status["state"] == "ready":
+            return OK if TAG in status["images"] else violation(f"ready without {TAG}: {status['images']}")
+        if status["state"] == "idle" and killed(episodes, t0, t1):
+            return Verdict("failed", "the loader was killed during the unlock")
+        fault = excused("unlock", episodes, t0, t1)
+        if status["state"] == "error" and fault:
+            return Verdict("failed", f"error under {fault}: {status['error']}")
+        return violation(f"unexplained unlock {status['state']}: {status.get('error')}")
+
+    def _simple(self, route: str) -> Verdict:
+        t0 = self.now()
+        a = self.client.call("GET", "/" + route)
+        t1 = self.now()
+        verdict = judge_simple(route, a, self._episodes(), t0, t1)
+        if route == "status" and a.status == 200 and isinstance(a.json, dict):
+            if not a.json.get("authenticated") and not self.session.maybe_none(t0, t1):
+                verdict = violation("/status says not authenticated, with a session all along")
+        if route == "metrics" and a.status == 200 and "loader_requests_total" not in str(a.json):
+            verdict = violation("/metrics without loader_requests_total")
+        return self._record(route, route, t0, t1, a, verdict)
+
+    # --- dispatch ---------------------------------------------------------------------------------
+
+    def _submit(self, fn, *args) -> None:
+        def run():
+            try:
+                fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - a bug of the soak itself: reported, then raised
+                with self.lock:
+                    self.harness_errors.append(exc)
+
+        while True:
+            with self.lock:
+                self._inflight = {f for f in self._inflight if not f.done()}
+                if len(self._inflight) < self.cfg.concurrency:
+                    break
+            wait(list(self._inflight), return_when=FIRST_COMPLETED)
+        future = self.pool.submit(run)
+        with self.lock:
+            self._inflight.add(future)
+        self.dispatched += 1
+
+    def _drain(self) -> None:
+        with self.lock:
+            pending = list(self._inflight)
+        wait(pending)
+
+    def _pick_model(self) -> Model:
+        weights = [max(1.0, 4.0 - i * 0.5) for i in range(len(self.models))]
+        return self.rng.choices(self.models, weights)[0]
+
+    def _dispatch(self, kind: str, model: Model | None = None) -> None:
+        model = model or self._pick_model()
+        if kind in ("load_warm", "load_cold"):
+            self._submit(self._load, model, kind)
+        elif kind == "load_burst":
+            for _ in range(self.rng.randint(3, 8)):
+                self._submit(self._load, model, "load_burst")
+        elif kind == "upload":
+            number, model.next_version = model.next_version, model.next_version + 1
+            self._submit(self._upload, model, number)
+        elif kind == "login":
+            user = self.users[self.rng.choices(list(LOGIN_WEIGHTS), list(LOGIN_WEIGHTS.values()))[0]]
+            bad = self.rng.random() < 0.15
+            self._submit(self._login_alone, user, bad)
+        elif kind == "unlock":
+            self._submit(self._unlock)
+        else:
+            self._submit(self._simple, kind)
+
+    def _login_alone(self, user: User, bad: bool) -> None:
+        with self.session_lock.alone():
+            self._login(user, bad, "login")
+
+    def _first_half(self) -> bool:
+        if self.cfg.ops is not None:
+            return self.dispatched < self.cfg.ops / 2
+        return self.now() < self.cfg.minutes * 30
+
+    def _done(self) -> bool:
+        if self.cfg.ops is not None:
+            return self.dispatched >= self.cfg.ops
+        return self.now() >= self.cfg.minutes * 60
+
+    def _loop(self) -> None:
+        since_checkpoint = 0
+        while not self._done():
+            self._heal_due()
+            if self.rng.random() < self.cfg.fault_rate:
+                self._fault(self.rng.choices(list(FAULTS), list(FAULTS.values()))[0])
+            before = self.dispatched
+            self._dispatch(self.rng.choices(list(OPERATIONS), list(OPERATIONS.values()))[0])
+            since_checkpoint += self.dispatched - before
+            if since_checkpoint >= self.cfg.checkpoint_every:
+                self._checkpoint()
+                since_checkpoint = 0
+            with self.lock:
+                errors = list(self.harness_errors)
+            if errors:
+                raise errors[0]
+            if self.loader.proc.poll() is not None:
+                raise RuntimeError(f"the loader exited on its own:\n{self.loader.log()[-3000:]}")
+
+    # --- the loader's memory and descriptors ------------------------------------------------------
+
+    def _sample(self) -> Sample | None:
+        proc = self.loader.proc if self.loader else None
+        if proc is None or proc.poll() is not None:
+            return None
+        try:
+            return Sample(
+                self.now(),
+                self.incarnation,
+                proc_field(proc.pid, "VmRSS"),
+                len(os.listdir(f"/proc/{proc.pid}/fd")),
+            )
+        except (OSError, KeyError):
+            return None
+
+    def _sample_forever(self) -> None:
+        while not self._stop_sampling.wait(0.5):
+            sample = self._sample()
+            if sample is not None:
+                with self.lock:
+                    self.samples.append(sample)
+
+    def _checkpoint(self) -> None:
+        """One sample with every operation finished and the descriptors steady (a download commits after
+        its last load ended)."""
+        self._drain()
+        last = None
+        for _ in range(20):
+            time.sleep(0.3)
+            sample = self._sample()
+            if sample is not None and last is not None and sample.fds == last.fds:
+                break
+            last = sample
+        if sample is not None:
+            self.checkpoints.append(sample)
+
+    # --- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> Report:
+        started = time.monotonic()
+        self._setup()
+        try:
+            with ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="soak") as self.pool:
+                try:
+                    self._loop()
+                finally:
+                    self._drain()
+                self._final()
+            self._write_log(self.workdir / "soak.jsonl")
+            if self.harness_errors:
+                raise self.harness_errors[0]
+        finally:
+            self._stop_sampling.set()
+            self.stack.clear_faults()
+            self.proxy.clear_faults()
+            if not self.engine.running:
+                self.engine.start()
+            if self.loader is not None:
+                self.loader.stop()
+        return Report(self, time.monotonic() - started, list(FAULTS))
+
+    def _write_log(self, path: Path) -> None:
+        """Every operation and fault with its times, one JSON object a line, for a look after the run."""
+        with open(path, "w") as f:
+            for e in self.episodes:
+                f.write(
+                    json.dumps({"fault": e.kind, **{k: getattr(e, k) for k in ("start", "heal", "detail")}})
+                )
+                f.write("\n")
+            for c in self.checkpoints:
+                f.write(
+                    json.dumps(
+                        {"checkpoint": c.t, "incarnation": c.incarnation, "rss_kb": c.rss_kb, "fds": c.fds}
+                    )
+                )
+                f.write("\n")
+            for r in self.records:
+                row = {"op": r.kind, "start": r.start, "end": r.end, "status": r.status, "model": r.model}
+                f.write(
+                    json.dumps({**row, "outcome": r.verdict.outcome, "why": r.verdict.why, "final": r.final})
+                )
+                f.write("\n")
+
+    def _final(self) -> None:
+        """Heal every fault; mend the models a failed upload left refused; every model must then load its
+        last committed version, and an unlock be ready."""
+        with self.lock:
+            open_episodes = [e for e in self.episodes if e.heal is None]
+        for episode in open_episodes:
+            self._heal(episode)
+        self._drain()
+        self._checkpoint()
+        time.sleep(2.5)  # past every heal's grace: from here on nothing excuses a failure
+        with self.session_lock.alone():
+            self._login(self.users["uploader"], bad=False, kind="login", final=True)
+        for model in self.models:
+            if not model.latest().ok:
+                number, model.next_version = model.next_version, model.next_version + 1
+                self._upload(model, number, final=True)
+        for model in self.models:
+            self._load(model, "load_warm", final=True)
+            self._load(model, "load_cold", final=True)
+        self._unlock(final=True)

@@ -1,0 +1,103 @@
+"""The soak's client side (devstack.soak): the models' plaintexts, and the loader's routes called the way
+an on-device app would, every answer an ``Answer`` (soak_rules), never an exception.
+
+Bodies stream both ways: a load is hashed as it arrives, an upload is generated as it is sent, so a
+256 MiB model is never held whole."""
+
+import hashlib
+import uuid
+
+import requests
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from devstack.soak_rules import Answer
+
+KiB, MiB = 1024, 1024 * 1024
+CHUNK = MiB
+FOLDER = "soak"  # the folder (and CDN bucket) of the soak's models
+
+
+def content(seed: int, index: int, version: int, size: int):
+    """The plaintext of a version of model ``index``, as 1 MiB chunks: an AES-CTR keystream, so it is
+    random-looking, cheap, and the same for the same seed."""
+    key = hashlib.sha256(f"soak/{seed}/{index}/{version}".encode()).digest()
+    stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    zeros = bytes(CHUNK)
+    left = size
+    while left:
+        n = min(CHUNK, left)
+        yield stream.update(zeros[:n])
+        left -= n
+
+
+def digest_of(chunks) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _detail(r: requests.Response) -> tuple[str | None, object]:
+    try:
+        body = r.json()
+    except ValueError:
+        return (r.text[:200] or None), None
+    return (body.get("detail") if isinstance(body, dict) else None), body
+
+
+class Client:
+    """The loader at ``url``. A fresh connection for every request: after an operation nothing of the
+    client's stays open in the loader, so its descriptors can be counted at rest."""
+
+    def __init__(self, url: str, read_timeout: float):
+        self.url = url
+        self.timeout = (5, read_timeout)
+
+    def call(self, method: str, path: str, **kw) -> Answer:
+        try:
+            r = requests.request(method, self.url + path, timeout=self.timeout, **kw)
+        except requests.RequestException as exc:
+            return Answer(error=type(exc).__name__)
+        if not r.headers.get("content-type", "").startswith("application/json"):
+            return Answer(status=r.status_code, json=r.text)
+        detail, body = _detail(r)
+        return Answer(status=r.status_code, detail=detail, json=body)
+
+    def load(self, name: str) -> Answer:
+        """A /load read to its end (or its break), hashed as it arrives."""
+        try:
+            r = requests.post(
+                f"{self.url}/load/{name}", json={"folder": FOLDER}, stream=True, timeout=self.timeout
+            )
+        except requests.RequestException as exc:
+            return Answer(error=type(exc).__name__)
+        with r:
+            if r.status_code != 200:
+                detail, body = _detail(r)
+                return Answer(status=r.status_code, detail=detail, json=body)
+            a = Answer(status=200, length=int(r.headers.get("content-length", -1)))
+            h = hashlib.sha256()
+            try:
+                for chunk in r.iter_content(CHUNK):
+                    h.update(chunk)
+                    a.got += len(chunk)
+            except requests.RequestException as exc:
+                a.error = type(exc).__name__
+            a.digest = h.hexdigest()
+            return a
+
+    def upload(self, name: str, chunks) -> Answer:
+        """A multipart upload streamed from ``chunks`` (chunked: no length announced), the folder first."""
+        boundary = uuid.uuid4().hex
+
+        def body():
+            yield (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="folder"\r\n\r\n{FOLDER}\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="data"; filename="{name}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
+            yield from chunks
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        return self.call("POST", f"/upload/{name}", data=body(), headers=headers)

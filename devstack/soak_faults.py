@@ -1,0 +1,199 @@
+"""The soak's faults (devstack.soak): how each is thrown in, what work it brings along, how it is healed.
+
+One fault per channel at a time: the CDN (the fault proxy in front of SeaweedFS), the Resource API (its
+/_devstack/ faults), dockerd; a loader kill and an altered cache file are instant. A fault lasts a number
+of operations drawn with it, so a seed replays the same faults at the same points of the run.
+
+    kind                       what happens                                              healed by
+    cdn_cut                    GETs of the soak's objects cut after 0 B..5 MiB (FIN/RST)   clearing the proxy
+    cdn_503_burst              the next 2-8 CDN requests answered 503                      clearing the proxy
+    cdn_truncate               GETs send the full Content-Length but half the body         clearing the proxy
+    api_slow                   1-3 calls (resources or login) answered API_TIMEOUT+1 s late clearing the API
+    api_failing                calls answered 500/502/503                                  clearing the API
+    api_garbage                calls answered 200 with garbage (HTML, not a JWT...)        clearing the API
+    upload_small_refused       every upload POST of a small part answered 500              clearing the API
+    upload_manifest_refused    one POST goes through, then 500: the manifest is refused    clearing the API
+    cache_altered              a bit of a cached big part flipped on disk                  the loader itself
+    loader_kill                SIGKILL during an upload and loads, then a restart          restart, login
+    dockerd_stop               dockerd stopped (SIGTERM) during an unlock                  starting it again
+"""
+
+import os
+import time
+
+from devstack.faults import GARBAGE
+from devstack.soak_client import FOLDER, KiB, MiB
+from devstack.soak_rules import Episode
+
+FAULTS = {  # relative frequencies
+    "cdn_cut": 3,
+    "cdn_503_burst": 3,
+    "cdn_truncate": 2,
+    "api_slow": 1.5,
+    "api_failing": 2,
+    "api_garbage": 2,
+    "upload_small_refused": 1.5,
+    "upload_manifest_refused": 1.5,
+    "cache_altered": 2,
+    "loader_kill": 2,
+    "dockerd_stop": 1,
+}
+CHANNEL = {
+    "cdn_cut": "cdn",
+    "cdn_503_burst": "cdn",
+    "cdn_truncate": "cdn",
+    "api_slow": "api",
+    "api_failing": "api",
+    "api_garbage": "api",
+    "upload_small_refused": "api",
+    "upload_manifest_refused": "api",
+    "cache_altered": "disk",
+    "loader_kill": "kill",
+    "dockerd_stop": "docker",
+}
+# What runs right after a heal, to measure the recovery.
+PROBE = {"cdn": "load_cold", "api": "load_warm", "docker": "unlock"}
+
+
+class Faults:
+    """Mixed into devstack.soak.Soak, whose state (the stack, proxy, engine, loader, rng) it uses."""
+
+    def _active(self, channel: str) -> Episode | None:
+        with self.lock:
+            return next((e for e in self.episodes if e.channel == channel and e.heal is None), None)
+
+    def _begin(self, kind: str, detail: str, ops_left: int = 0) -> Episode:
+        episode = Episode(kind, CHANNEL[kind], self.now(), detail, ops_left=ops_left)
+        with self.lock:
+            self.episodes.append(episode)
+        return episode
+
+    def _fault(self, kind: str) -> None:
+        channel = CHANNEL[kind]
+        if self._active(channel) is not None or (kind == "loader_kill" and not self._first_half()):
+            return
+        rng = self.rng
+        lasts = rng.randint(2, 12)
+        cdn_path = f"/{FOLDER}/*"
+        if kind == "cdn_cut":
+            after, n, reset = (
+                rng.choice([0, 1000, 64 * KiB, MiB, 5 * MiB]),
+                rng.choice([1, 2, 4, None]),
+                rng.random() < 0.5,
+            )
+            self._begin(kind, f"after {after} bytes, {n or 'every'} GET, {'RST' if reset else 'FIN'}", lasts)
+            self.proxy.cut_next(after, n, method="GET", path=cdn_path, reset=reset)
+            self._dispatch("load_cold")
+        elif kind == "cdn_503_burst":
+            n = rng.randint(2, 8)
+            self._begin(kind, f"{n} requests", lasts)
+            self.proxy.fail_next(503, n, path=cdn_path)
+            self._dispatch("load_cold")
+        elif kind == "cdn_truncate":
+            n = rng.choice([1, 2, None])
+            self._begin(kind, f"{n or 'every'} GET", lasts)
+            self.proxy.truncate_next(n, method="GET", path=cdn_path)
+            self._dispatch("load_cold")
+        elif kind in ("api_slow", "api_failing", "api_garbage"):
+            route = rng.choice(["POST /resources/get*", "POST /login"])
+            if kind == "api_slow":
+                # A few calls only: every call slow holds every worker for the loader's three tries.
+                count, fault = rng.choice([1, 2, 3]), {"delay": self.cfg.api_timeout + 1}
+            elif kind == "api_failing":
+                count, fault = rng.choice([1, 2, 3, None]), {"status": rng.choice([500, 502, 503])}
+            else:
+                count, fault = (
+                    rng.choice([1, 2, 3, None]),
+                    {"status": 200, "garbage": rng.choice(sorted(GARBAGE))},
+                )
+            self._begin(kind, f"{route} {fault} x{count or 'all'}", lasts)
+            self.stack.set_fault(route, count=count, **fault)
+            if route == "POST /login":
+                self._dispatch("login")
+            else:
+                self._dispatch("load_warm")
+        elif kind in ("upload_small_refused", "upload_manifest_refused"):
+            route = f"POST /resources/{FOLDER}"
+            self._begin(kind, route, lasts)
+            if kind == "upload_manifest_refused":
+                self.stack.set_fault(route, count=1)  # no status: the small part goes through
+            self.stack.set_fault(route, status=500, count=None)
+            self._dispatch("upload")
+        elif kind == "cache_altered":
+            self._alter_cache()
+        elif kind == "loader_kill":
+            self._kill_loader()
+        elif kind == "dockerd_stop":
+            self._stop_engine(lasts)
+
+    def _alter_cache(self) -> None:
+        model, where = self.rng.choice(self.models), self.rng.random()
+        path = self._cache_file(model)
+        if not self._cache_file(model, ".meta").exists():
+            return  # not cached now: no fault this time
+        try:
+            with open(path, "r+b") as f:
+                size = os.fstat(f.fileno()).st_size
+                if not size:
+                    return
+                f.seek(int(where * size))
+                byte = f.read(1)
+                f.seek(-1, os.SEEK_CUR)
+                f.write(bytes([byte[0] ^ 0x01]))
+        except FileNotFoundError:
+            return  # replaced or discarded meanwhile: nothing altered
+        episode = self._begin("cache_altered", f"{model.name} at {where:.0%}")
+        episode.heal = episode.start
+        self._dispatch("load_warm", model)
+
+    def _kill_loader(self) -> None:
+        """Kill the loader in the middle of work: an upload replacing a model that loads are reading."""
+        model = self._pick_model()
+        self._dispatch("upload", model)
+        self._dispatch("load_warm", model)
+        self._dispatch("load_cold", model)
+        time.sleep(self.rng.uniform(0.1, 1.5))
+        episode = self._begin("loader_kill", f"during an upload of {model.name}")
+        user = self.session.user or self.users["uploader"]
+        self.loader.kill()
+        self.session.lose(self.now())
+        time.sleep(self.rng.uniform(0.0, 1.0))
+        self._start_loader()
+        with self.session_lock.alone():
+            self._login(user, bad=False, kind="login_after_restart")
+        episode.heal = self.now()
+        self._dispatch("load_warm")
+
+    def _stop_engine(self, lasts: int) -> None:
+        """Stop dockerd, if possible during an unlock."""
+        self._dispatch("unlock")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            a = self.client.call("GET", "/unlock/status")
+            if a.status == 200 and isinstance(a.json, dict) and a.json.get("bytesDone", 0) > 0:
+                break
+            time.sleep(0.05)
+        self._begin("dockerd_stop", "SIGTERM, then started again", lasts)
+        self.engine_up_since = None
+        self.engine.stop()
+
+    def _heal(self, episode: Episode) -> None:
+        if episode.channel == "cdn":
+            self.proxy.clear_faults()
+        elif episode.channel == "api":
+            self.stack.clear_faults()
+        elif episode.channel == "docker":
+            self.engine.start()
+            self.engine_up_since = self.now()
+        episode.heal = self.now()
+        probe = PROBE.get(episode.channel)
+        if probe:
+            self._dispatch(probe)
+
+    def _heal_due(self) -> None:
+        with self.lock:
+            due = [e for e in self.episodes if e.heal is None]
+        for episode in due:
+            episode.ops_left -= 1
+            if episode.ops_left <= 0:
+                self._heal(episode)

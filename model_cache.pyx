@@ -280,7 +280,10 @@ class BigPartCache:
         while True:
             with self._lock:
                 download = self._downloads.get((bucket, key))
-                joinable = (download is not None and download.info.etag == info.etag
+                # One that has ended (still listed for a moment) is never joined: a committed one would be read
+                # from the final file, which may be gone by now (the soak met a 500 there), a failed one would
+                # hand this load its old failure.
+                joinable = (download is not None and not download.done and download.info.etag == info.etag
                             and download.version == expect.version)
                 # A download commits its part before it leaves _downloads: with none in flight, a part that
                 # fits was committed since this load looked at the cache (its HEAD came in between), so it is

@@ -179,6 +179,7 @@ class Soak(Faults):
         self.dispatched = 0
         self.engine_up_since: float | None = None
         self.loader: LoaderProcess | None = None
+        self.loader_errors: list[str] = []  # the loader's log lines about a 500 or a traceback
         self._inflight: set = set()
         self._stop_sampling = threading.Event()
         self._t0 = time.monotonic()
@@ -505,6 +506,11 @@ class Soak(Faults):
                 self.engine.start()
             if self.loader is not None:
                 self.loader.stop()
+                self.loader_errors = [
+                    line
+                    for line in self.loader.log().splitlines()
+                    if "unhandled" in line or "Traceback" in line
+                ]
         return Report(self, time.monotonic() - started, list(FAULTS))
 
     def _write_log(self, path: Path) -> None:

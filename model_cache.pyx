@@ -265,7 +265,11 @@ class BigPartCache:
         self.misses += 1
         with self._lock:
             download = self._downloads.get((bucket, key))
-            if download is None or download.info.etag != info.etag or download.version != expect.version:
+            # One that has ended (still listed for a moment) is never joined: a committed one would be read
+            # from the final file, which may be gone by now (the soak met a 500 there), a failed one would
+            # hand this load its old failure.
+            if (download is None or download.done or download.info.etag != info.etag
+                    or download.version != expect.version):
                 if download is not None:
                     download.abandon()  # another version: it must not land over this one
                 download = Download(self, bucket, key, info, expect.blocks, expect.version,

@@ -106,6 +106,25 @@ def test_load_fills_the_cache_then_hits_it(tmp_path, s3):
     assert (cache.misses, cache.hits, cache.downloads) == (1, 1, 1)
 
 
+def test_a_cache_file_deleted_just_after_its_download_committed_is_fetched_again(tmp_path, s3, monkeypatch):
+    """The soak found a 500 (FileNotFoundError): a load after the cached part was deleted (an operator
+    clearing the cache; the soak's cold loads) found the download that had just committed it still listed,
+    joined it, and opened the deleted file. A download that has ended is never joined: the load fetches
+    afresh."""
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(200_000)
+    publish(s3, api, data)
+    monkeypatch.setattr(cache, "finished", lambda download: None)  # still listed after its commit
+    assert load(store) == data
+    committed = cache._downloads[("models", "m.bin.big")]
+    until(lambda: committed.done)
+    assert committed.error is None
+    for name in ("m.bin.big.meta", "m.bin.big"):
+        os.unlink(cache.path("models", name))
+    assert load(store) == data
+    assert cache.downloads == 2
+
+
 @pytest.mark.parametrize("where", ["last", "middle"])
 def test_a_changed_cache_byte_is_detected_and_refetched(tmp_path, s3, where):
     store, api, cache = make_store(tmp_path, s3)

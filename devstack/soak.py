@@ -470,16 +470,18 @@ class Soak(Faults):
                     self.samples.append(sample)
 
     def _checkpoint(self) -> None:
-        """One sample with every operation finished and the descriptors steady (a download commits after
-        its last load ended)."""
+        """One sample of the loader at rest: every operation finished, a second for the last downloads to
+        commit and for the idle loader to trim its heap, then RSS and descriptors steady."""
         self._drain()
-        last = None
+        time.sleep(1.0)
+        last = sample = None
         for _ in range(20):
-            time.sleep(0.3)
             sample = self._sample()
-            if sample is not None and last is not None and sample.fds == last.fds:
+            steady = last is not None and sample is not None and sample.fds == last.fds
+            if steady and abs(sample.rss_kb - last.rss_kb) < 1024:
                 break
             last = sample
+            time.sleep(0.3)
         if sample is not None:
             self.checkpoints.append(sample)
 

@@ -289,13 +289,14 @@ class Download:
             self.cond.notify_all()
 
     def _fail(self, exc):
+        # One step under the lock: a load joining now (open_reader) must never find the .part file gone
+        # and the failure not yet told (it met FileNotFoundError, a 500, in the soak).
         with self.cond:
             self._stop = self._stop or exc
-        try:
-            os.unlink(self.part)
-        except OSError:
-            pass
-        with self.cond:
+            try:
+                os.unlink(self.part)
+            except OSError:
+                pass
             self.error = exc
             self.state = FAILED
             self.cond.notify_all()

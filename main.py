@@ -4,6 +4,7 @@ This file only translates HTTP to module calls and errors to statuses. The compi
 imported lazily, on the first request that needs them, so the process answers /health at once.
 """
 
+import asyncio
 import ctypes
 import logging
 import os
@@ -266,6 +267,7 @@ class Edge:
         start = time.perf_counter()
         status = 500
         limit = None if scope["path"].startswith("/upload/") else settings().max_json_bytes
+        memory.begin()
 
         async def counted_send(message):
             nonlocal status
@@ -288,6 +290,7 @@ class Edge:
                 "%s %s cut off after its answer began: %s", scope["method"], _printable(scope["path"]), exc
             )
         finally:
+            memory.end(heavy=scope["path"].startswith(("/load/", "/upload/")))
             elapsed = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", "unmatched")
             metrics().observe(scope["method"], route, status, elapsed)
@@ -434,6 +437,45 @@ def limit_malloc_arenas() -> None:
         ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
     except (OSError, AttributeError):
         pass  # not glibc: its allocator has no arenas to limit
+
+
+# How long the loader must stay idle after a load or upload before it trims the heap.
+TRIM_AFTER_IDLE = 0.5
+
+
+class MemoryTrim:
+    """Hands the memory loads and uploads freed back to the OS once the loader is idle. glibc keeps freed
+    chunks in its arenas, and a fragmented arena never shrinks by itself: the soak saw the RSS at rest
+    climb to ~200 MB over a run and stay there; malloc_trim(0) gives every free page back (~120 MB).
+    Called on the event loop; the trim itself runs on a worker thread."""
+
+    def __init__(self, delay: float = TRIM_AFTER_IDLE):
+        self.delay = delay
+        self.busy = 0
+        self.generation = 0  # counts requests: any new one puts the trim off
+        self.dirty = False  # a load or upload ended since the last trim
+        try:
+            self.trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            self.trim = None  # not glibc
+
+    def begin(self) -> None:
+        self.busy += 1
+        self.generation += 1
+
+    def end(self, heavy: bool) -> None:
+        self.busy -= 1
+        self.dirty = self.dirty or heavy
+        if self.busy == 0 and self.dirty and self.trim is not None:
+            asyncio.get_running_loop().call_later(self.delay, self._if_idle, self.generation)
+
+    def _if_idle(self, generation: int) -> None:
+        if self.busy == 0 and self.generation == generation and self.dirty:
+            self.dirty = False
+            asyncio.get_running_loop().run_in_executor(None, self.trim, 0)
+
+
+memory = MemoryTrim()
 
 
 def main() -> None:

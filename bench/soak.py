@@ -42,7 +42,9 @@ def arguments():
     parser.add_argument(
         "--loader-env", action="append", default=[], metavar="NAME=VALUE", help="for the loader"
     )
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, cache)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (kept after a violation)"
+    )
     args = parser.parse_args()
     if args.ops is None and args.minutes is None:
         args.ops = 2000
@@ -63,6 +65,7 @@ def main():
     )
     work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     engine = Dockerd()
+    report = None
     try:
         engine.start()
         with Stack(work / "stack") as stack, FaultProxy(stack.s3_endpoint) as proxy:
@@ -70,7 +73,7 @@ def main():
         print("\n".join(report.lines()))
     finally:
         engine.cleanup()
-        if args.keep:
+        if args.keep or report is None or report.violations:
             print(f"kept {work} (loader log: {work}/soak/loader/loader-*.log)", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)

@@ -179,6 +179,7 @@ class Soak(Faults):
         self.dispatched = 0
         self.engine_up_since: float | None = None
         self.loader: LoaderProcess | None = None
+        self.loader_errors: list[str] = []  # the loader's log lines about a 500 or a traceback
         self._inflight: set = set()
         self._stop_sampling = threading.Event()
         self._t0 = time.monotonic()
@@ -469,16 +470,18 @@ class Soak(Faults):
                     self.samples.append(sample)
 
     def _checkpoint(self) -> None:
-        """One sample with every operation finished and the descriptors steady (a download commits after
-        its last load ended)."""
+        """One sample of the loader at rest: every operation finished, a second for the last downloads to
+        commit and for the idle loader to trim its heap, then RSS and descriptors steady."""
         self._drain()
-        last = None
+        time.sleep(1.0)
+        last = sample = None
         for _ in range(20):
-            time.sleep(0.3)
             sample = self._sample()
-            if sample is not None and last is not None and sample.fds == last.fds:
+            steady = last is not None and sample is not None and sample.fds == last.fds
+            if steady and abs(sample.rss_kb - last.rss_kb) < 1024:
                 break
             last = sample
+            time.sleep(0.3)
         if sample is not None:
             self.checkpoints.append(sample)
 
@@ -505,6 +508,11 @@ class Soak(Faults):
                 self.engine.start()
             if self.loader is not None:
                 self.loader.stop()
+                self.loader_errors = [
+                    line
+                    for line in self.loader.log().splitlines()
+                    if "unhandled" in line or "Traceback" in line
+                ]
         return Report(self, time.monotonic() - started, list(FAULTS))
 
     def _write_log(self, path: Path) -> None:

@@ -134,6 +134,9 @@ class Report:
             f"violations: {len(self.violations)}",
         ]
         out += [f"  {r.start:8.1f}s {r.kind} {r.model or ''}: {r.verdict.why}" for r in self.violations[:50]]
+        if s.loader_errors:
+            out.append(f"the loader's log on them ({len(s.loader_errors)} lines about a 500 or a traceback):")
+            out += [f"  {line}" for line in s.loader_errors[:20]]
         out.append(self.result())
         return out
 

@@ -14,12 +14,13 @@ import threading
 import pytest
 
 import aligned_io
+import download
 import security
 from binary_split import small_size, validate_folder, validate_name
 from cdn_manager import CdnConfig, CdnManager, ObjectInfo
 from constants import CDN_ATTEMPTS, CDN_RESUMES
 from devstack.wait import until
-from download import FETCHING, SEGMENT, SMALL_SEGMENT, TAIL, segments, tail_start
+from download import FETCHING, SEGMENT, SMALL_SEGMENT, TAIL, Download, segments, tail_start
 from errors import (
     BadRequest,
     DecryptionError,
@@ -30,7 +31,7 @@ from errors import (
     StorageError,
     UpstreamError,
 )
-from model_cache import Expect
+from model_cache import BigPartCache, Expect
 from tests.fakes import DROP, ApiServer
 from tests.store_fakes import (
     BLOCK,
@@ -409,6 +410,41 @@ def test_read_blocks_frees_its_buffers_without_the_cyclic_gc(tmp_path, stop):
         gc.set_debug(0)
         gc.garbage.clear()
     assert cyclic == []
+
+
+def test_a_load_joining_a_download_as_it_fails_gets_its_error(tmp_path, monkeypatch):
+    """The soak found a 500 (FileNotFoundError): a load joined a download in the moment it failed, after
+    its .part file was deleted but before the failure was told, and opened the missing file. The load
+    must get the download's failure, a clear status."""
+    cache = BigPartCache(str(tmp_path))
+    failing = Download(cache, "models", "m.bin.big", ObjectInfo(10_000, '"e"'), None, None, 4096)
+    os.close(failing.prepare())
+    joined = []
+
+    def join():
+        try:
+            joined.append(failing.open_reader())
+        except Exception as exc:  # noqa: BLE001 - what the load would have met
+            joined.append(exc)
+
+    class UnlinkThenJoin:
+        """os for download.pyx, whose unlink lets a load join right after the .part is gone."""
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def unlink(self, path):
+            os.unlink(path)
+            reader = threading.Thread(target=join)
+            reader.start()
+            reader.join(0.5)  # the old code let it in here, before the failure was set
+
+    monkeypatch.setattr(download, "os", UnlinkThenJoin())
+    failing._fail(UpstreamError("the CDN transfer kept breaking off"))
+    monkeypatch.undo()
+    until(lambda: joined)
+    assert isinstance(joined[0], UpstreamError), joined
+    assert not os.path.exists(failing.part)
 
 
 def test_a_chunk_kept_past_the_next_one_fails_loudly(tmp_path, s3):

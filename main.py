@@ -4,17 +4,15 @@ This file only translates HTTP to module calls and errors to statuses. The compi
 imported lazily, on the first request that needs them, so the process answers /health at once.
 """
 
-import asyncio
-import ctypes
 import logging
-import os
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from functools import cache
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -22,9 +20,10 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-# The exception hierarchy is the one compiled module imported eagerly: it is tiny and the error
-# handlers must be registered before the first request.
+# The exception hierarchy and the heap are the compiled modules imported eagerly: they are tiny, the error
+# handlers must be registered before the first request, and the heap is set up before any thread starts.
 import errors
+import heap
 
 log = logging.getLogger("loader")
 
@@ -75,42 +74,57 @@ def settings() -> Settings:
 
 
 class Services:
-    """The compiled modules, wired together once, on the first request that needs them."""
+    """The compiled modules, wired together: built once per process, by ``services()``, from the parts
+    ``Services.from_settings`` makes (or a test's fakes, through ``use_services``)."""
 
-    def __init__(self, s: Settings):
-        import api_client
-        import binary_split
-        import hardware_service
-        import model_cache
+    def __init__(self, *, api, cache, store, unlock_status, unlocker):
         import read_ahead
-        import unlock_state
         import upload_form
 
-        self.hardware = hardware_service.HardwareService()
-        self.api = api_client.ResourceApi(
-            s.resource_api_url,
-            lambda: self.hardware.hardware,
-            timeout=(min(5.0, s.api_timeout), s.api_timeout),
-        )
-        self.cache = model_cache.BigPartCache(s.model_cache_dir)
-        self.store = binary_split.ModelStore(
-            self.api, self.cache, max_upload=s.max_upload_bytes, require_manifest=s.require_manifest
-        )
-        self.unlock_status = unlock_state.UnlockStatus()
-        # Unlock signs in with a session of its own: an unlock with other credentials never turns the
-        # /login session (whose loads and uploads follow) into another user's.
-        unlock_api = api_client.ResourceApi(
-            s.resource_api_url,
-            lambda: self.hardware.hardware,
-            timeout=(min(5.0, s.api_timeout), s.api_timeout),
-        )
-        self.unlocker = binary_split.Unlocker(
-            unlock_api, self.unlock_status, s.images_path, s.unlock_images.split(), s.docker_host
-        )
+        self.api = api  # the /login session, which loads and uploads follow
+        self.cache = cache
+        self.store = store
+        self.unlock_status = unlock_status
+        self.unlocker = unlocker
         self._receive_upload = upload_form.receive_upload
         self._read_ahead = read_ahead.ReadAhead
         self.bytes_loaded = 0
         self.bytes_uploaded = 0
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> "Services":
+        import api_client
+        import binary_split
+        import hardware_service
+        import model_cache
+        import unlock_state
+
+        hardware = hardware_service.HardwareService()
+
+        def resource_api():
+            """A session of its own with the Resource API."""
+            return api_client.ResourceApi(
+                s.resource_api_url,
+                lambda: hardware.hardware,
+                timeout=(min(5.0, s.api_timeout), s.api_timeout),
+            )
+
+        api = resource_api()
+        cache = model_cache.BigPartCache(s.model_cache_dir)
+        unlock_status = unlock_state.UnlockStatus()
+        return cls(
+            api=api,
+            cache=cache,
+            store=binary_split.ModelStore(
+                api, cache, max_upload=s.max_upload_bytes, require_manifest=s.require_manifest
+            ),
+            unlock_status=unlock_status,
+            # Unlock signs in with a session of its own: an unlock with other credentials never turns the
+            # /login session (whose loads and uploads follow) into another user's.
+            unlocker=binary_split.Unlocker(
+                resource_api(), unlock_status, s.images_path, s.unlock_images.split(), s.docker_host
+            ),
+        )
 
     @staticmethod
     def credentials(email: str, password: str):
@@ -155,6 +169,7 @@ class CutOff(Exception):  # noqa: N818 - what happens to the answer, not an erro
 
 
 _services: Services | None = None
+_build: Callable[[Settings], Services] = Services.from_settings
 _services_lock = threading.Lock()
 
 
@@ -165,15 +180,16 @@ def services() -> Services:
     if _services is None:
         with _services_lock:
             if _services is None:
-                _services = Services(settings())
+                _services = _build(settings())
     return _services
 
 
-def forget_services() -> None:
-    """Drop the process's Services (tests start each app afresh)."""
-    global _services
+def use_services(factory: Callable[[Settings], Services] = Services.from_settings) -> None:
+    """Build the process's Services with ``factory(settings)`` from now on, and drop the one built before:
+    tests start each app afresh, or with parts of their own."""
+    global _services, _build
     with _services_lock:
-        _services = None
+        _services, _build = None, factory
 
 
 Svc = Annotated[Services, Depends(services)]
@@ -201,7 +217,7 @@ async def lifespan(_app: FastAPI):
 
 
 # 413 on every route: the middleware refuses any body over the limits before routing.
-app = FastAPI(title="Azaion.Loader", version="1.0.0", responses=errors_for(413), lifespan=lifespan)
+routes = APIRouter(responses=errors_for(413))
 
 
 # --- errors: the one place where exceptions become statuses ----------------------------------------
@@ -228,27 +244,31 @@ def status_of(exc: errors.LoaderError) -> int:
     return next(code for cls, code in STATUS if isinstance(exc, cls))
 
 
-@app.exception_handler(errors.LoaderError)
 async def loader_error(request: Request, exc: errors.LoaderError) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=status_of(exc))
 
 
-@app.exception_handler(Exception)
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled %s on %s %s", type(exc).__name__, request.method, _printable(request.url.path))
     return JSONResponse({"detail": "internal error"}, status_code=500)
 
 
-@app.exception_handler(RequestValidationError)
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI's default echoes the input back; the input may be a password, so only name the fields.
     parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()]
     return JSONResponse({"detail": "invalid request: " + "; ".join(parts)}, status_code=422)
 
 
-@app.exception_handler(StarletteHTTPException)
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code)
+
+
+HANDLERS = (
+    (errors.LoaderError, loader_error),
+    (Exception, unexpected_error),
+    (RequestValidationError, invalid_request),
+    (StarletteHTTPException, http_error),
+)
 
 
 # --- middleware: one log line per request, metrics, body limits ---------------------------------------
@@ -256,10 +276,12 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 
 class Edge:
     """Pure ASGI middleware (BaseHTTPMiddleware would re-buffer every streamed chunk): refuses bodies over
-    the JSON limit without reading them, writes one log line per request, records request metrics."""
+    the JSON limit without reading them, writes one log line per request, records request metrics, and
+    tells ``memory`` (heap.MemoryTrim) when requests begin and end, so the heap is trimmed once idle."""
 
-    def __init__(self, app):
+    def __init__(self, app, memory):
         self.app = app
+        self.memory = memory
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -267,7 +289,7 @@ class Edge:
         start = time.perf_counter()
         status = 500
         limit = None if scope["path"].startswith("/upload/") else settings().max_json_bytes
-        memory.begin()
+        self.memory.begin()
 
         async def counted_send(message):
             nonlocal status
@@ -290,7 +312,7 @@ class Edge:
                 "%s %s cut off after its answer began: %s", scope["method"], _printable(scope["path"]), exc
             )
         finally:
-            memory.end(heavy=scope["path"].startswith(("/load/", "/upload/")))
+            self.memory.end(heavy=scope["path"].startswith(("/load/", "/upload/")))
             elapsed = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", "unmatched")
             metrics().observe(scope["method"], route, status, elapsed)
@@ -334,18 +356,15 @@ async def _bounded_body(scope, receive, limit: int):
     return replay_receive
 
 
-app.add_middleware(Edge)
-
-
 # --- routes ------------------------------------------------------------------------------------------
 
 
-@app.get("/health")
+@routes.get("/health")
 async def health():
     return {"status": "healthy"}
 
 
-@app.get("/status")
+@routes.get("/status")
 async def status(svc: Svc):
     return {
         "status": "running",
@@ -355,13 +374,13 @@ async def status(svc: Svc):
     }
 
 
-@app.post("/login", responses=errors_for(401, 422, 502, 504))
+@routes.post("/login", responses=errors_for(401, 422, 502, 504))
 async def login(body: Credentials, svc: Svc):
     user = await run_in_threadpool(svc.authenticate, body.email, body.password)
     return {"status": "ok", "user": user.to_dict()}
 
 
-@app.post(
+@routes.post(
     "/load/{filename:path}",
     response_class=Response,
     responses={
@@ -382,26 +401,43 @@ async def load(filename: str, body: LoadRequest, svc: Svc):
     )
 
 
-@app.post("/upload/{filename:path}", responses=errors_for(400, 401, 403, 422, 502, 504, 507))
+@routes.post("/upload/{filename:path}", responses=errors_for(400, 401, 403, 422, 502, 504, 507))
 async def upload(filename: str, request: Request, svc: Svc):
     size = await svc.upload(filename, request.headers, request.stream(), settings().max_upload_bytes)
     return {"status": "ok", "size": size}
 
 
-@app.post("/unlock", status_code=202, responses=errors_for(422))
+@routes.post("/unlock", status_code=202, responses=errors_for(422))
 async def unlock(body: Credentials, svc: Svc):
     return await run_in_threadpool(svc.start_unlock, body.email, body.password)
 
 
-@app.get("/unlock/status")
+@routes.get("/unlock/status")
 async def unlock_status(svc: Svc):
     return svc.unlock_status.snapshot()
 
 
-@app.get("/metrics", response_class=PlainTextResponse)
+@routes.get("/metrics", response_class=PlainTextResponse)
 async def metrics_text(_svc: Svc):  # built (off the event loop) before the scrape reads its counters
     body, content_type = metrics().render()
     return Response(body, media_type=content_type)
+
+
+# --- the app -----------------------------------------------------------------------------------------
+
+
+def create_app(memory: heap.MemoryTrim = heap.memory) -> FastAPI:
+    """The loader's app: its routes, error handlers and edge; ``memory`` is the heap its requests trim (the
+    process's, or a test's)."""
+    app = FastAPI(title="Azaion.Loader", version="1.0.0", lifespan=lifespan)
+    app.include_router(routes)
+    for cls, handler in HANDLERS:
+        app.add_exception_handler(cls, handler)
+    app.add_middleware(Edge, memory=memory)
+    return app
+
+
+app = create_app()
 
 
 # --- metrics ---------------------------------------------------------------------------------------------
@@ -415,81 +451,24 @@ def metrics():
     return Metrics(services)
 
 
-def _told_by_api_client(record: logging.LogRecord) -> bool:
-    """urllib3 warns of each retry after a broken connection; api_client tells every retry (broken or not)
-    in the loader's own words, so urllib3's line would say it twice."""
-    return not record.getMessage().startswith("Retrying (")
-
-
-# glibc's mallopt parameter (malloc.h), and how many arenas the loader's threads share.
-M_ARENA_MAX = -8
-MALLOC_ARENAS = 2
-
-
-def limit_malloc_arenas() -> None:
-    """At most two glibc malloc arenas. By default a thread that allocates while the others' arenas are busy
-    gets one of its own, up to eight per core, and each keeps the multi-MiB chunks that loads and uploads
-    freed in it: the soak saw the loader's RSS at rest climb from 160 to 390 MB over 800 operations; with
-    two arenas, 135 to 170 MB, and loads no slower. MALLOC_ARENA_MAX in the environment has the last word."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator has no arenas to limit
-
-
-# How long the loader must stay idle after a load or upload before it trims the heap.
-TRIM_AFTER_IDLE = 0.5
-
-
-class MemoryTrim:
-    """Hands the memory loads and uploads freed back to the OS once the loader is idle. glibc keeps freed
-    chunks in its arenas, and a fragmented arena never shrinks by itself: the soak saw the RSS at rest
-    climb to ~200 MB over a run and stay there; malloc_trim(0) gives every free page back (~120 MB).
-    Called on the event loop; the trim itself runs on a worker thread."""
-
-    def __init__(self, delay: float = TRIM_AFTER_IDLE):
-        self.delay = delay
-        self.busy = 0
-        self.generation = 0  # counts requests: any new one puts the trim off
-        self.dirty = False  # a load or upload ended since the last trim
-        try:
-            self.trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
-            self.trim = None  # not glibc
-
-    def begin(self) -> None:
-        self.busy += 1
-        self.generation += 1
-
-    def end(self, heavy: bool) -> None:
-        self.busy -= 1
-        self.dirty = self.dirty or heavy
-        if self.busy == 0 and self.dirty and self.trim is not None:
-            asyncio.get_running_loop().call_later(self.delay, self._if_idle, self.generation)
-
-    def _if_idle(self, generation: int) -> None:
-        if self.busy == 0 and self.generation == generation and self.dirty:
-            self.dirty = False
-            asyncio.get_running_loop().run_in_executor(None, self.trim, 0)
-
-
-memory = MemoryTrim()
-
-
-def main() -> None:
-    import uvicorn
-
-    limit_malloc_arenas()  # first, while this is the only thread
-    s = settings()
-    logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # LOG_LEVEL=DEBUG is for the loader's own loggers. The libraries' DEBUG output prints whole requests
     # (botocore: the Authorization header with the CDN access key, and every signing step), so theirs
     # stays at INFO at most.
     for name in ("botocore", "boto3", "s3transfer", "urllib3", "docker"):
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
-    logging.getLogger("urllib3.connectionpool").addFilter(_told_by_api_client)
+    # api_client tells each retry of the Resource API in the loader's own words; urllib3's own warning of a
+    # retry after a broken connection would tell it twice.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
+def main() -> None:
+    import uvicorn
+
+    heap.limit_malloc_arenas()  # first, while this is the only thread
+    s = settings()
+    configure_logging(s.log_level)
     uvicorn.run(
         app,
         host=s.loader_host,

@@ -31,6 +31,21 @@ def s3(_s3_client):
         yield _s3_client
 
 
+@pytest.fixture
+def loader_env(tmp_path, monkeypatch):
+    """Settings for an app of main.py whose Resource API is unreachable; the test starts from no Services,
+    built by Services.from_settings unless it names its own (main.use_services)."""
+    import main
+
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("RESOURCE_API_URL", "http://127.0.0.1:9")
+    main.settings.cache_clear()
+    main.use_services()
+    yield
+    main.settings.cache_clear()
+    main.use_services()
+
+
 pytest_plugins = ["tests.support.docker_fixtures"]
 
 # The fixtures that start SeaweedFS, the Resource API, a loader or dockerd. `make unit` runs every test not

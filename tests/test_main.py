@@ -2,7 +2,6 @@
 
 import inspect
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -13,7 +12,9 @@ from fastapi.testclient import TestClient
 
 import errors
 import main
+from credentials import Credentials
 from devstack.wait import until
+from tests.fakes import DROP, ApiServer, make_token
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,15 +52,56 @@ def test_importing_main_imports_no_compiled_service_module():
 
 
 @pytest.fixture
-def client(tmp_path, monkeypatch):
-    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("RESOURCE_API_URL", "http://127.0.0.1:9")
-    main.settings.cache_clear()
-    main.forget_services()
+def client(loader_env):
     with TestClient(main.app, raise_server_exceptions=False) as c:
         yield c
-    main.settings.cache_clear()
-    main.forget_services()
+
+
+class IdleCache:
+    """A cache with no download in flight; records the timeout of each ``settle``."""
+
+    def __init__(self):
+        self.settled = []
+
+    def settle(self, timeout=None):
+        self.settled.append(timeout)
+        return True
+
+
+class UploaderStore:
+    """A store as a logged-in uploader finds it: every upload is allowed; none may get as far as staging."""
+
+    def check_upload(self, name, folder=None):
+        pass
+
+    def begin_upload(self, name, folder):
+        raise AssertionError("a malformed body was staged")
+
+
+class SigningIn:
+    """A Resource API session whose every login succeeds."""
+
+    def login(self, creds):
+        assert isinstance(creds, Credentials)
+        return "the user"
+
+
+class Preparing:
+    """A store that sets ``prepared`` when asked to prepare the CDN clients, and notes on which thread."""
+
+    def __init__(self):
+        self.prepared = threading.Event()
+        self.thread = None
+
+    def prepare(self):
+        self.thread = threading.current_thread()
+        self.prepared.set()
+
+
+def fake_services(**parts):
+    """Services of fakes: ``parts``, an idle cache, and None for each other part."""
+    none = dict.fromkeys(("api", "store", "unlock_status", "unlocker"))
+    return main.Services(**{**none, "cache": IdleCache(), **parts})
 
 
 def test_validation_errors_name_fields_but_never_echo_values(client):
@@ -93,48 +135,34 @@ def test_upload_requires_multipart(client):
     assert r.status_code == 400
 
 
-def test_a_malformed_multipart_body_is_400(client, monkeypatch):
-    monkeypatch.setattr(main.services().store, "check_upload", lambda *a: None)  # as a logged-in uploader
-    r = client.post(
-        "/upload/m.bin",
-        content=b"not a multipart body",
-        headers={"Content-Type": "multipart/form-data; boundary=xyz"},
-    )
+def test_a_malformed_multipart_body_is_400(loader_env):
+    main.use_services(lambda s: fake_services(store=UploaderStore()))
+    with TestClient(main.app, raise_server_exceptions=False) as client:
+        r = client.post(
+            "/upload/m.bin",
+            content=b"not a multipart body",
+            headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+        )
     assert r.status_code == 400 and r.json() == {"detail": "the upload is not valid multipart/form-data"}
 
 
-def test_a_stop_lets_the_downloads_in_flight_commit(tmp_path, monkeypatch):
+def test_a_stop_lets_the_downloads_in_flight_commit(loader_env):
     # A load ends with its last byte, before its big part is hashed and committed: a stop waits for that.
-    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
-    main.settings.cache_clear()
-    main.forget_services()
-    waited = []
-    try:
-        with TestClient(main.app):
-            cache = main.services().cache
-            monkeypatch.setattr(cache, "settle", lambda timeout: waited.append(timeout) or True)
-            assert not waited
-        assert waited == [main.SETTLE_SECONDS]
-    finally:
-        main.settings.cache_clear()
-        main.forget_services()
+    cache = IdleCache()
+    main.use_services(lambda s: fake_services(cache=cache))
+    with TestClient(main.app):
+        assert main.services().cache is cache
+        assert not cache.settled
+    assert cache.settled == [main.SETTLE_SECONDS]
 
 
-def test_a_login_prepares_the_cdn_clients_in_the_background(tmp_path, monkeypatch):
+def test_a_login_prepares_the_cdn_clients_in_the_background():
     # The first load then finds cdn.yaml fetched and the CDN clients built.
-    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
-    main.settings.cache_clear()
-    main.forget_services()
-    try:
-        svc = main.services()
-        prepared = threading.Event()
-        monkeypatch.setattr(svc.api, "login", lambda creds: "the user")
-        monkeypatch.setattr(svc.store, "prepare", prepared.set)
-        assert svc.authenticate("u@example.com", "pw") == "the user"
-        assert prepared.wait(5)
-    finally:
-        main.settings.cache_clear()
-        main.forget_services()
+    store = Preparing()
+    svc = fake_services(api=SigningIn(), store=store)
+    assert svc.authenticate("u@example.com", "pw") == "the user"
+    assert store.prepared.wait(5)
+    assert store.thread is not threading.current_thread()
 
 
 def test_a_newline_in_a_request_path_cannot_forge_a_log_line(client, caplog):
@@ -145,41 +173,53 @@ def test_a_newline_in_a_request_path_cannot_forge_a_log_line(client, caplog):
     assert any("/health\\nINFO loader forged" in line for line in lines)
 
 
-def test_two_first_requests_at_once_build_one_services(tmp_path, monkeypatch):
-    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path))
-    main.settings.cache_clear()
-    main.forget_services()
+def test_two_first_requests_at_once_build_one_services(loader_env):
     built, got = [], []
-    real = main.Services.__init__
 
-    def slow_init(self, s):
-        built.append(self)
+    def slow_build(s):
+        built.append(s)
         # The first build goes on only once the other caller is inside services() too, waiting for it.
         until(lambda: all(inside_services(t) for t in threads if t is not threading.current_thread()))
-        real(self, s)
+        return fake_services()
 
     def inside_services(thread):
         frame = sys._current_frames().get(thread.ident)
         return frame is not None and frame.f_code is main.services.__code__
 
-    monkeypatch.setattr(main.Services, "__init__", slow_init)
-    try:
-        threads = [threading.Thread(target=lambda: got.append(main.services())) for _ in range(2)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-        assert len(built) == 1 and got[0] is got[1]
-    finally:
-        main.settings.cache_clear()
-        main.forget_services()
+    main.use_services(slow_build)
+    threads = [threading.Thread(target=lambda: got.append(main.services())) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(built) == 1 and got[0] is got[1]
 
 
-def test_urllib3s_own_retry_warning_is_dropped_as_api_client_tells_it():
-    def record(msg, args):
-        return logging.LogRecord("urllib3.connectionpool", logging.WARNING, __file__, 1, msg, args, None)
+@pytest.fixture
+def library_log_levels():
+    """The library loggers' levels, put back after a test that runs main.configure_logging."""
+    names = ("botocore", "boto3", "s3transfer", "urllib3", "urllib3.connectionpool", "docker")
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
-    retrying = record("Retrying (%r) after connection broken by '%r': %s", (1, 2, "/x"))
-    assert not main._told_by_api_client(retrying)
-    assert main._told_by_api_client(record("Connection pool is full, discarding connection: %s", ("h",)))
+
+def test_a_resource_api_retry_is_told_once_in_the_loaders_words(caplog, library_log_levels):
+    import api_client
+
+    def warnings_of_a_retried_login():
+        answers = iter([DROP, (200, {"token": make_token({"nameid": "u1", "role": "Operator"})})])
+        server = ApiServer(lambda m, p, b, h: next(answers))
+        try:
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                api_client.ResourceApi(server.url, lambda: "hw", backoff=0).login(Credentials("a@b", "pw"))
+        finally:
+            server.close()
+        return [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+
+    assert "urllib3.connectionpool" in {name for name, _ in warnings_of_a_retried_login()}  # it tells it too
+    main.configure_logging("INFO")
+    assert warnings_of_a_retried_login() == [("loader.api", "POST /login attempt 1: ProtocolError: retrying")]
 
 
 def test_metrics_read_the_modules_counters_at_each_scrape(client):
@@ -222,62 +262,3 @@ def test_metrics_read_the_modules_counters_at_each_scrape(client):
 
     svc.cache.hits += 1  # read at the scrape, not copied when the metrics were made
     assert scrape()["loader_cache_hits"].samples[0].value == 4
-
-
-# Sixteen threads allocate at once, then glibc's malloc_info tells how many arenas the process made.
-ARENAS = """
-import ctypes, os, sys, tempfile, threading
-import main
-from devstack.wait import until
-if sys.argv[1] == "limited":
-    main.limit_malloc_arenas()
-both = threading.Barrier(16)
-def allocate():
-    both.wait()
-    held = [os.urandom(300_000) for _ in range(20)]
-    both.wait()
-threads = [threading.Thread(target=allocate) for _ in range(16)]
-for t in threads: t.start()
-for t in threads: t.join()
-libc = ctypes.CDLL(None)
-libc.fopen.restype = ctypes.c_void_p
-with tempfile.NamedTemporaryFile() as f:
-    out = ctypes.c_void_p(libc.fopen(f.name.encode(), b"w"))
-    libc.malloc_info(0, out)
-    libc.fclose(out)
-    print(open(f.name).read().count("<heap nr="))
-"""
-
-
-def test_the_loader_keeps_to_two_malloc_arenas():
-    """The soak found the loader's RSS at rest growing by ~200 MB over a run: each of many threads' own
-    glibc arena kept the multi-MiB chunks freed in it. main() now limits the arenas to two."""
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-
-    def arenas(mode):
-        out = subprocess.run(
-            [sys.executable, "-c", ARENAS, mode],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return int(out.stdout)
-
-    assert arenas("default") > 2  # the test can tell: left alone, glibc makes more
-    assert arenas("limited") <= main.MALLOC_ARENAS
-
-
-def test_the_heap_is_trimmed_once_the_loader_is_idle_after_a_load(client, monkeypatch):
-    """The soak found the loader's RSS at rest climbing to ~200 MB over a run and staying there: glibc keeps
-    the chunks loads and uploads freed. Once idle after a load or upload, the loader calls malloc_trim."""
-    trims = []
-    monkeypatch.setattr(main.memory, "trim", trims.append)
-    monkeypatch.setattr(main.memory, "delay", 0.05)
-    monkeypatch.setattr(main.memory, "dirty", False)
-    assert client.get("/health").status_code == 200
-    assert not main.memory.dirty  # a light request leaves nothing to trim
-    assert client.post("/load/m.bin", json={"folder": "models"}).status_code == 401
-    until(lambda: trims, what="no trim after the load")
-    assert trims == [0] and not main.memory.dirty and main.memory.busy == 0

@@ -17,6 +17,7 @@ import jwt
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
+from urllib3.util import parse_url
 from urllib3.util.retry import Retry
 
 import security
@@ -33,13 +34,14 @@ MAX_SMALL_ANSWER = 1024 * 1024
 
 
 class _LoggedRetry(Retry):
-    """urllib3's Retry, telling each retry in the loader's log: urllib3 itself tells a retried status only
-    at DEBUG (main.py drops its own line for a retried connection, which this one replaces)."""
+    """urllib3's Retry, telling each retry in the loader's own words: the method, the path (no host, no
+    query), the attempt and why; never a header or a body. urllib3 tells a retried status only at DEBUG, and
+    its warning of a retried connection is silenced by main.configure_logging, so each retry is told once."""
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
         retry = super().increment(method, url, response, error, _pool, _stacktrace)  # raises when spent
         why = type(error).__name__ if error is not None else f"status {response.status}"
-        log.warning("%s %s attempt %d: %s: retrying", method, url, len(retry.history), why)
+        log.warning("%s %s attempt %d: %s: retrying", method, parse_url(url).path, len(retry.history), why)
         return retry
 
 

@@ -79,11 +79,13 @@ class Download:
 
     ``blocks`` are the digests the part's blocks of ``block_size`` bytes must have (a manifest's), or None
     for a format-1 part: then the digests are taken as the blocks come and kept beside the cached part.
-    ``version`` names what the blocks belong to (a manifest's identity, or None).
+    ``version`` names what the blocks belong to (a manifest's identity, or None). ``unlink`` removes the
+    .part file of a failed download (os.unlink; a test's acts in the very moment the file is gone).
     """
 
-    def __init__(self, cache, bucket, key, info, blocks, version, block_size):
+    def __init__(self, cache, bucket, key, info, blocks, version, block_size, unlink=os.unlink):
         self.cache, self.bucket, self.key, self.info = cache, bucket, key, info
+        self._unlink = unlink
         self.version = version
         self.expected = blocks
         self.block_size = block_size
@@ -112,7 +114,7 @@ class Download:
         """Create the .part file with all its space reserved: a full disk fails here, before streaming."""
         try:
             os.makedirs(os.path.dirname(self.part), exist_ok=True)
-            fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = self.cache.opener(self.part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             log.debug("creating %s failed", self.part, exc_info=True)
             raise storage_error(exc, f"{self.bucket}/{self.key}") from exc
@@ -125,13 +127,14 @@ class Download:
             os.unlink(self.part)
             raise storage_error(exc, f"{self.bucket}/{self.key}") from exc
         try:
-            self._direct = open_direct(self.part, os.O_RDWR)
+            self._direct = open_direct(self.part, os.O_RDWR, self.cache.opener)
         except OSError:
             self._direct = -1  # the plain descriptor does it all
         return fd
 
     def run(self, fd, cdn):
-        """Fetch the segments on a few threads, account for every block, then commit to the cache."""
+        """Fetch the segments on a few threads, account for every block, then commit to the cache; a
+        failure is recorded for the readers, never raised."""
         direct = self._direct if self._direct >= 0 else fd
         workers = [threading.Thread(target=self._fetch, args=(fd, cdn), daemon=True,
                                     name=f"cdn-{self.bucket}/{self.key}-{n}")
@@ -172,7 +175,6 @@ class Download:
             for d in (fd, self._direct):
                 if d >= 0:
                     os.close(d)
-            self.cache.finished(self)
 
     def _hash_the_rest(self, int fd):
         """Hash the blocks no load has hashed. The loads streaming this download hash as they go, so this
@@ -294,7 +296,7 @@ class Download:
         with self.cond:
             self._stop = self._stop or exc
             try:
-                os.unlink(self.part)
+                self._unlink(self.part)
             except OSError:
                 pass
             self.error = exc
@@ -315,7 +317,8 @@ class Download:
         with self.cond:
             if self.error is not None:
                 raise self.error
-            f = open_reader(self.cache.path(self.bucket, self.key) if self.state == COMMITTED else self.part)
+            f = open_reader(self.cache.path(self.bucket, self.key) if self.state == COMMITTED else self.part,
+                            self.cache.opener)
             self._readers += 1
             return f
 

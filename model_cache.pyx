@@ -84,14 +84,20 @@ def _unlink_quietly(path):
 class BigPartCache:
     """Verified local cache of big parts under ``root``; one download per object at a time.
 
-    ``hasher`` (hashlib.sha256) and ``hash_grace`` are injectable for tests.
+    What it works with is injectable, for tests: ``hasher`` (hashlib.sha256) hashes the blocks;
+    ``hash_grace`` is how long a download leaves the hashing to its loads; ``opener`` (os.open) opens the
+    cache files, it and its downloads (a filesystem that refuses O_DIRECT, say); ``download`` is the class
+    of its downloads (a subclass holds one at a step).
     """
 
-    def __init__(self, root, block_size=MANIFEST_BLOCK_SIZE, hasher=hashlib.sha256, hash_grace=HASH_GRACE):
+    def __init__(self, root, block_size=MANIFEST_BLOCK_SIZE, hasher=hashlib.sha256, hash_grace=HASH_GRACE,
+                 opener=os.open, download=Download):
         self.root = os.path.abspath(root)
         self.block_size = block_size  # of format-1 parts; a manifest names its own
         self.hasher = hasher
         self.hash_grace = hash_grace
+        self.opener = opener
+        self._download = download
         self._lock = threading.Lock()
         self._downloads = {}  # (bucket, key) -> the download new loads of it join
         self._running = set()  # every download not yet ended, also those no load may join any more
@@ -229,7 +235,7 @@ class BigPartCache:
         if not _fits(meta, expect, info):
             return None
         try:
-            f = open_reader(self.path(bucket, key))
+            f = open_reader(self.path(bucket, key), self.opener)
         except OSError:
             return None
         size = meta["size"]
@@ -304,14 +310,22 @@ class BigPartCache:
 
     def _start(self, bucket, key, cdn, expect, info):
         """A new download of the CDN's object, running on its own thread; called under the lock."""
-        download = Download(self, bucket, key, info, expect.blocks, expect.version, expect.block_size)
+        download = self._download(self, bucket, key, info, expect.blocks, expect.version, expect.block_size)
         fd = download.prepare()
         self.downloads += 1
         self._downloads[(bucket, key)] = download
         self._running.add(download)
-        threading.Thread(target=download.run, args=(fd, cdn), daemon=True, name=f"cdn-{bucket}/{key}").start()
+        threading.Thread(target=self._run, args=(download, fd, cdn), daemon=True,
+                         name=f"cdn-{bucket}/{key}").start()
         log.info("downloading %s/%s (%d bytes) from the CDN", bucket, key, info.size)
         return download
+
+    def _run(self, download, fd, cdn):
+        """A download's thread: the download, then its end in the cache's books."""
+        try:
+            download.run(fd, cdn)
+        finally:
+            self._finished(download)
 
     def _follow(self, download, reader, expect, first):
         """(check's result, blocks) of a download: the part's end is checked before streaming."""
@@ -361,7 +375,13 @@ class BigPartCache:
                     return False
         return True
 
-    def finished(self, download):
+    def downloading(self, bucket, key):
+        """The download of ``bucket/key`` that new loads find listed (one that has just ended may still be
+        listed for a moment: it is never joined), or None."""
+        with self._lock:
+            return self._downloads.get((bucket, key))
+
+    def _finished(self, download):
         with self._lock:
             self._running.discard(download)
             if self._downloads.get((download.bucket, download.key)) is download:

@@ -14,7 +14,6 @@ import threading
 import pytest
 
 import aligned_io
-import download
 import security
 from binary_split import small_size, validate_folder, validate_name
 from cdn_manager import CdnConfig, CdnManager, ObjectInfo
@@ -109,23 +108,34 @@ def test_load_fills_the_cache_then_hits_it(tmp_path, s3):
     assert (cache.misses, cache.hits, cache.downloads) == (1, 1, 1)
 
 
-def test_a_cache_file_deleted_just_after_its_download_committed_is_fetched_again(tmp_path, s3, monkeypatch):
+def test_a_cache_file_deleted_just_after_its_download_committed_is_fetched_again(tmp_path, s3):
     """The soak found a 500 (FileNotFoundError): a load after the cached part was deleted (an operator
     clearing the cache; the soak's cold loads) found the download that had just committed it still listed,
     joined it, and opened the deleted file. A download that has ended is never joined: the load fetches
     afresh."""
-    store, api, cache = make_store(tmp_path, s3)
+    release = threading.Event()
+
+    class ListedAfterItEnds(Download):
+        """A download whose thread lingers after its commit until ``release``: the moment it is still
+        listed, held open."""
+
+        def run(self, fd, cdn):
+            super().run(fd, cdn)
+            assert release.wait(30)
+
+    store, api, cache = make_store(tmp_path, s3, cache_options={"download": ListedAfterItEnds})
     data = os.urandom(200_000)
     publish(s3, api, data)
-    monkeypatch.setattr(cache, "finished", lambda download: None)  # still listed after its commit
     assert load(store) == data
-    committed = cache._downloads[("models", "m.bin.big")]
+    committed = cache.downloading("models", "m.bin.big")
     until(lambda: committed.done)
-    assert committed.error is None
+    assert committed.error is None and cache.downloading("models", "m.bin.big") is committed
     for name in ("m.bin.big.meta", "m.bin.big"):
         os.unlink(cache.path("models", name))
     assert load(store) == data
     assert cache.downloads == 2
+    release.set()
+    assert cache.settle(10)
 
 
 @pytest.mark.parametrize("where", ["last", "middle"])
@@ -283,7 +293,7 @@ def _streaming(tmp_path, s3, hash_grace, size=3 * MIB):
     chunks = iter(plaintext)
     first = bytes(next(chunks))
     started.set()
-    download = cache._downloads[("models", "m.bin.big")]
+    download = cache.downloading("models", "m.bin.big")
     until(lambda: download.state != FETCHING)  # every byte is in: the download would hash and commit next
     return store, api, cache, chunks, big, data, first, calls
 
@@ -341,22 +351,24 @@ def test_a_download_writes_its_part_past_the_page_cache(tmp_path, s3):
     assert load(store) == data and cache.hits == 1
 
 
-def test_the_cache_works_where_the_filesystem_refuses_o_direct(tmp_path, s3, monkeypatch):
-    real_open = os.open
+def test_the_cache_works_where_the_filesystem_refuses_o_direct(tmp_path, s3):
+    refused = []
 
     def no_direct(path, flags, *args):
+        """os.open on a filesystem that refuses O_DIRECT."""
         if flags & os.O_DIRECT:
+            refused.append(path)
             raise OSError(errno.EINVAL, "O_DIRECT refused")
-        return real_open(path, flags, *args)
+        return os.open(path, flags, *args)
 
-    monkeypatch.setattr(os, "open", no_direct)
-    store, api, cache = make_store(tmp_path, s3)
+    store, api, cache = make_store(tmp_path, s3, cache_options={"opener": no_direct})
     data = os.urandom(300_000)
     big = publish(s3, api, data)
     assert load(store) == data
     assert cache.settle(10)
     assert open(cache.path("models", "m.bin.big"), "rb").read() == big
     assert load(store) == data and (cache.hits, cache.downloads) == (1, 1)
+    assert refused  # the cache and its download asked for O_DIRECT, and went on without it
 
 
 def test_read_at_reads_any_range(tmp_path):
@@ -412,13 +424,19 @@ def test_read_blocks_frees_its_buffers_without_the_cyclic_gc(tmp_path, stop):
     assert cyclic == []
 
 
-def test_a_load_joining_a_download_as_it_fails_gets_its_error(tmp_path, monkeypatch):
+class BrokenCdn:
+    """A CDN whose every transfer breaks off for good."""
+
+    chunk_size = 4096
+
+    def fill(self, bucket, key, info, buf, start=0, end=None):
+        raise UpstreamError("the CDN transfer kept breaking off")
+
+
+def test_a_load_joining_a_download_as_it_fails_gets_its_error(tmp_path):
     """The soak found a 500 (FileNotFoundError): a load joined a download in the moment it failed, after
     its .part file was deleted but before the failure was told, and opened the missing file. The load
     must get the download's failure, a clear status."""
-    cache = BigPartCache(str(tmp_path))
-    failing = Download(cache, "models", "m.bin.big", ObjectInfo(10_000, '"e"'), None, None, 4096)
-    os.close(failing.prepare())
     joined = []
 
     def join():
@@ -427,24 +445,20 @@ def test_a_load_joining_a_download_as_it_fails_gets_its_error(tmp_path, monkeypa
         except Exception as exc:  # noqa: BLE001 - what the load would have met
             joined.append(exc)
 
-    class UnlinkThenJoin:
-        """os for download.pyx, whose unlink lets a load join right after the .part is gone."""
+    def unlink_then_join(path):
+        """Removes the .part file, then lets a load join right after it is gone."""
+        os.unlink(path)
+        reader = threading.Thread(target=join)
+        reader.start()
+        reader.join(0.5)  # the old code let it in here, before the failure was set
 
-        def __getattr__(self, name):
-            return getattr(os, name)
-
-        def unlink(self, path):
-            os.unlink(path)
-            reader = threading.Thread(target=join)
-            reader.start()
-            reader.join(0.5)  # the old code let it in here, before the failure was set
-
-    monkeypatch.setattr(download, "os", UnlinkThenJoin())
-    failing._fail(UpstreamError("the CDN transfer kept breaking off"))
-    monkeypatch.undo()
+    cache = BigPartCache(str(tmp_path))
+    info = ObjectInfo(10_000, '"e"')
+    failing = Download(cache, "models", "m.bin.big", info, None, None, 4096, unlink=unlink_then_join)
+    failing.run(failing.prepare(), BrokenCdn())
     until(lambda: joined)
     assert isinstance(joined[0], UpstreamError), joined
-    assert not os.path.exists(failing.part)
+    assert failing.error is joined[0] and not os.path.exists(failing.part)
 
 
 def test_a_chunk_kept_past_the_next_one_fails_loudly(tmp_path, s3):

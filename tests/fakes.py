@@ -35,7 +35,7 @@ class ApiServer:
             def do_GET(self):  # noqa: N802 - http.server's naming
                 server._answer(self)
 
-            do_POST = do_HEAD = do_GET
+            do_POST = do_HEAD = do_PUT = do_GET
 
             def log_message(self, *args):
                 pass

@@ -648,6 +648,24 @@ def test_a_cdn_request_is_retried_by_botocore_alone(fake_s3):
         assert caught.value.__cause__ is not None
 
 
+def test_cdn_uploads_are_not_hashed_for_their_signature(tmp_path, fake_s3):
+    """Parts and PUTs go out as UNSIGNED-PAYLOAD: botocore takes no SHA-256 of the body (the manifest's
+    digests cover every byte); everything else of the request is still signed."""
+    seen = []
+
+    def route(method, path, body, headers):
+        seen.append((method, headers.get("x-amz-content-sha256"), len(body)))
+        return 200, b"", {"ETag": '"e1"'}
+
+    cdn, server = fake_s3(route)
+    staged = tmp_path / "m.bin.big"
+    staged.write_bytes(os.urandom(100_000))
+    assert cdn.upload_file("models", "m.bin.big", str(staged)) == '"e1"'
+    assert ("PUT", "UNSIGNED-PAYLOAD", 100_000) in seen
+    assert {content for _, content, _ in seen} == {"UNSIGNED-PAYLOAD"}
+    assert "SignedHeaders=" in server.calls[0][2] and "x-amz-content-sha256" in server.calls[0][2]
+
+
 def test_a_cdn_upload_of_a_staged_file_that_cannot_be_read_is_a_storage_error(tmp_path, s3):
     cdn = CdnManager(download_client=s3, upload_client=s3)
     gone = str(tmp_path / "gone.part")

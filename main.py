@@ -95,10 +95,12 @@ class Services:
     def from_settings(cls, s: Settings) -> "Services":
         import api_client
         import binary_split
+        import cdn_manager
         import hardware_service
         import model_cache
         import unlock_state
 
+        cdn_manager.warm_up()  # the CDN clients a login makes are then quick
         hardware = hardware_service.HardwareService()
 
         def resource_api():

@@ -209,19 +209,23 @@ class BigPartCache:
             raise
         except UpstreamError:
             # Offline: a format-1 part is used as the cache has it (edge devices go offline), and a
-            # download already under way is followed.
+            # download still under way is followed. One that has ended is never joined (see _fetch); if it
+            # committed the part since the cache was looked at, the cache has it now.
             cached = None if expect.sealed else self._cached(bucket, key, expect, None, cdn)
-            if cached is not None:
-                log.info("CDN unreachable: using the cache of %s/%s", bucket, key)
-                return cached
-            with self._lock:
-                download = self._downloads.get((bucket, key))
-                if download is None or download.version != expect.version:
+            if cached is None:
+                with self._lock:
+                    download = self._downloads.get((bucket, key))
+                    following = download is not None and not download.done and download.version == expect.version
+                    reader = download.open_reader() if following else None
+                if following:
+                    log.info("CDN unreachable: following the download of %s/%s already under way", bucket, key)
+                    self.misses += 1
+                    return self._follow(download, reader, expect, 0)
+                cached = self._cached(bucket, key, expect, None, cdn)
+                if cached is None:
                     raise
-                reader = download.open_reader()
-            log.info("CDN unreachable: following the download of %s/%s already under way", bucket, key)
-            self.misses += 1
-            return self._follow(download, reader, expect, 0)
+            log.info("CDN unreachable: using the cache of %s/%s", bucket, key)
+            return cached
         if not expect.sealed:
             cached = self._cached(bucket, key, expect, info, cdn)
             if cached is not None:

@@ -108,22 +108,25 @@ def test_load_fills_the_cache_then_hits_it(tmp_path, s3):
     assert (cache.misses, cache.hits, cache.downloads) == (1, 1, 1)
 
 
+def listed_after_it_ends(release):
+    """A Download class whose thread lingers after its commit until ``release``: the moment a download that
+    has ended is still listed, held open."""
+
+    class ListedAfterItEnds(Download):
+        def run(self, fd, cdn):
+            super().run(fd, cdn)
+            assert release.wait(30)
+
+    return ListedAfterItEnds
+
+
 def test_a_cache_file_deleted_just_after_its_download_committed_is_fetched_again(tmp_path, s3):
     """The soak found a 500 (FileNotFoundError): a load after the cached part was deleted (an operator
     clearing the cache; the soak's cold loads) found the download that had just committed it still listed,
     joined it, and opened the deleted file. A download that has ended is never joined: the load fetches
     afresh."""
     release = threading.Event()
-
-    class ListedAfterItEnds(Download):
-        """A download whose thread lingers after its commit until ``release``: the moment it is still
-        listed, held open."""
-
-        def run(self, fd, cdn):
-            super().run(fd, cdn)
-            assert release.wait(30)
-
-    store, api, cache = make_store(tmp_path, s3, cache_options={"download": ListedAfterItEnds})
+    store, api, cache = make_store(tmp_path, s3, cache_options={"download": listed_after_it_ends(release)})
     data = os.urandom(200_000)
     publish(s3, api, data)
     assert load(store) == data
@@ -502,6 +505,25 @@ def test_offline_follows_a_download_still_in_flight(tmp_path, s3):
     chunks.close()
     assert cache.settle(10) and cache.downloads == 1
     assert load(store) == data and cache.hits == 1
+
+
+def test_offline_a_download_that_has_ended_is_not_followed(tmp_path, s3):
+    """Offline, a load followed the listed download even once it had ended, as _fetch no longer does: with
+    the cached part deleted since its commit it opened the missing file (a 507 for a CDN that is down)."""
+    release = threading.Event()
+    store, api, cache = make_store(tmp_path, s3, cache_options={"download": listed_after_it_ends(release)})
+    data = os.urandom(200_000)
+    publish(s3, api, data)
+    assert load(store) == data
+    committed = cache.downloading("models", "m.bin.big")
+    until(lambda: committed.done)
+    for name in ("m.bin.big.meta", "m.bin.big"):
+        os.unlink(cache.path("models", name))
+    go_offline(api)
+    with pytest.raises(UpstreamError):
+        store.load("models", "m.bin")
+    release.set()
+    assert cache.settle(10)
 
 
 def test_a_part_discarded_in_flight_is_never_committed(tmp_path, s3):

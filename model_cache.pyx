@@ -217,7 +217,7 @@ class BigPartCache:
                     download = self._downloads.get((bucket, key))
                     following = download is not None and not download.done and download.version == expect.version
                     reader = download.open_reader() if following else None
-                if following:
+                if reader is not None:
                     log.info("CDN unreachable: following the download of %s/%s already under way", bucket, key)
                     self.misses += 1
                     return self._follow(download, reader, expect, 0)
@@ -299,13 +299,16 @@ class BigPartCache:
                 # fits was committed since this load looked at the cache (its HEAD came in between), so it is
                 # used, not fetched a second time.
                 if joinable or looked or not _fits(self._meta(bucket, key), expect, info):
-                    self.misses += 1
                     if not joinable:
                         if download is not None:
                             download.abandon()  # another version: it must not land over this one
                         download = self._start(bucket, key, cdn, expect, info)
                     reader = download.open_reader()
-                    break
+                    if reader is not None:
+                        self.misses += 1
+                        break
+                    # None: it committed in this very moment and its part was deleted since: look at the
+                    # cache, else fetch afresh
             looked = True
             cached = self._cached(bucket, key, expect, None if expect.sealed else info, cdn)
             if cached is not None:

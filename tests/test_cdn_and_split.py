@@ -464,6 +464,47 @@ def test_a_load_joining_a_download_as_it_fails_gets_its_error(tmp_path):
     assert failing.error is joined[0] and not os.path.exists(failing.part)
 
 
+def test_a_download_whose_file_cannot_be_opened_for_a_load_is_a_storage_error(tmp_path):
+    """A disk error as a load opens the download's file (out of descriptors, say) is the loader's 507,
+    never a raw OSError (a 500)."""
+
+    def out_of_descriptors_for_reads(path, flags, mode=0o777):
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return os.open(path, flags, mode)
+
+    cache = BigPartCache(str(tmp_path), opener=out_of_descriptors_for_reads)
+    download = Download(cache, "models", "m.bin.big", ObjectInfo(10_000, '"e"'), None, None, 4096)
+    fd = download.prepare()
+    with pytest.raises(StorageError, match=r"the model cache failed on models/m.bin.big \(EMFILE\)"):
+        download.open_reader()
+    download.run(fd, BrokenCdn())  # fails, and cleans up
+    assert not os.path.exists(download.part)
+
+
+def test_a_download_that_commits_as_a_load_opens_it_with_its_part_deleted_is_fetched_again(tmp_path, s3):
+    """A load opens the download it found under way; if that commits in the very moment and the cached
+    part is deleted right after (the cache cleared), the load fetches it afresh, as one a moment later
+    would, instead of failing on the missing file."""
+    opened = []
+
+    class CommitsAsItIsOpened(Download):
+        def open_reader(self):
+            if not opened:  # the first download only: it commits, then its part is deleted
+                opened.append(self)
+                until(lambda: self.done)
+                for name in ("m.bin.big.meta", "m.bin.big"):
+                    os.unlink(self.cache.path("models", name))
+            return super().open_reader()
+
+    store, api, cache = make_store(tmp_path, s3, cache_options={"download": CommitsAsItIsOpened})
+    data = os.urandom(200_000)
+    publish(s3, api, data)
+    assert load(store) == data
+    assert opened[0].error is None and cache.downloads == 2
+    assert cache.settle(10)
+
+
 def test_a_chunk_kept_past_the_next_one_fails_loudly(tmp_path, s3):
     store, api, cache = make_store(tmp_path, s3)
     big = publish(s3, api, os.urandom(300_000))

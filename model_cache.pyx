@@ -87,17 +87,19 @@ class BigPartCache:
     What it works with is injectable, for tests: ``hasher`` (hashlib.sha256) hashes the blocks;
     ``hash_grace`` is how long a download leaves the hashing to its loads; ``opener`` (os.open) opens the
     cache files, it and its downloads (a filesystem that refuses O_DIRECT, say); ``download`` is the class
-    of its downloads (a subclass holds one at a step).
+    of its downloads (a subclass holds one at a step); ``unlink`` (os.unlink) removes the old sidecar as a
+    part is committed (a test's has a discard land in that very moment).
     """
 
     def __init__(self, root, block_size=MANIFEST_BLOCK_SIZE, hasher=hashlib.sha256, hash_grace=HASH_GRACE,
-                 opener=os.open, download=Download):
+                 opener=os.open, download=Download, unlink=os.unlink):
         self.root = os.path.abspath(root)
         self.block_size = block_size  # of format-1 parts; a manifest names its own
         self.hasher = hasher
         self.hash_grace = hash_grace
         self.opener = opener
         self._download = download
+        self._unlink = unlink
         self._lock = threading.Lock()
         self._downloads = {}  # (bucket, key) -> the download new loads of it join
         self._running = set()  # every download not yet ended, also those no load may join any more
@@ -150,10 +152,13 @@ class BigPartCache:
                 "blockSize": block_size or self.block_size, "blocks": [d.hex() for d in blocks]}
         try:
             # The old sidecar goes first: a crash between the steps leaves data without a sidecar,
-            # which reads as "not cached", never as a sidecar that vouches for other bytes.
+            # which reads as "not cached", never as a sidecar that vouches for other bytes. A discard or
+            # another commit of the part may have removed it already: no failure.
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            if os.path.exists(final + META_SUFFIX):
-                os.unlink(final + META_SUFFIX)
+            try:
+                self._unlink(final + META_SUFFIX)
+            except FileNotFoundError:
+                pass
             os.replace(part, final)
             with open(meta_tmp, "w") as f:
                 json.dump(meta, f)

@@ -505,6 +505,27 @@ def test_a_download_that_commits_as_a_load_opens_it_with_its_part_deleted_is_fet
     assert cache.settle(10)
 
 
+def test_a_commit_goes_through_when_the_old_sidecar_goes_away_as_it_commits(tmp_path):
+    """A commit removes the old sidecar first; a discard (a load that found a bad block, an upload) or
+    another commit of the part may remove it in that very moment. The commit looked whether it existed,
+    then met FileNotFoundError unlinking it and failed: a download failed for nothing (fetched again
+    later), or an upload warned that it could not keep its part in the cache."""
+
+    def discard_first(path):
+        cache.discard("models", "m.bin.big")  # lands between the commit's look and its unlink
+        os.unlink(path)
+
+    cache = BigPartCache(str(tmp_path), block_size=4, unlink=discard_first)
+    for version, data in enumerate((b"old!", b"new!")):
+        part = cache.new_part("models", "m.bin.big")
+        open(part, "wb").write(data)
+        cache.commit(
+            "models", "m.bin.big", part, ObjectInfo(4, f'"{version}"'), None, [hashlib.sha256(data).digest()]
+        )
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == b"new!"
+    assert json.load(open(cache.path("models", "m.bin.big.meta")))["etag"] == '"1"'
+
+
 def test_a_chunk_kept_past_the_next_one_fails_loudly(tmp_path, s3):
     store, api, cache = make_store(tmp_path, s3)
     big = publish(s3, api, os.urandom(300_000))

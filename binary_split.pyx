@@ -388,14 +388,24 @@ class Unlocker:
         return self.status.snapshot()
 
     def _docker(self):
+        """A client of the Engine. Building one asks the Engine for its API version, so an Engine that
+        does not answer (dockerd stopped, the socket gone) fails here too: told apart from settings the SDK
+        refuses, and named by its address, never by the SDK's text (which may quote a password in it)."""
         import docker  # heavy: imported only when an unlock runs
         try:
             if self._docker_host:
                 return docker.APIClient(base_url=self._docker_host, timeout=self._docker_timeout)
             return docker.APIClient(timeout=self._docker_timeout, **docker.utils.kwargs_from_env())
-        except docker.errors.DockerException as exc:
-            log.debug("connecting to the Docker Engine failed", exc_info=True)
-            raise EngineError(f"the Docker Engine is not configured ({type(exc).__name__})") from exc
+        except (docker.errors.DockerException, ValueError) as exc:  # ValueError: an address urllib refuses
+            if isinstance(exc.__cause__, _engine_errors()):
+                log.debug("connecting to the Docker Engine failed", exc_info=True)
+                raise self._unreachable(exc.__cause__) from exc
+            invalid = f"the Docker Engine's address or TLS settings are invalid ({type(exc).__name__})"
+            raise EngineError(invalid) from exc
+
+    def _unreachable(self, exc):
+        return EngineError(f"the Docker Engine at {_engine_address(self._docker_host)} is unreachable "
+                           f"({type(exc).__name__})")
 
     def _run(self, credentials):
         try:
@@ -423,7 +433,7 @@ class Unlocker:
                 return list(self._wanted)
         except _engine_errors() as exc:
             log.debug("asking the Docker Engine for the images failed", exc_info=True)
-            raise EngineError(f"the Docker Engine is unreachable ({type(exc).__name__})") from exc
+            raise self._unreachable(exc) from exc
         total = self._archive(os.path.getsize)
         self._api.login(credentials)
         self.status.set_state(DOWNLOADING_KEY)
@@ -521,6 +531,15 @@ def _engine_errors():
     from docker.errors import DockerException
 
     return DockerException, requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError
+
+
+def _engine_address(host):
+    """The Engine's address for a message: ``host`` (DOCKER_HOST), or the SDK's default socket; without the
+    user and password an ssh:// address may hold."""
+    host = host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    scheme, sep, rest = host.partition("://")
+    netloc, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{netloc.rpartition('@')[2]}{slash}{path}" if sep else host.rpartition("@")[2]
 
 
 def _archive_decrypts(path, key):

@@ -312,13 +312,25 @@ class Download:
                 raise self.error
 
     def open_reader(self):
-        """The file for a load to ``follow``. The load counts as streaming from here on (so the download
-        leaves the hashing to it) until its stream ends, or ``leave`` when it never streams."""
+        """The file for a load to ``follow``: the .part file, or the cache's once committed. The load counts
+        as streaming from here on (so the download leaves the hashing to it) until its stream ends, or
+        ``leave`` when it never streams.
+
+        A failed download raises its failure, a disk error (EMFILE, EIO) a StorageError. None when it
+        committed in the very moment the load came and the cached part is already gone (the cache was
+        cleared): the load then fetches it afresh, as one a moment later would."""
         with self.cond:
             if self.error is not None:
                 raise self.error
-            f = open_reader(self.cache.path(self.bucket, self.key) if self.state == COMMITTED else self.part,
-                            self.cache.opener)
+            committed = self.state == COMMITTED
+            try:
+                f = open_reader(self.cache.path(self.bucket, self.key) if committed else self.part,
+                                self.cache.opener)
+            except OSError as exc:
+                if committed and exc.errno == errno.ENOENT:
+                    return None
+                log.debug("opening %s/%s for a load failed", self.bucket, self.key, exc_info=True)
+                raise storage_error(exc, f"{self.bucket}/{self.key}") from exc
             self._readers += 1
             return f
 

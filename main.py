@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from functools import cache
 from typing import Annotated
 
@@ -276,6 +277,17 @@ HANDLERS = (
 # --- middleware: one log line per request, metrics, body limits ---------------------------------------
 
 
+# Set in the server's task of a request whose answer the loader cut off (see ``Edge``).
+_cut_off: ContextVar[bool] = ContextVar("cut_off", default=False)
+UNFINISHED = "ASGI callable returned without completing response."  # uvicorn's words, at ERROR
+
+
+def _not_a_cut_off(record: logging.LogRecord) -> bool:
+    """uvicorn's filter: its ERROR for an answer left unfinished is dropped when the loader cut it off on
+    purpose (its own warning said why); for any other request it stays."""
+    return not (_cut_off.get() and record.msg == UNFINISHED)
+
+
 class Edge:
     """Pure ASGI middleware (BaseHTTPMiddleware would re-buffer every streamed chunk): refuses bodies over
     the JSON limit without reading them, writes one log line per request, records request metrics, and
@@ -284,6 +296,8 @@ class Edge:
     def __init__(self, app, memory):
         self.app = app
         self.memory = memory
+        # One filter however many apps are built: logging adds the same filter only once.
+        logging.getLogger("uvicorn.error").addFilter(_not_a_cut_off)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -309,7 +323,9 @@ class Edge:
             await self.app(scope, body, counted_send)
         except CutOff as exc:
             # Returning without the end of the body makes the server drop the connection: the client
-            # sees a broken transfer. One warning says why, instead of a traceback.
+            # sees a broken transfer. ASGI has no quieter way to abort an answer (raising, or ending it
+            # short, is an ERROR too), so uvicorn's ERROR for it is filtered: one warning says why.
+            _cut_off.set(True)  # in the server's task, which logs once this returns
             log.warning(
                 "%s %s cut off after its answer began: %s", scope["method"], _printable(scope["path"]), exc
             )

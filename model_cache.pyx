@@ -87,17 +87,19 @@ class BigPartCache:
     What it works with is injectable, for tests: ``hasher`` (hashlib.sha256) hashes the blocks;
     ``hash_grace`` is how long a download leaves the hashing to its loads; ``opener`` (os.open) opens the
     cache files, it and its downloads (a filesystem that refuses O_DIRECT, say); ``download`` is the class
-    of its downloads (a subclass holds one at a step).
+    of its downloads (a subclass holds one at a step); ``unlink`` (os.unlink) removes the old sidecar as a
+    part is committed (a test's has a discard land in that very moment).
     """
 
     def __init__(self, root, block_size=MANIFEST_BLOCK_SIZE, hasher=hashlib.sha256, hash_grace=HASH_GRACE,
-                 opener=os.open, download=Download):
+                 opener=os.open, download=Download, unlink=os.unlink):
         self.root = os.path.abspath(root)
         self.block_size = block_size  # of format-1 parts; a manifest names its own
         self.hasher = hasher
         self.hash_grace = hash_grace
         self.opener = opener
         self._download = download
+        self._unlink = unlink
         self._lock = threading.Lock()
         self._downloads = {}  # (bucket, key) -> the download new loads of it join
         self._running = set()  # every download not yet ended, also those no load may join any more
@@ -150,10 +152,13 @@ class BigPartCache:
                 "blockSize": block_size or self.block_size, "blocks": [d.hex() for d in blocks]}
         try:
             # The old sidecar goes first: a crash between the steps leaves data without a sidecar,
-            # which reads as "not cached", never as a sidecar that vouches for other bytes.
+            # which reads as "not cached", never as a sidecar that vouches for other bytes. A discard or
+            # another commit of the part may have removed it already: no failure.
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            if os.path.exists(final + META_SUFFIX):
-                os.unlink(final + META_SUFFIX)
+            try:
+                self._unlink(final + META_SUFFIX)
+            except FileNotFoundError:
+                pass
             os.replace(part, final)
             with open(meta_tmp, "w") as f:
                 json.dump(meta, f)
@@ -209,19 +214,23 @@ class BigPartCache:
             raise
         except UpstreamError:
             # Offline: a format-1 part is used as the cache has it (edge devices go offline), and a
-            # download already under way is followed.
+            # download still under way is followed. One that has ended is never joined (see _fetch); if it
+            # committed the part since the cache was looked at, the cache has it now.
             cached = None if expect.sealed else self._cached(bucket, key, expect, None, cdn)
-            if cached is not None:
-                log.info("CDN unreachable: using the cache of %s/%s", bucket, key)
-                return cached
-            with self._lock:
-                download = self._downloads.get((bucket, key))
-                if download is None or download.version != expect.version:
+            if cached is None:
+                with self._lock:
+                    download = self._downloads.get((bucket, key))
+                    following = download is not None and not download.done and download.version == expect.version
+                    reader = download.open_reader() if following else None
+                if reader is not None:
+                    log.info("CDN unreachable: following the download of %s/%s already under way", bucket, key)
+                    self.misses += 1
+                    return self._follow(download, reader, expect, 0)
+                cached = self._cached(bucket, key, expect, None, cdn)
+                if cached is None:
                     raise
-                reader = download.open_reader()
-            log.info("CDN unreachable: following the download of %s/%s already under way", bucket, key)
-            self.misses += 1
-            return self._follow(download, reader, expect, 0)
+            log.info("CDN unreachable: using the cache of %s/%s", bucket, key)
+            return cached
         if not expect.sealed:
             cached = self._cached(bucket, key, expect, info, cdn)
             if cached is not None:
@@ -295,13 +304,16 @@ class BigPartCache:
                 # fits was committed since this load looked at the cache (its HEAD came in between), so it is
                 # used, not fetched a second time.
                 if joinable or looked or not _fits(self._meta(bucket, key), expect, info):
-                    self.misses += 1
                     if not joinable:
                         if download is not None:
                             download.abandon()  # another version: it must not land over this one
                         download = self._start(bucket, key, cdn, expect, info)
                     reader = download.open_reader()
-                    break
+                    if reader is not None:
+                        self.misses += 1
+                        break
+                    # None: it committed in this very moment and its part was deleted since: look at the
+                    # cache, else fetch afresh
             looked = True
             cached = self._cached(bucket, key, expect, None if expect.sealed else info, cdn)
             if cached is not None:

@@ -108,22 +108,25 @@ def test_load_fills_the_cache_then_hits_it(tmp_path, s3):
     assert (cache.misses, cache.hits, cache.downloads) == (1, 1, 1)
 
 
+def listed_after_it_ends(release):
+    """A Download class whose thread lingers after its commit until ``release``: the moment a download that
+    has ended is still listed, held open."""
+
+    class ListedAfterItEnds(Download):
+        def run(self, fd, cdn):
+            super().run(fd, cdn)
+            assert release.wait(30)
+
+    return ListedAfterItEnds
+
+
 def test_a_cache_file_deleted_just_after_its_download_committed_is_fetched_again(tmp_path, s3):
     """The soak found a 500 (FileNotFoundError): a load after the cached part was deleted (an operator
     clearing the cache; the soak's cold loads) found the download that had just committed it still listed,
     joined it, and opened the deleted file. A download that has ended is never joined: the load fetches
     afresh."""
     release = threading.Event()
-
-    class ListedAfterItEnds(Download):
-        """A download whose thread lingers after its commit until ``release``: the moment it is still
-        listed, held open."""
-
-        def run(self, fd, cdn):
-            super().run(fd, cdn)
-            assert release.wait(30)
-
-    store, api, cache = make_store(tmp_path, s3, cache_options={"download": ListedAfterItEnds})
+    store, api, cache = make_store(tmp_path, s3, cache_options={"download": listed_after_it_ends(release)})
     data = os.urandom(200_000)
     publish(s3, api, data)
     assert load(store) == data
@@ -461,6 +464,68 @@ def test_a_load_joining_a_download_as_it_fails_gets_its_error(tmp_path):
     assert failing.error is joined[0] and not os.path.exists(failing.part)
 
 
+def test_a_download_whose_file_cannot_be_opened_for_a_load_is_a_storage_error(tmp_path):
+    """A disk error as a load opens the download's file (out of descriptors, say) is the loader's 507,
+    never a raw OSError (a 500)."""
+
+    def out_of_descriptors_for_reads(path, flags, mode=0o777):
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return os.open(path, flags, mode)
+
+    cache = BigPartCache(str(tmp_path), opener=out_of_descriptors_for_reads)
+    download = Download(cache, "models", "m.bin.big", ObjectInfo(10_000, '"e"'), None, None, 4096)
+    fd = download.prepare()
+    with pytest.raises(StorageError, match=r"the model cache failed on models/m.bin.big \(EMFILE\)"):
+        download.open_reader()
+    download.run(fd, BrokenCdn())  # fails, and cleans up
+    assert not os.path.exists(download.part)
+
+
+def test_a_download_that_commits_as_a_load_opens_it_with_its_part_deleted_is_fetched_again(tmp_path, s3):
+    """A load opens the download it found under way; if that commits in the very moment and the cached
+    part is deleted right after (the cache cleared), the load fetches it afresh, as one a moment later
+    would, instead of failing on the missing file."""
+    opened = []
+
+    class CommitsAsItIsOpened(Download):
+        def open_reader(self):
+            if not opened:  # the first download only: it commits, then its part is deleted
+                opened.append(self)
+                until(lambda: self.done)
+                for name in ("m.bin.big.meta", "m.bin.big"):
+                    os.unlink(self.cache.path("models", name))
+            return super().open_reader()
+
+    store, api, cache = make_store(tmp_path, s3, cache_options={"download": CommitsAsItIsOpened})
+    data = os.urandom(200_000)
+    publish(s3, api, data)
+    assert load(store) == data
+    assert opened[0].error is None and cache.downloads == 2
+    assert cache.settle(10)
+
+
+def test_a_commit_goes_through_when_the_old_sidecar_goes_away_as_it_commits(tmp_path):
+    """A commit removes the old sidecar first; a discard (a load that found a bad block, an upload) or
+    another commit of the part may remove it in that very moment. The commit looked whether it existed,
+    then met FileNotFoundError unlinking it and failed: a download failed for nothing (fetched again
+    later), or an upload warned that it could not keep its part in the cache."""
+
+    def discard_first(path):
+        cache.discard("models", "m.bin.big")  # lands between the commit's look and its unlink
+        os.unlink(path)
+
+    cache = BigPartCache(str(tmp_path), block_size=4, unlink=discard_first)
+    for version, data in enumerate((b"old!", b"new!")):
+        part = cache.new_part("models", "m.bin.big")
+        open(part, "wb").write(data)
+        cache.commit(
+            "models", "m.bin.big", part, ObjectInfo(4, f'"{version}"'), None, [hashlib.sha256(data).digest()]
+        )
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == b"new!"
+    assert json.load(open(cache.path("models", "m.bin.big.meta")))["etag"] == '"1"'
+
+
 def test_a_chunk_kept_past_the_next_one_fails_loudly(tmp_path, s3):
     store, api, cache = make_store(tmp_path, s3)
     big = publish(s3, api, os.urandom(300_000))
@@ -502,6 +567,25 @@ def test_offline_follows_a_download_still_in_flight(tmp_path, s3):
     chunks.close()
     assert cache.settle(10) and cache.downloads == 1
     assert load(store) == data and cache.hits == 1
+
+
+def test_offline_a_download_that_has_ended_is_not_followed(tmp_path, s3):
+    """Offline, a load followed the listed download even once it had ended, as _fetch no longer does: with
+    the cached part deleted since its commit it opened the missing file (a 507 for a CDN that is down)."""
+    release = threading.Event()
+    store, api, cache = make_store(tmp_path, s3, cache_options={"download": listed_after_it_ends(release)})
+    data = os.urandom(200_000)
+    publish(s3, api, data)
+    assert load(store) == data
+    committed = cache.downloading("models", "m.bin.big")
+    until(lambda: committed.done)
+    for name in ("m.bin.big.meta", "m.bin.big"):
+        os.unlink(cache.path("models", name))
+    go_offline(api)
+    with pytest.raises(UpstreamError):
+        store.load("models", "m.bin")
+    release.set()
+    assert cache.settle(10)
 
 
 def test_a_part_discarded_in_flight_is_never_committed(tmp_path, s3):

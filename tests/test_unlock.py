@@ -6,7 +6,7 @@ import os
 import pytest
 
 import security
-from binary_split import Unlocker
+from binary_split import Unlocker, _engine_address
 from credentials import Credentials
 from devstack.wait import until
 from tests.fakes import DROP, ApiServer
@@ -71,3 +71,26 @@ def test_an_engine_that_drops_the_load_is_an_engine_error(tmp_path, engine):
     status = unlock(archive, engine(lambda *a: DROP))
     assert status["state"] == "error"
     assert status["error"].startswith("the Docker Engine failed while loading images")
+
+
+@pytest.mark.parametrize("where", ["unix", "tcp"])
+def test_an_engine_that_does_not_answer_is_unreachable_at_its_address(tmp_path, where):
+    """The soak stopped dockerd and read "the Docker Engine is not configured": the address was set, the
+    Engine just did not answer (a socket with no one behind it, a refused connection)."""
+    host = f"unix://{tmp_path}/docker.sock" if where == "unix" else "tcp://127.0.0.1:1"
+    status = unlock(tmp_path / "images.enc", host)
+    assert status["state"] == "error"
+    assert status["error"] == f"the Docker Engine at {host} is unreachable (ConnectionError)"
+
+
+@pytest.mark.parametrize("host", ["bogus://engine", "tcp://user:secret@127.0.0.1:1"])
+def test_an_engine_address_the_sdk_refuses_is_invalid_and_never_shown(tmp_path, host):
+    status = unlock(tmp_path / "images.enc", host)
+    assert status["state"] == "error"
+    assert status["error"] == "the Docker Engine's address or TLS settings are invalid (DockerException)"
+    assert "secret" not in str(status)
+
+
+def test_an_engine_address_is_named_without_its_user_and_password():
+    assert _engine_address("ssh://user:secret@engine:22") == "ssh://engine:22"
+    assert _engine_address("unix:///run/docker.sock") == "unix:///run/docker.sock"

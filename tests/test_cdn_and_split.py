@@ -120,12 +120,9 @@ def listed_after_it_ends(release):
     return ListedAfterItEnds
 
 
-def test_a_cache_file_deleted_just_after_its_download_committed_is_fetched_again(tmp_path, s3):
-    """The soak found a 500 (FileNotFoundError): a load after the cached part was deleted (an operator
-    clearing the cache; the soak's cold loads) found the download that had just committed it still listed,
-    joined it, and opened the deleted file. A download that has ended is never joined: the load fetches
-    afresh."""
-    release = threading.Event()
+def deleted_after_its_commit(tmp_path, s3, release):
+    """(store, api, cache, data) after a load whose download committed and stays listed until ``release``
+    is set, with the cached part and its sidecar deleted since (an operator clearing the cache)."""
     store, api, cache = make_store(tmp_path, s3, cache_options={"download": listed_after_it_ends(release)})
     data = os.urandom(200_000)
     publish(s3, api, data)
@@ -135,6 +132,16 @@ def test_a_cache_file_deleted_just_after_its_download_committed_is_fetched_again
     assert committed.error is None and cache.downloading("models", "m.bin.big") is committed
     for name in ("m.bin.big.meta", "m.bin.big"):
         os.unlink(cache.path("models", name))
+    return store, api, cache, data
+
+
+def test_a_cache_file_deleted_just_after_its_download_committed_is_fetched_again(tmp_path, s3):
+    """The soak found a 500 (FileNotFoundError): a load after the cached part was deleted (an operator
+    clearing the cache; the soak's cold loads) found the download that had just committed it still listed,
+    joined it, and opened the deleted file. A download that has ended is never joined: the load fetches
+    afresh."""
+    release = threading.Event()
+    store, api, cache, data = deleted_after_its_commit(tmp_path, s3, release)
     assert load(store) == data
     assert cache.downloads == 2
     release.set()
@@ -573,14 +580,7 @@ def test_offline_a_download_that_has_ended_is_not_followed(tmp_path, s3):
     """Offline, a load followed the listed download even once it had ended, as _fetch no longer does: with
     the cached part deleted since its commit it opened the missing file (a 507 for a CDN that is down)."""
     release = threading.Event()
-    store, api, cache = make_store(tmp_path, s3, cache_options={"download": listed_after_it_ends(release)})
-    data = os.urandom(200_000)
-    publish(s3, api, data)
-    assert load(store) == data
-    committed = cache.downloading("models", "m.bin.big")
-    until(lambda: committed.done)
-    for name in ("m.bin.big.meta", "m.bin.big"):
-        os.unlink(cache.path("models", name))
+    store, api, cache, _ = deleted_after_its_commit(tmp_path, s3, release)
     go_offline(api)
     with pytest.raises(UpstreamError):
         store.load("models", "m.bin")

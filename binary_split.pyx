@@ -19,8 +19,9 @@ from itertools import chain
 import security
 from aligned_io import read_tail
 from cdn_manager import CdnConfig, CdnManager, ObjectInfo
-from constants import (BIG_SUFFIX, BUCKET_PATTERN, CHUNK_SIZE, MANIFEST_BLOCK_SIZE, MANIFEST_SUFFIX, NAME_PATTERN,
-                       SMALL_SUFFIX, SPLIT_SMALL_DENOMINATOR, SPLIT_SMALL_MAX, SPLIT_SMALL_NUMERATOR)
+from constants import (BIG_SUFFIX, BUCKET_PATTERN, CHUNK_SIZE, ENGINE_LOAD_TIMEOUT, ENGINE_TIMEOUT, MANIFEST_BLOCK_SIZE,
+                       MANIFEST_SUFFIX, NAME_PATTERN, SMALL_SUFFIX, SPLIT_SMALL_DENOMINATOR, SPLIT_SMALL_MAX,
+                       SPLIT_SMALL_NUMERATOR)
 from download import TAIL
 from errors import (BadRequest, DecryptionError, EngineError, Forbidden, IntegrityError, LoaderError, NotFound,
                     PayloadTooLarge, StorageError, storage_error)
@@ -371,14 +372,15 @@ class StagedUpload:
 class Unlocker:
     """Runs at most one unlock at a time in a background thread; progress lives in ``status``."""
 
-    def __init__(self, api, status, images_path, unlock_images=(), docker_host=None, docker_timeout=3600,
-                 chunk_size=CHUNK_SIZE):
+    def __init__(self, api, status, images_path, unlock_images=(), docker_host=None,
+                 engine_timeout=ENGINE_TIMEOUT, load_timeout=ENGINE_LOAD_TIMEOUT, chunk_size=CHUNK_SIZE):
         self._api = api
         self.status = status
         self._path = images_path
         self._wanted = tuple(unlock_images)
         self._docker_host = docker_host
-        self._docker_timeout = docker_timeout
+        self._engine_timeout = engine_timeout  # a question to the Engine
+        self._load_timeout = load_timeout  # loading the archive
         self._chunk = chunk_size
 
     def start(self, credentials):
@@ -394,8 +396,8 @@ class Unlocker:
         import docker  # heavy: imported only when an unlock runs
         try:
             if self._docker_host:
-                return docker.APIClient(base_url=self._docker_host, timeout=self._docker_timeout)
-            return docker.APIClient(timeout=self._docker_timeout, **docker.utils.kwargs_from_env())
+                return docker.APIClient(base_url=self._docker_host, timeout=self._engine_timeout)
+            return docker.APIClient(timeout=self._engine_timeout, **docker.utils.kwargs_from_env())
         except (docker.errors.DockerException, ValueError) as exc:  # ValueError: an address urllib refuses
             if isinstance(exc.__cause__, _engine_errors()):
                 log.debug("connecting to the Docker Engine failed", exc_info=True)
@@ -442,6 +444,7 @@ class Unlocker:
             raise DecryptionError("the image archive does not decrypt: wrong key or corrupt archive")
         self.status.set_total(total)
         self.status.set_state(DECRYPTING)
+        client.timeout = self._load_timeout  # the SDK's timeout for each call from here on
         try:
             events = client.load_image(self._plaintext(key))
             self.status.set_state(LOADING_IMAGES)

@@ -66,3 +66,10 @@ API_RETRY_AFTER_MAX = 10
 CDN_ATTEMPTS = 5  # botocore's total_max_attempts: its max_attempts would count the retries alone
 CDN_RESUMES = 3
 CDN_RESUME_BACKOFF = 0.25
+
+# --- The Docker Engine (unlock) --------------------------------------------------------------------------
+# How long the Engine may take to answer a question (its API version, an image's inspect): an Engine that
+# accepts the connection and never answers fails the unlock after this, not after the hour a load may take.
+ENGINE_TIMEOUT = 10
+# How long loading the decrypted archive into the Engine may go without an answer.
+ENGINE_LOAD_TIMEOUT = 3600

@@ -9,7 +9,7 @@ import security
 from binary_split import Unlocker, _engine_address
 from credentials import Credentials
 from devstack.wait import until
-from tests.fakes import DROP, ApiServer
+from tests.fakes import DROP, STALL, ApiServer
 from unlock_state import UnlockStatus
 
 CREDS = Credentials("up@azaion.local", "pw")
@@ -45,9 +45,9 @@ def engine():
         server.close()
 
 
-def unlock(images_path, docker_host, api=None):
+def unlock(images_path, docker_host, api=None, **options):
     status = UnlockStatus()
-    Unlocker(api or FakeApi(), status, str(images_path), docker_host=docker_host).start(CREDS)
+    Unlocker(api or FakeApi(), status, str(images_path), docker_host=docker_host, **options).start(CREDS)
     until(lambda: status.snapshot()["state"] in ("ready", "error"), what="the unlock did not end", every=0.02)
     return status.snapshot()
 
@@ -81,6 +81,19 @@ def test_an_engine_that_does_not_answer_is_unreachable_at_its_address(tmp_path, 
     status = unlock(tmp_path / "images.enc", host)
     assert status["state"] == "error"
     assert status["error"] == f"the Docker Engine at {host} is unreachable (ConnectionError)"
+
+
+def test_an_engine_that_never_answers_fails_the_unlock_after_the_engine_timeout(tmp_path):
+    """An Engine that takes the connection and never answers (a TCP address that drops everything) failed
+    the unlock only after the hour a load may take; a question to the Engine has ENGINE_TIMEOUT."""
+    silent = ApiServer(lambda *a: STALL)
+    try:
+        host = "tcp://" + silent.url.removeprefix("http://")
+        status = unlock(tmp_path / "images.enc", host, engine_timeout=0.2, load_timeout=3600)
+    finally:
+        silent.close()
+    assert status["state"] == "error"
+    assert status["error"] == f"the Docker Engine at {host} is unreachable (ReadTimeout)"
 
 
 @pytest.mark.parametrize("host", ["bogus://engine", "tcp://user:secret@127.0.0.1:1"])

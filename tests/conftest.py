@@ -1,10 +1,28 @@
 """Shared test setup: the compiled modules live at the repository root (built in place by `make test`)."""
 
 import shutil
+import subprocess
 
 import boto3
 import pytest
 from moto import mock_aws
+
+
+class Openssl:
+    """`openssl enc -aes-256-cbc` with a raw key and IV, the contract's reference for the crypto."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def encrypt(self, key, iv, data):
+        return self._enc([], key, iv, data)
+
+    def decrypt(self, key, iv, data):
+        return self._enc(["-d"], key, iv, data)
+
+    def _enc(self, flags, key, iv, data):
+        argv = [self.path, "enc", *flags, "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex()]
+        return subprocess.run(argv, input=data, capture_output=True, check=True).stdout
 
 
 @pytest.fixture(scope="session")
@@ -12,7 +30,7 @@ def openssl():
     path = shutil.which("openssl")
     if path is None:
         pytest.fail("openssl is required (scripts/system-deps installs it)")
-    return path
+    return Openssl(path)
 
 
 @pytest.fixture(scope="session")

@@ -323,7 +323,7 @@ def test_the_big_part_alone_does_not_hold_the_model_and_openssl_reads_the_whole(
     encrypted, plain = tmp_path / "blob.enc", tmp_path / "blob.out"
     encrypted.write_bytes(blob[16:])
     subprocess.run(
-        [openssl, "enc", "-d", "-aes-256-cbc", "-K", key.hex(), "-iv", blob[:16].hex()]
+        [openssl.path, "enc", "-d", "-aes-256-cbc", "-K", key.hex(), "-iv", blob[:16].hex()]
         + ["-in", str(encrypted), "-out", str(plain)],
         check=True,
         capture_output=True,

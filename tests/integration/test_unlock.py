@@ -1,7 +1,6 @@
 """Unlock against a real Docker Engine (a private dockerd started by the suite when none is reachable)."""
 
 import os
-import subprocess
 import time
 
 import pytest
@@ -159,12 +158,7 @@ def test_archive_encrypted_by_openssl_unlocks(
     key = crypto.archive_key(fragment)
     plain = crypto.decrypt(key, path.read_bytes())
     iv = os.urandom(16)
-    cipher = subprocess.run(
-        [openssl, "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex()],
-        input=plain,
-        capture_output=True,
-        check=True,
-    ).stdout
+    cipher = openssl.encrypt(key, iv, plain)
     archive = tmp_path / "openssl.enc"
     archive.write_bytes(iv + cipher)
     stack.set_key_fragment(fragment)

@@ -124,18 +124,28 @@ def read_hashed(int fd, buf, long long pos, long long n, hasher):
 
 
 def _read_block(job, long long index, buf):
-    """One job of read_blocks: block ``index`` read into ``buf`` and hashed, once it is written."""
-    fd, size, block_size, hasher, written, cancelled = job
+    """One job of read_blocks: block ``index`` and its digest, and the source's buffer it lies in when the
+    source handed it over in memory (None when it was read from the file into ``buf``)."""
+    fd, size, block_size, hasher, source, cancelled = job
     cdef long long start = index * block_size
     cdef long long end = min(size, start + block_size)
-    if written is not None:
-        while written(end, WAIT_STEP) < end:
+    if source is not None:
+        while True:
+            got = source.block(index, end, WAIT_STEP)
+            if got is True:
+                break
+            if got is not False:
+                held = got[:end - start]
+                h = hasher()
+                h.update(held)
+                return held, h.digest(), got
             if cancelled.is_set():
-                return None, None
-    return read_hashed(fd, buf, start, end - start, hasher)
+                return None, None, None
+    view, digest = read_hashed(fd, buf, start, end - start, hasher)
+    return view, digest, None
 
 
-def read_blocks(int fd, long long size, Py_ssize_t block_size, hasher, long long first=0, written=None,
+def read_blocks(int fd, long long size, Py_ssize_t block_size, hasher, long long first=0, source=None,
                 int depth=READ_AHEAD):
     """Yield ``(index, view, digest)`` for blocks ``first..`` of the file's ``size`` bytes: block ``i``
     holds bytes ``i*block_size`` up to the next block or ``size``; ``digest`` is ``hasher()``'s digest of
@@ -145,9 +155,11 @@ def read_blocks(int fd, long long size, Py_ssize_t block_size, hasher, long long
     hash and the caller's work (decrypting, sending) overlap: reading and hashing one block in turn on one
     thread took a warm 1 GiB load 1.25 s, as long as the disk and the hash added up.
 
-    ``written(end, timeout)``, when given, tells where the bytes written so far end (a file still being
-    downloaded), once they reach ``end`` or ``timeout`` seconds passed; it raises the writer's failure
-    when they never will.
+    ``source``, when given, is the writer of a file still being written (a download). ``source.block(index,
+    end, timeout)`` waits up to ``timeout`` seconds for block ``index`` (ending at ``end``): it answers a
+    buffer that holds the block (handed over in memory: no disk read), True once the block is in the file,
+    False when neither came yet, and raises the writer's failure when the block never will come. A buffer
+    handed over goes back with ``source.give_back(buffer)`` once the caller is done with the block.
 
     This is not read_ahead.ReadAhead (one producer, running a generator a few chunks ahead): the blocks sit
     at known offsets and are independent, so ``depth`` jobs read and hash them in parallel, each into a
@@ -161,18 +173,37 @@ def read_blocks(int fd, long long size, Py_ssize_t block_size, hasher, long long
     # The jobs get everything as arguments: an inner function here would live in the generator's closure
     # scope and point back at it, a cycle that kept the buffers until the cyclic GC ran (the soak saw the
     # loader's RSS grow by hundreds of MB).
-    job = (fd, size, block_size, hasher, written, cancelled)
+    job = (fd, size, block_size, hasher, source, cancelled)
     pending = deque()
-    with ThreadPoolExecutor(depth, thread_name_prefix="cache-read") as pool:
-        try:
-            for i in range(first, min(count, first + depth)):
-                pending.append(pool.submit(_read_block, job, i, bufs[(i - first) % (depth + 1)]))
-            for i in range(first, count):
-                view, digest = pending.popleft().result()
-                if i + depth < count:  # into the one buffer that neither the caller nor a job holds
-                    buf = bufs[(i + depth - first) % (depth + 1)]
-                    pending.append(pool.submit(_read_block, job, i + depth, buf))
-                yield i, view, digest
-                _released(view)
-        finally:
-            cancelled.set()  # a job still waiting for its block gives up; the pool then shuts down
+    lent = None
+    try:
+        with ThreadPoolExecutor(depth, thread_name_prefix="cache-read") as pool:
+            try:
+                for i in range(first, min(count, first + depth)):
+                    pending.append(pool.submit(_read_block, job, i, bufs[(i - first) % (depth + 1)]))
+                for i in range(first, count):
+                    view, digest, lent = pending.popleft().result()
+                    if i + depth < count:  # into the one buffer that neither the caller nor a job holds
+                        buf = bufs[(i + depth - first) % (depth + 1)]
+                        pending.append(pool.submit(_read_block, job, i + depth, buf))
+                    yield i, view, digest
+                    _released(view)
+                    if lent is not None:
+                        source.give_back(lent)
+                        lent = None
+            finally:
+                cancelled.set()  # a job still waiting for its block gives up; the pool then shuts down
+    finally:
+        if lent is not None:
+            source.give_back(lent)
+        _give_back_pending(source, pending)
+
+
+def _give_back_pending(source, pending):
+    """Hand back the buffers of blocks read ahead that the caller never took (the pool has shut down)."""
+    for done in pending:
+        if done.cancelled() or done.exception() is not None:
+            continue
+        held = done.result()[2]
+        if held is not None:
+            source.give_back(held)

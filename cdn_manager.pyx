@@ -164,7 +164,8 @@ class CdnManager:
 
     def fill(self, bucket, key, info, buf, start=0, end=None):
         """Read bytes ``start``..``end`` of the object into ``buf``, one buffer at a time: each step yields
-        how many bytes ``buf`` holds (all of it, but at the end), to be used before the next step.
+        how many bytes ``buf`` holds (all of it, but at the end), to be used before the next step. A caller
+        that ``send``s a buffer (of the same size) has the next step read into that one instead.
 
         Where botocore has nothing to check in the body (no checksum came with it), the bytes go from the
         socket straight into ``buf``: no chunk objects, no copies. A transfer that breaks off is resumed
@@ -208,7 +209,9 @@ class CdnManager:
                         break
                     n += got
                     if n == want:
-                        yield n
+                        other = yield n
+                        if other is not None:  # the caller goes on in another buffer of the same size
+                            buf = other
                         pos += n
                         n = 0
                 if pos + n < end:

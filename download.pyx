@@ -2,8 +2,11 @@
 """One CDN download of a big part into a ``.part`` file that loads follow while it grows.
 
 The object is fetched as ranged segments on a few threads (socket reads, file writes and hashes run
-outside the GIL, so they overlap), its end first: a load checks the blob's last block before it streams. A load reads whole blocks once they are written, hashes them and lets none go that does not
-match what it must be; the digests it takes count for the download too. Once every byte is in and no load
+outside the GIL, so they overlap), its end first: a load checks the blob's last block before it streams.
+A fetcher hands each block it has written to the loads in memory (``_offer``), and keeps near them while
+they move on (``_pace``), so a cold load reads nothing back from the disk. A load takes whole blocks so,
+or from the file once they are written, hashes them and lets none go that does not match what it must
+be; the digests it takes count for the download too. Once every byte is in and no load
 streams any more, the download hashes the blocks no load has hashed, and only a download whose every block
 is accounted for is committed to the cache.
 
@@ -20,9 +23,10 @@ import logging
 import os
 import threading
 import uuid
+from time import monotonic
 
-from aligned_io import (DIRECT_ALIGN, aligned_buffer, open_direct, open_reader, read_blocks, read_hashed,
-                        start_writeback, without_direct, write_all)
+from aligned_io import (DIRECT_ALIGN, READ_AHEAD, aligned_buffer, open_direct, open_reader, read_blocks,
+                        read_hashed, start_writeback, without_direct, write_all)
 from constants import MANIFEST_BLOCK_SIZE
 from errors import IntegrityError, LoaderError, UpstreamError, storage_error
 
@@ -35,9 +39,39 @@ FAILED = "failed"
 
 # Each GET costs the CDN and botocore a few milliseconds, so the bulk goes in large segments; the last
 # FETCHERS segments before the tail are small, so the fetchers finish close together.
-SEGMENT = 64 * 1024 * 1024
-SMALL_SEGMENT = 16 * 1024 * 1024
+SEGMENT = 16 * 1024 * 1024
+SMALL_SEGMENT = 8 * 1024 * 1024
 FETCHERS = 3
+# The loads following a download take its blocks from memory, not through the disk (hand-over): all
+# downloads together hold at most HANDOFF_BYTES of blocks for them. A fetcher keeps within a few blocks of
+# the furthest block a load asked for while that load moves on (one that asked for nothing new in
+# PACE_STALL seconds no longer holds it back), so the blocks it fetches are the ones the load wants next.
+HANDOFF_BYTES = 48 * 1024 * 1024
+PACE_STALL = 0.1
+# A held block this far behind the furthest block a load asked for is no load's any more.
+HANDOFF_SLACK = 4
+
+
+class Budget:
+    """Bytes that may still be taken (for block buffers), shared by threads."""
+
+    def __init__(self, total):
+        self.total = self.left = total
+        self._lock = threading.Lock()
+
+    def take(self, n):
+        with self._lock:
+            if self.left < n:
+                return False
+            self.left -= n
+            return True
+
+    def give(self, n):
+        with self._lock:
+            self.left += n
+
+
+handoff_budget = Budget(HANDOFF_BYTES)
 # Bytes at the end of a big part a load checks before streaming: the last cipher block and the block before
 # it, which is all CBC needs to decrypt the last block alone (its padding gives the plaintext's size).
 TAIL = 32
@@ -83,7 +117,8 @@ class Download:
     .part file of a failed download (os.unlink; a test's acts in the very moment the file is gone).
     """
 
-    def __init__(self, cache, bucket, key, info, blocks, version, block_size, unlink=os.unlink):
+    def __init__(self, cache, bucket, key, info, blocks, version, block_size, unlink=os.unlink,
+                 budget=handoff_budget):
         self.cache, self.bucket, self.key, self.info = cache, bucket, key, info
         self._unlink = unlink
         self.version = version
@@ -105,6 +140,21 @@ class Download:
         self._progress = [0] * len(self._segments)
         self._next = self._frontier = 0
         self.tail_ready = not self._segments
+        # The hand-over (see _offer): blocks held (index -> buffer) until a load takes one; buffers the
+        # fetchers may fill; how many buffers of the budget this download has; how far ahead the fetchers
+        # go (0: no hand-over, blocks too large for the budget).
+        self._held = {}
+        self._free = []
+        self._owned = 0
+        self._fetched = False  # the fetchers have ended
+        self._budget = budget
+        self._lead = budget.total // block_size - READ_AHEAD - 2 if block_size else 0
+        if self._lead < 2:
+            self._lead = 0
+        self._joined = False  # a load has come
+        self.handed = 0  # blocks loads took from memory
+        self._asked = -1  # the furthest block a load asked for, and when
+        self._asked_at = 0.0
 
     @property
     def done(self):
@@ -145,6 +195,8 @@ class Download:
             for w in workers:
                 w.join()
             with self.cond:
+                self._fetched, self._free = True, []
+                self._settle()
                 if self._stop is not None:
                     raise self._stop
                 self.state = VERIFYING
@@ -172,6 +224,9 @@ class Download:
         finally:
             for w in workers:
                 w.join()
+            with self.cond:
+                self._fetched, self._free = True, []
+                self._settle()
             for d in (fd, self._direct):
                 if d >= 0:
                     os.close(d)
@@ -213,8 +268,13 @@ class Download:
 
     def _fetch(self, fd, cdn):
         """One fetcher: takes the next segment, reads it into its buffer and writes it into place, until
-        none is left or one fails."""
-        buf = aligned_buffer(cdn.chunk_size)[:cdn.chunk_size]
+        none is left or one fails. A buffer of a whole block, once written, may be handed over to the loads
+        (``_offer``): the fetcher goes on in another."""
+        cdef long long pos, bs = self.block_size
+        cdef long long tail = tail_start(self.info.size, bs)
+        whole = self._lead > 0
+        size = bs if whole else cdn.chunk_size
+        buf = aligned_buffer(size)[:size]
         while True:
             with self.cond:
                 if self._stop is not None or self._next >= len(self._order):
@@ -223,9 +283,16 @@ class Download:
                 self._next += 1
             index = self._index[start]
             pos = start
+            if whole and start < tail:  # the tail goes first, whatever the loads ask for
+                self._pace(start // bs)
             try:
-                for n in cdn.fill(self.bucket, self.key, self.info, buf, start, end):
+                fill = cdn.fill(self.bucket, self.key, self.info, buf, start, end)
+                n = next(fill, None)
+                while n is not None:
                     self._write(fd, buf[:n], pos)
+                    other = None
+                    if whole and pos % bs == 0 and (n == bs or pos + n == self.info.size):
+                        other = self._offer(pos // bs, buf)
                     pos += n
                     with self.cond:
                         if self._stop is not None:
@@ -235,6 +302,14 @@ class Download:
                             self.tail_ready = True
                             self.cond.notify_all()
                         self._advance()
+                    if other is not None:
+                        buf = other
+                    if whole and pos < min(end, tail):
+                        self._pace(pos // bs)
+                    try:
+                        n = fill.send(other)
+                    except StopIteration:
+                        n = None
             except OSError as exc:
                 log.debug("writing segment %d of %s/%s failed", index, self.bucket, self.key, exc_info=True)
                 self._record(storage_error(exc, f"{self.bucket}/{self.key}"))
@@ -250,6 +325,78 @@ class Download:
                 self._record(IntegrityError(f"the CDN sent {pos - start} of {end - start} bytes of a segment"))
                 return
             start_writeback(fd, start, end)
+
+    def _offer(self, long long index, buf):
+        """A fetcher wrote block ``index`` from ``buf``. Hold the buffer for the loads (a load takes the block
+        from memory, no disk read) and answer the buffer the fetcher goes on in; or None, and the fetcher
+        keeps ``buf``, when no load would take the block soon: none follows (the first has yet to come: the
+        blocks are held for it), all have passed it, or the held blocks are all nearer to them and no buffer
+        is left."""
+        with self.cond:
+            if not (self._readers or not self._joined) or index < self._asked - HANDOFF_SLACK:
+                return None
+            if self._free:
+                other = self._free.pop()
+            elif self._budget.take(self.block_size):
+                self._owned += 1
+                other = aligned_buffer(self.block_size)[:self.block_size]
+            else:
+                furthest = max(self._held, default=-1)
+                if furthest <= index:
+                    return None
+                other = self._held.pop(furthest)
+            self._held[index] = buf
+            self.cond.notify_all()
+            return other
+
+    def _pace(self, long long index):
+        """Before a fetcher reads block ``index``: wait while that is more than the lead ahead of the loads
+        and they move on, so that its blocks reach them in memory."""
+        with self.cond:
+            while self._readers and self._stop is None and index > self._asked + self._lead:
+                left = self._asked_at + PACE_STALL - monotonic()
+                if left <= 0:
+                    return
+                self.cond.wait(left)
+
+    def block(self, long long index, long long end, timeout):
+        """For read_blocks: block ``index`` (ending at byte ``end``) as a buffer held in memory, True once it
+        is in the file, False when neither came within ``timeout`` seconds (None: no limit); raises the
+        download's failure when it never will come."""
+        with self.cond:
+            if index > self._asked:
+                self._asked, self._asked_at = index, monotonic()
+                self.cond.notify_all()  # a fetcher may go on
+                for stale in [i for i in self._held if i < index - HANDOFF_SLACK]:
+                    self._reuse(self._held.pop(stale))
+            self.cond.wait_for(lambda: index in self._held or self.written >= end or self.error is not None,
+                               timeout)
+            held = self._held.pop(index, None)
+            if held is not None:
+                self.handed += 1
+                self.cache.handed += 1
+                return held
+            if self.written < end and self.error is not None:
+                raise self.error
+            return self.written >= end
+
+    def give_back(self, buf):
+        """A load is done with a buffer that ``block`` handed it."""
+        with self.cond:
+            self._reuse(buf)
+
+    def _reuse(self, buf):
+        """Under the lock: a buffer no load will take goes back to the fetchers (dropped once they ended)."""
+        if not self._fetched and self._stop is None:
+            self._free.append(buf)
+
+    def _settle(self):
+        """Under the lock: once the fetchers have ended and no load follows, the held blocks go and the
+        budget has this download's bytes back."""
+        if self._fetched and not self._readers:
+            self._held = {}
+            self._budget.give(self._owned * self.block_size)
+            self._owned = 0
 
     def _write(self, int fd, view, long long pos):
         """Write ``view`` (the start of an aligned buffer) at ``pos``: its whole blocks past the page cache
@@ -301,6 +448,7 @@ class Download:
                 pass
             self.error = exc
             self.state = FAILED
+            self._free, self._held = [], {}
             self.cond.notify_all()
 
     def wait_tail(self):
@@ -332,11 +480,17 @@ class Download:
                 log.debug("opening %s/%s for a load failed", self.bucket, self.key, exc_info=True)
                 raise storage_error(exc, f"{self.bucket}/{self.key}") from exc
             self._readers += 1
+            self._joined = True
             return f
 
     def leave(self):
         with self.cond:
             self._readers -= 1
+            if not self._readers:  # no load would take the held blocks
+                for buf in self._held.values():
+                    self._reuse(buf)
+                self._held = {}
+                self._settle()
             self.cond.notify_all()
 
     def follow(self, f, first=0):
@@ -346,20 +500,11 @@ class Download:
         try:
             with f:
                 for i, view, digest in read_blocks(f.fileno(), self.info.size, self.block_size,
-                                                   self.cache.hasher, first, self._written_to):
+                                                   self.cache.hasher, first, self):
                     self.hashed(i, digest)
                     yield view
         finally:
             self.leave()
-
-    def _written_to(self, end, timeout):
-        """Where the written bytes end, once they reach ``end`` or ``timeout`` seconds passed (None: no
-        limit); raises the download's failure when they never will."""
-        with self.cond:
-            self.cond.wait_for(lambda: self.written >= end or self.error is not None, timeout)
-            if self.written < end and self.error is not None:
-                raise self.error
-            return self.written
 
     def abandon(self):
         """The part was discarded while in flight: it finishes for its readers, but is never committed."""

@@ -46,6 +46,8 @@ class ServiceCounters:
         yield _counter("loader_cache_hits_total", "Loads served from the verified cache", svc.cache.hits)
         yield _counter("loader_cache_misses_total", "Loads that needed the CDN", svc.cache.misses)
         yield _counter("loader_cdn_downloads_total", "CDN downloads started", svc.cache.downloads)
+        yield _counter("loader_blocks_handed_over_total",
+                       "Blocks of a download a load took from memory, not through the cache disk", svc.cache.handed)
         yield _counter("loader_cache_refetches_total",
                        "Cached big parts that failed a block check and were fetched again", svc.cache.refetches)
         yield _counter("loader_format1_loads_total",

@@ -107,6 +107,7 @@ class BigPartCache:
         self.misses = 0
         self.downloads = 0
         self.refetches = 0
+        self.handed = 0  # blocks loads took from their download in memory, not through the disk
         self._sweep()
 
     def _sweep(self):

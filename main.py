@@ -484,7 +484,7 @@ def configure_logging(level: str) -> None:
 def main() -> None:
     import uvicorn
 
-    heap.limit_malloc_arenas()  # first, while this is the only thread
+    heap.tune_malloc()  # first, while this is the only thread
     s = settings()
     configure_logging(s.log_level)
     uvicorn.run(

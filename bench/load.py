@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import requests
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -61,6 +63,13 @@ def timed_load(loader, name, expected):
     status, size, ttfb = out.split()
     assert (status, size) == ("200", str(expected)), f"curl: {out}, expected 200 and {expected} bytes"
     return expected / elapsed / MIB, float(ttfb) * 1000
+
+
+def handed_over(loader):
+    """The loader's loader_blocks_handed_over_total: blocks of a download a cold load took from memory."""
+    text = requests.get(f"{loader.url}/metrics", timeout=10).text
+    return next(float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("loader_blocks_handed_over_total "))
 
 
 def timed_awscli(stack, name, big_size):
@@ -136,6 +145,7 @@ def main():
                     print(f"loader log (tail):\n{loader.log()[-3000:]}", file=sys.stderr)
                     raise
                 rss = loader.peak_rss_mb()
+                handed = handed_over(loader)
         best_cold, best_warm, best_aws, best_rclone = max(cold), max(warm), max(aws), max(rclone)
         warm_ttfb = statistics.median(ttfb)
         print(f"/load cold (CDN -> decrypt -> HTTP): {best_cold:8.1f} MiB/s  runs: {runs(cold)}")
@@ -144,6 +154,8 @@ def main():
         print(f"rclone cat <big part> > /dev/null:   {best_rclone:8.1f} MiB/s  runs: {runs(rclone)}")
         print(f"warm /load time to first byte: {warm_ttfb:.0f} ms (median)  runs: {runs(ttfb)}")
         print(f"loader peak RSS {rss:.0f} MB")
+        blocks = -(-big_size // (4 * MIB)) * args.runs
+        print(f"blocks the cold loads took from memory, not the disk: {handed:.0f} of {blocks}")
         print(f"model: {fmt}")
         print(
             f"RESULT load_vs_awscli={best_cold / best_aws:.2f} load_vs_rclone={best_cold / best_rclone:.2f}"

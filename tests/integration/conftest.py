@@ -8,6 +8,7 @@ import requests
 
 from devstack.faultproxy import FaultProxy
 from devstack.loader import LoaderProcess
+from devstack.split import ensure_bucket
 from devstack.stack import Stack
 from devstack.wait import until
 
@@ -28,6 +29,9 @@ def wait_out_the_tokens(stack, email, password=PASSWORD):
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     with Stack(tmp_path_factory.mktemp("stack")) as s:
+        # The CDN as deployed has the models bucket: the uploader identity may not create buckets, so a test
+        # whose first act is an upload through the loader would otherwise get a 403 from the CDN.
+        ensure_bucket(s.s3_admin_client(), "models")
         yield s
 
 

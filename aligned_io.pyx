@@ -118,9 +118,13 @@ def read_hashed(int fd, buf, long long pos, long long n, hasher):
     view = read_at(fd, buf, pos, n)
     if len(view) != n:
         raise IntegrityError("the cache file ended early")
+    return view, _digest(hasher, view)
+
+
+def _digest(hasher, view):
     h = hasher()
     h.update(view)
-    return view, h.digest()
+    return h.digest()
 
 
 def _read_block(job, long long index, buf):
@@ -136,9 +140,7 @@ def _read_block(job, long long index, buf):
                 break
             if got is not False:
                 held = got[:end - start]
-                h = hasher()
-                h.update(held)
-                return held, h.digest(), got
+                return held, _digest(hasher, held), got
             if cancelled.is_set():
                 return None, None, None
     view, digest = read_hashed(fd, buf, start, end - start, hasher)

@@ -146,13 +146,11 @@ class Download:
         self._held = {}
         self._free = []
         self._owned = 0
-        self._fetched = False  # the fetchers have ended
         self._budget = budget
         self._lead = budget.total // block_size - READ_AHEAD - 2 if block_size else 0
         if self._lead < 2:
             self._lead = 0
         self._joined = False  # a load has come
-        self.handed = 0  # blocks loads took from memory
         self._asked = -1  # the furthest block a load asked for, and when
         self._asked_at = 0.0
 
@@ -195,11 +193,11 @@ class Download:
             for w in workers:
                 w.join()
             with self.cond:
-                self._fetched, self._free = True, []
-                self._settle()
                 if self._stop is not None:
                     raise self._stop
                 self.state = VERIFYING
+                self._free = []  # the fetchers are done with them
+                self._settle()
             self._hash_the_rest(direct)
             os.fsync(fd)
             os.close(fd)
@@ -224,9 +222,6 @@ class Download:
         finally:
             for w in workers:
                 w.join()
-            with self.cond:
-                self._fetched, self._free = True, []
-                self._settle()
             for d in (fd, self._direct):
                 if d >= 0:
                     os.close(d)
@@ -333,7 +328,8 @@ class Download:
         blocks are held for it), all have passed it, or the held blocks are all nearer to them and no buffer
         is left."""
         with self.cond:
-            if not (self._readers or not self._joined) or index < self._asked - HANDOFF_SLACK:
+            if self._stop is not None or (self._joined and not self._readers) or \
+                    index < self._asked - HANDOFF_SLACK:
                 return None
             if self._free:
                 other = self._free.pop()
@@ -373,7 +369,6 @@ class Download:
                                timeout)
             held = self._held.pop(index, None)
             if held is not None:
-                self.handed += 1
                 self.cache.handed += 1
                 return held
             if self.written < end and self.error is not None:
@@ -387,13 +382,13 @@ class Download:
 
     def _reuse(self, buf):
         """Under the lock: a buffer no load will take goes back to the fetchers (dropped once they ended)."""
-        if not self._fetched and self._stop is None:
+        if self.state == FETCHING and self._stop is None:
             self._free.append(buf)
 
     def _settle(self):
-        """Under the lock: once the fetchers have ended and no load follows, the held blocks go and the
-        budget has this download's bytes back."""
-        if self._fetched and not self._readers:
+        """Under the lock: once the fetchers have ended (the download is past FETCHING) and no load follows,
+        the held blocks go and the budget has this download's bytes back."""
+        if self.state != FETCHING and not self._readers:
             self._held = {}
             self._budget.give(self._owned * self.block_size)
             self._owned = 0
@@ -449,6 +444,7 @@ class Download:
             self.error = exc
             self.state = FAILED
             self._free, self._held = [], {}
+            self._settle()
             self.cond.notify_all()
 
     def wait_tail(self):

@@ -10,12 +10,18 @@ page cache.
 ``read_blocks`` yields a file as blocks, each read and hashed ahead on helper threads, so the disk, the
 hash and the caller's work (decrypting, sending) overlap. The caller decides what a digest must
 be before it lets a block go.
+
+Every cache file is opened as the loader's own: never through a symbolic link (``O_NOFOLLOW``), and only
+when it is a regular file. A FIFO where a file should be cannot block the open (``O_NONBLOCK``, cleared
+again once the descriptor is known to be a regular file's), and a FIFO, socket, device or folder is
+refused with NotRegularFile.
 """
 
 import errno
 import fcntl
 import mmap
 import os
+import stat
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -46,19 +52,47 @@ def aligned_buffer(Py_ssize_t size):
     return memoryview(mmap.mmap(-1, size + DIRECT_ALIGN))
 
 
+class NotRegularFile(OSError):
+    """A cache file that is something else than a regular file (a FIFO, a socket, a device, a folder)."""
+
+
+# Every cache file is opened so: never through a symbolic link, and never blocking (a FIFO).
+SAFE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK
+
+
 def open_direct(path, int flags, opener=os.open):
     """A descriptor of ``path`` that bypasses the page cache, or a plain one where the filesystem does not
-    allow that. ``opener`` is os.open, or a test's filesystem."""
+    allow that. ``opener`` is os.open, or a test's filesystem.
+
+    The file must be a regular file reached without a symbolic link: a link at ``path`` fails with ELOOP,
+    anything but a regular file with NotRegularFile, and a FIFO never blocks the open."""
+    flags |= SAFE_FLAGS
     try:
-        return opener(path, flags | os.O_DIRECT)
+        fd = opener(path, flags | os.O_DIRECT)
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-    return opener(path, flags)
+        fd = opener(path, flags)
+    try:
+        regular_file(fd, path)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def regular_file(int fd, path):
+    """The ``os.fstat`` of ``fd``, opened from ``path``; NotRegularFile when it is no regular file."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.ENXIO
+        raise NotRegularFile(code, "not a regular file", os.fspath(path))
+    return st
 
 
 def open_reader(path, opener=os.open):
-    """The file at ``path``, open for read_at (unbuffered; O_DIRECT where allowed)."""
+    """The regular file at ``path``, open for read_at (unbuffered; O_DIRECT where allowed); see open_direct."""
     return os.fdopen(open_direct(path, os.O_RDONLY, opener), "rb", buffering=0)
 
 

@@ -73,3 +73,23 @@ CDN_RESUME_BACKOFF = 0.25
 ENGINE_TIMEOUT = 10
 # How long loading the decrypted archive into the Engine may go without an answer.
 ENGINE_LOAD_TIMEOUT = 3600
+
+# --- Liveness: what a misbehaving peer may cost (docs/contract.md section 11) ----------------------------
+# Every answer read from the Resource API has a cap; past it the answer is refused with 502 "...is not
+# valid...". The small part is at most 3072 bytes and comes wrapped as a blob (IV and padding: 3104 bytes);
+# a manifest lists 67 bytes per 4 MiB block, about 4.4 MB for a resource of MAX_RESOURCE_BYTES.
+MAX_LOGIN_ANSWER = 64 * 1024
+MAX_SMALL_ANSWER = 64 * 1024
+MAX_MANIFEST_ANSWER = 8 * 1024 * 1024
+MAX_CDN_YAML_ANSWER = 64 * 1024
+MAX_KEY_FRAGMENT_ANSWER = 64 * 1024
+MAX_UPLOAD_ANSWER = 64 * 1024
+# JSON from a peer (a login answer, a JWT's claims, a manifest) nests at most this deep.
+MAX_JSON_DEPTH = 32
+# The largest resource (plaintext or big part) any upstream may announce: sizes beyond it, negative ones and
+# non-integers are refused before any arithmetic (1 TiB: far beyond any model, far below 2**63).
+MAX_RESOURCE_BYTES = 1 << 40
+# A JWT's exp is seconds since the epoch: finite and below this (the year 36812).
+MAX_JWT_EXP = 1 << 40
+# A cache sidecar larger than this is damaged (a manifest of MAX_RESOURCE_BYTES has under 5 MB of digests).
+MAX_SIDECAR_BYTES = 16 * 1024 * 1024

@@ -9,18 +9,28 @@ very block that failed, so the client still gets a whole, right answer.
 
 Files reach their final name only by rename after fsync, so a crash leaves at worst a ``.part`` file,
 swept at start, never a half file under the final name. Concurrent loads of one object share one download.
+
+The cache directory is the loader's own, and whatever it finds there that it cannot use costs at most a
+download, never a failed load: it follows no symbolic link (a bucket's folder that is one is replaced by a
+real folder, the link removed and never its target; files are opened with ``O_NOFOLLOW``), opens only
+regular files (a FIFO cannot block it), and a sidecar it cannot use (unreadable as JSON, absurd numbers,
+another block size than the part needs, larger than MAX_SIDECAR_BYTES, not a regular file) is a damaged
+part: discarded with its data and fetched again. A real disk error is a StorageError.
 """
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
+import stat
 import threading
 import time
 import uuid
 
-from aligned_io import aligned_buffer, open_reader, read_blocks, read_hashed, read_tail
-from constants import MANIFEST_BLOCK_SIZE
+from aligned_io import NotRegularFile, aligned_buffer, open_reader, read_blocks, read_hashed, read_tail
+from constants import MANIFEST_BLOCK_SIZE, MAX_MANIFEST_BLOCK_SIZE, MAX_RESOURCE_BYTES, MAX_SIDECAR_BYTES
 from download import PART_SUFFIX, TAIL, Download, tail_start
 from errors import IntegrityError, NotFound, UpstreamError, storage_error
 
@@ -30,6 +40,8 @@ META_SUFFIX = ".meta"
 # The loads that stream a download hash its blocks as they go; the download itself hashes the rest once
 # they are gone, or after this long beside a load that is paced by its client (see Download).
 HASH_GRACE = 5.0
+# The digests a sidecar holds are SHA-256's.
+DIGEST_SIZE = 32
 
 
 class Expect:
@@ -53,7 +65,7 @@ class Expect:
 
 
 def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         os.fsync(fd)
     finally:
@@ -61,24 +73,80 @@ def _fsync_dir(path):
 
 
 def _fits(meta, expect, info):
-    """Whether a sidecar (``_meta``'s dict, or None) describes the part ``expect`` wants: of a sealed part its
-    manifest's version, size and block size; of a format-1 part no version, and the CDN's ``info`` (size and
-    ETag) when given."""
-    if meta is None:
+    """Whether a sidecar (``_meta``'s dict, or None) describes the part ``expect`` wants: its block size (the
+    manifest's, or the cache's for format 1), and of a sealed part its manifest's version and size; of a
+    format-1 part no version, and the CDN's ``info`` (size and ETag) when given."""
+    if meta is None or meta["block_size"] != expect.block_size:
         return False
     if expect.sealed:
-        return (meta["version"], meta["size"], meta["block_size"]) == (expect.version, expect.size,
-                                                                       expect.block_size)
+        return (meta["version"], meta["size"]) == (expect.version, expect.size)
     return meta["version"] is None and (info is None or (meta["size"], meta["etag"]) == (info.size, info.etag))
 
 
 def _unlink_quietly(path):
+    """Remove the file (or the link itself) at ``path``; a folder in the way of a file goes with all it holds
+    (shutil.rmtree follows no link). A failure is only logged: the path then reads as not cached."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+    except IsADirectoryError:
+        log.warning("removing the folder %s, which stood where a cache file goes", os.path.basename(path))
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            log.warning("could not remove %s: %s", os.path.basename(path), exc.strerror)
     except OSError as exc:
         log.warning("could not remove %s: %s", os.path.basename(path), exc.strerror)
+
+
+def _integer(value, low, high):
+    """``value`` when it is an int (not a bool) within ``low..high``; else ValueError."""
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError("holds a number out of range")
+    return value
+
+
+def _parse_sidecar(raw):
+    """A sidecar's bytes as ``_meta``'s dict; ValueError when they are not a sidecar this cache wrote."""
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):  # also a UnicodeDecodeError, or JSON nested too deep
+        raise ValueError("is not JSON") from None
+    if not isinstance(meta, dict):
+        raise ValueError("is not a JSON object")
+    size = _integer(meta.get("size"), 0, MAX_RESOURCE_BYTES)
+    block_size = _integer(meta.get("blockSize"), 1, MAX_MANIFEST_BLOCK_SIZE)
+    etag, version, digests = meta.get("etag"), meta.get("version"), meta.get("blocks")
+    if not isinstance(etag, str) or not (version is None or isinstance(version, str)):
+        raise ValueError("has no ETag or version")
+    if not isinstance(digests, list) or len(digests) != -(-size // block_size):
+        raise ValueError("lists another number of blocks than its size needs")
+    try:
+        blocks = [bytes.fromhex(d) for d in digests]
+    except (TypeError, ValueError):
+        blocks = None
+    if blocks is None or any(len(d) != DIGEST_SIZE for d in blocks):
+        raise ValueError("lists a digest that is not one")
+    return {"size": size, "etag": etag, "version": version, "block_size": block_size, "blocks": blocks}
+
+
+def _read_sidecar(int fd):
+    """The bytes of the sidecar open at ``fd``; ValueError when it is no regular file or over the cap."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("is not a regular file")
+    if st.st_size > MAX_SIDECAR_BYTES:
+        raise ValueError(f"is larger than {MAX_SIDECAR_BYTES} bytes")
+    chunks, got = [], 0
+    while True:  # to its end, which may have moved since the fstat: still never past the cap
+        chunk = os.read(fd, MAX_SIDECAR_BYTES + 1 - got)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        got += len(chunk)
+        if got > MAX_SIDECAR_BYTES:
+            raise ValueError(f"is larger than {MAX_SIDECAR_BYTES} bytes")
 
 
 class BigPartCache:
@@ -114,7 +182,7 @@ class BigPartCache:
         """Delete the ``.part`` files a killed loader left behind. Each was preallocated to its object's
         full size, so on a small disk one leftover holds the room the next download needs; none is ever
         resumed. Runs once, before this process starts a download (one loader per cache directory)."""
-        for folder, _, names in os.walk(self.root):
+        for folder, _, names in os.walk(self.root, followlinks=False):  # the links themselves are names
             for name in names:
                 if name.endswith(PART_SUFFIX):
                     _unlink_quietly(os.path.join(folder, name))
@@ -125,24 +193,90 @@ class BigPartCache:
 
     def new_part(self, bucket, key):
         """Path of a fresh ``.part`` file beside the final name (for uploads)."""
-        os.makedirs(os.path.join(self.root, bucket), exist_ok=True)
+        self._folder(bucket, create=True)
         return self.path(bucket, key) + f".{uuid.uuid4().hex}{PART_SUFFIX}"
+
+    def _folder(self, bucket, create):
+        """The folder ``{root}/{bucket}``, made sure to be a real folder directly under the root before the
+        cache reads, creates or commits a file in it: a symbolic link there (or a FIFO, a socket...) is
+        removed, the link itself and never what it points to, and a real folder made in its place, with a
+        warning. A regular file there is left alone: NotADirectoryError. None when there is no folder and
+        ``create`` is false; other failures are the OSError of the disk."""
+        if not bucket or bucket in (".", "..") or "/" in bucket or "\0" in bucket:
+            raise OSError(errno.EINVAL, "not a folder name", bucket)
+        path = os.path.join(self.root, bucket)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            if stat.S_ISREG(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "a file stands where the cache's folder goes", path)
+            log.warning("the cache folder %s was %s: removed it, and made a real folder in its place", bucket,
+                        "a symbolic link" if stat.S_ISLNK(st.st_mode) else "no folder")
+            try:
+                os.unlink(path)  # the link itself: its target is never touched
+            except FileNotFoundError:
+                pass
+            st, create = None, True
+        if st is None:
+            if not create:
+                return None
+            os.makedirs(self.root, exist_ok=True)
+            try:
+                os.mkdir(path)
+            except FileExistsError:  # made by another thread meanwhile (or a link put there): look again
+                st = os.lstat(path)
+                if not stat.S_ISDIR(st.st_mode):
+                    raise NotADirectoryError(errno.ENOTDIR, "no folder where the cache's folder goes", path)
+        if os.path.realpath(path) != os.path.join(os.path.realpath(self.root), bucket):
+            raise NotADirectoryError(errno.ENOTDIR, "the cache's folder is not directly under its root", path)
+        return path
 
     # --- the sidecar ------------------------------------------------------------------------------
 
-    def _meta(self, bucket, key):
+    def _meta(self, bucket, key, expect):
+        """The sidecar of ``bucket/key`` as a dict (size, etag, version, block_size, blocks), or None: there is
+        none (or the disk would not give it now): not cached. One that cannot be used, or that names another
+        block size than ``expect`` needs for its version, is a damaged part: discarded, sidecar and data, and
+        None."""
+        path = self.path(bucket, key) + META_SUFFIX
         try:
-            with open(self.path(bucket, key) + META_SUFFIX) as f:
-                meta = json.load(f)
-            blocks = [bytes.fromhex(d) for d in meta["blocks"]]
-            block_size = int(meta["blockSize"])
-            size = int(meta["size"])
-            if block_size <= 0 or len(blocks) != -(-size // block_size):
+            if self._folder(bucket, create=False) is None:
                 return None
-            return {"size": size, "etag": str(meta["etag"]), "version": meta.get("version"),
-                    "block_size": block_size, "blocks": blocks}
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # none, torn, or an older layout: not cached
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                log.debug("reading the sidecar of %s/%s failed", bucket, key, exc_info=True)
+                return None  # the disk's failure (EACCES, EMFILE, EIO...): not cached, and left as it is
+            why = "is a symbolic link"
+        else:
+            try:
+                meta = _parse_sidecar(_read_sidecar(fd))
+                # Of another version it is only stale (``_fits`` says so, and a fetch replaces it); of this
+                # one, blocks of another size would check each block against another block's digest.
+                if meta["block_size"] == expect.block_size or meta["version"] != expect.version:
+                    return meta
+                why = f"is for blocks of {meta['block_size']} bytes, not {expect.block_size}"
+            except ValueError as exc:
+                why = str(exc)
+            except OSError:
+                log.debug("reading the sidecar of %s/%s failed", bucket, key, exc_info=True)
+                return None
+            finally:
+                os.close(fd)
+        self._damaged(bucket, key, f"its sidecar {why}")
+        return None
+
+    def _damaged(self, bucket, key, why):
+        """Drop a cached part that cannot be used, sidecar first (a download in flight goes on, and commits
+        afresh); the next look finds it not cached, and the load fetches it again."""
+        log.warning("the cached %s/%s is damaged (%s): discarding it, it is fetched again", bucket, key, why)
+        self.refetches += 1
+        for p in (self.path(bucket, key) + META_SUFFIX, self.path(bucket, key)):
+            _unlink_quietly(p)
 
     def commit(self, bucket, key, part, info, version, blocks, block_size=None):
         """Move a finished, fsynced ``part`` file to its final name and write its sidecar: ``info`` (size,
@@ -155,13 +289,14 @@ class BigPartCache:
             # The old sidecar goes first: a crash between the steps leaves data without a sidecar,
             # which reads as "not cached", never as a sidecar that vouches for other bytes. A discard or
             # another commit of the part may have removed it already: no failure.
-            os.makedirs(os.path.dirname(final), exist_ok=True)
+            self._folder(bucket, create=True)
             try:
                 self._unlink(final + META_SUFFIX)
             except FileNotFoundError:
                 pass
-            os.replace(part, final)
-            with open(meta_tmp, "w") as f:
+            os.replace(part, final)  # a link at the final name is replaced, never followed
+            fd = os.open(meta_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+            with os.fdopen(fd, "w") as f:
                 json.dump(meta, f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -182,6 +317,12 @@ class BigPartCache:
             download = self._downloads.pop((bucket, key), None)
         if download is not None:
             download.abandon()
+        try:
+            if self._folder(bucket, create=False) is None:
+                return  # nothing cached (and never a file removed through a link)
+        except OSError as exc:
+            log.warning("could not look at the cache folder of %s/%s: %s", bucket, key, exc.strerror)
+            return
         for p in (self.path(bucket, key) + META_SUFFIX, self.path(bucket, key)):
             _unlink_quietly(p)
 
@@ -241,13 +382,16 @@ class BigPartCache:
     def _cached(self, bucket, key, expect, info, cdn):
         """(check's result, blocks) of the cached part when its sidecar fits ``expect`` (and the CDN's
         ``info``, when given); else None."""
-        meta = self._meta(bucket, key)
+        meta = self._meta(bucket, key, expect)
         if not _fits(meta, expect, info):
             return None
         try:
             f = open_reader(self.path(bucket, key), self.opener)
-        except OSError:
-            return None
+        except OSError as exc:
+            if isinstance(exc, NotRegularFile) or exc.errno == errno.ELOOP:
+                self._damaged(bucket, key, "its data is a symbolic link" if exc.errno == errno.ELOOP else
+                              "its data is no regular file")
+            return None  # else none (its sidecar outlived it) or the disk's failure: not cached
         size = meta["size"]
         blocks = expect.blocks if expect.sealed else meta["blocks"]
         try:
@@ -304,7 +448,7 @@ class BigPartCache:
                 # A download commits its part before it leaves _downloads: with none in flight, a part that
                 # fits was committed since this load looked at the cache (its HEAD came in between), so it is
                 # used, not fetched a second time.
-                if joinable or looked or not _fits(self._meta(bucket, key), expect, info):
+                if joinable or looked or not _fits(self._meta(bucket, key, expect), expect, info):
                     if not joinable:
                         if download is not None:
                             download.abandon()  # another version: it must not land over this one
@@ -323,6 +467,7 @@ class BigPartCache:
 
     def _start(self, bucket, key, cdn, expect, info):
         """A new download of the CDN's object, running on its own thread; called under the lock."""
+        self._folder(bucket, create=True)  # its .part file goes there
         download = self._download(self, bucket, key, info, expect.blocks, expect.version, expect.block_size)
         fd = download.prepare()
         self.downloads += 1

@@ -1,8 +1,8 @@
 # cython: language_level=3, embedsignature=True
 """An upload's multipart/form-data body, parsed as it streams in and handed to a staged upload
 (``ModelStore.begin_upload``), so the plaintext never lands on disk or whole in memory. The form has a file
-field ``data`` and a text field ``folder``; with the folder first, the big part goes to the CDN while the
-file still arrives."""
+field ``data`` and a text field ``folder``, each once (a second is a 400, before anything is published);
+with the folder first, the big part goes to the CDN while the file still arrives."""
 
 import asyncio
 
@@ -60,6 +60,8 @@ async def receive_upload(store, name, headers, body, limit):
                 parser.write(chunk)
             except FormParserError as exc:
                 raise BadRequest("the upload is not valid multipart/form-data") from exc
+            if form.error is not None:
+                raise BadRequest(form.error)
             if form.folder_done and staged is None and not folder_checked:  # refused before the file
                 await run_sync(store.check_upload, name, form.folder)
                 folder_checked = True
@@ -73,6 +75,8 @@ async def receive_upload(store, name, headers, body, limit):
             parser.finalize()
         except FormParserError as exc:
             raise BadRequest("the upload is not valid multipart/form-data") from exc
+        if form.error is not None:
+            raise BadRequest(form.error)
         if not form.data_seen:
             raise BadRequest("the upload has no file field 'data'")
         if form.folder is None:
@@ -93,12 +97,14 @@ async def receive_upload(store, name, headers, body, limit):
 
 
 class _FormState:
-    """Collects the multipart events: the bytes of field 'data' and the text of field 'folder'."""
+    """Collects the multipart events: the bytes of field 'data' and the text of field 'folder'. A second
+    part of either name is never joined to the first: it sets ``error``, and its bytes are dropped."""
 
     def __init__(self):
         self.pending = bytearray()
         self.folder = None
-        self.folder_done = self.data_seen = self.data_done = False
+        self.error = None
+        self.folder_seen = self.folder_done = self.data_seen = self.data_done = False
         self._field = self._header = b""
         self._value = b""
         self._name = None
@@ -121,7 +127,15 @@ class _FormState:
             self._name = params.get(b"name")
             self._header = b""
             if self._name == b"data":
+                if self.data_seen:
+                    self.error = self.error or "the upload has more than one file field 'data'"
+                    self._name = None  # its bytes are not the model's
                 self.data_seen = True
+            elif self._name == b"folder":
+                if self.folder_seen:
+                    self.error = self.error or "the upload has more than one 'folder' field"
+                    self._name = None
+                self.folder_seen = True
 
         def on_part_data(data, start, end):
             if self._name == b"data":

@@ -152,3 +152,28 @@ def test_a_body_over_the_limit_is_413_after_at_most_the_limit(field):
     assert limit < sum(read) <= limit + upload_form.FRAMING + 65536
     assert not [c for c in store.calls if c[0] == "finish"]
     assert (("abort",) in store.calls) == (field == "data")  # what was staged goes
+
+
+@pytest.mark.parametrize("piece", [7, 65536, 5 * 1024 * 1024])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ((("folder", "models"), ("folder", "evil-bucket"), ("data", DATA)), "more than one 'folder' field"),
+        ((("data", DATA), ("folder", "models"), ("folder", "evil-bucket")), "more than one 'folder' field"),
+        ((("folder", "models"), ("data", DATA), ("data", b"evil")), "more than one file field 'data'"),
+        ((("data", DATA), ("data", b"evil"), ("folder", "models")), "more than one file field 'data'"),
+    ],
+    ids=["folder-twice-first", "folder-twice-last", "data-twice-folder-first", "data-twice-folder-last"],
+)
+def test_a_repeated_field_is_400_before_anything_is_published(fields, message, piece):
+    """Two 'folder' fields were joined ('models' + 'evil-bucket': the bucket 'modelsevil-bucket'), two 'data'
+    parts into one model, and published with 200. Either is a 400 now: nothing is finished (published), and
+    what was staged is aborted."""
+    store = FakeStore()
+    with pytest.raises(BadRequest, match=message):
+        receive(store, form(*fields), piece)
+    assert not [c for c in store.calls if c[0] == "finish"]
+    assert not [c for c in store.calls if "modelsevil-bucket" in c or "models evil-bucket" in c]
+    began = any(c[0] == "begin" for c in store.calls)
+    assert began == (("abort",) in store.calls)
+    assert bytes(store.written) == DATA[: len(store.written)]  # never a byte of the second part

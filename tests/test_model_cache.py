@@ -1,0 +1,329 @@
+"""The cache is the loader's own: whatever it meets on its disk that it cannot use (a damaged sidecar, a
+symbolic link, a FIFO, a folder where a file goes) costs at most a download, never a failed or hung load, and
+nothing outside the cache root is ever written or deleted. Against moto's S3 and the in-memory API."""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from constants import MAX_SIDECAR_BYTES
+from tests.store_fakes import BLOCK, load, make_store, publish
+
+SIZE = 5 * BLOCK + 5000  # a big part of six blocks, the last one short
+BOUND = 20  # seconds a load may take here before it counts as hung
+
+
+def bounded(call, timeout=BOUND):
+    """``call()``'s result, run on a thread of its own that must end within ``timeout`` seconds: a load
+    that hangs (in an open() of a FIFO, say) fails the test instead of hanging it."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True, name="bounded-load")
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"the load did not end within {timeout} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def release_fifo(path):
+    """Let an open() that blocks on the FIFO at ``path`` (the old code's) go on, so no thread stays stuck."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass  # no FIFO any more, or nobody waiting on it
+
+
+def snapshot(root):
+    """Every entry below ``root``: its kind, and a file's bytes or a link's target."""
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(root))] = ("link", os.readlink(p))
+        elif p.is_file():
+            out[str(p.relative_to(root))] = ("file", p.read_bytes())
+        else:
+            out[str(p.relative_to(root))] = ("dir", None)
+    return out
+
+
+def format1(tmp_path, s3, size=SIZE):
+    """(store, api, cache, data, big) with a format-1 model loaded once: its part is in the cache."""
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(size)
+    big = publish(s3, api, data)
+    assert load(store) == data
+    assert cache.settle(10)
+    return store, api, cache, data, big
+
+
+def sealed(tmp_path, s3):
+    """(store, api, cache, data, big) with a sealed model uploaded: its part is in the cache."""
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(SIZE)
+    up = store.begin_upload("m.bin")
+    up.write(data)
+    up.finish("models")
+    big = s3.get_object(Bucket="models", Key="m.bin.big")["Body"].read()
+    assert os.path.exists(cache.path("models", "m.bin.big.meta"))
+    return store, api, cache, data, big
+
+
+def sidecar(cache):
+    return Path(cache.path("models", "m.bin.big.meta"))
+
+
+def digests(big, block_size):
+    return [hashlib.sha256(big[i : i + block_size]).hexdigest() for i in range(0, len(big), block_size)]
+
+
+def assert_cached_afresh(cache, big, block_size=BLOCK):
+    """The part and a sound sidecar are in the cache again, as regular files."""
+    assert cache.settle(10)
+    part, meta = Path(cache.path("models", "m.bin.big")), sidecar(cache)
+    for p in (part, meta):
+        assert stat.S_ISREG(os.lstat(p).st_mode), p
+    assert part.read_bytes() == big
+    written = json.loads(meta.read_text())
+    assert written["blockSize"] == block_size and written["blocks"] == digests(big, block_size)
+
+
+# --- sidecars that cannot be used -------------------------------------------------------------------
+
+
+def test_a_format1_sidecar_for_another_block_size_is_discarded_and_fetched_again(tmp_path, s3, caplog):
+    """The sidecar names blocks of twice the size (with the right digests of those blocks): the old code
+    took it, checked the part's end against it with its own block size, and ran off the end of its digests
+    (IndexError: a 500 on every load, until someone deleted the file)."""
+    store, api, cache, data, big = format1(tmp_path, s3)
+    meta = json.loads(sidecar(cache).read_text())
+    meta.update(blockSize=2 * BLOCK, blocks=digests(big, 2 * BLOCK))
+    sidecar(cache).write_text(json.dumps(meta))
+    caplog.set_level(logging.WARNING, logger="loader.cdn")
+    assert load(store) == data
+    assert (cache.downloads, cache.refetches) == (2, 1)
+    assert f"is for blocks of {2 * BLOCK} bytes, not {BLOCK}" in caplog.text
+    assert_cached_afresh(cache, big)
+    assert load(store) == data and cache.hits == 1
+
+
+def test_a_sealed_sidecar_of_its_version_with_another_block_size_is_discarded(tmp_path, s3, caplog):
+    store, api, cache, data, big = sealed(tmp_path, s3)
+    meta = json.loads(sidecar(cache).read_text())
+    meta.update(blockSize=2 * BLOCK, blocks=digests(big, 2 * BLOCK))
+    sidecar(cache).write_text(json.dumps(meta))
+    caplog.set_level(logging.WARNING, logger="loader.cdn")
+    assert load(store) == data
+    assert (cache.downloads, cache.refetches) == (1, 1)
+    assert "damaged" in caplog.text
+    assert_cached_afresh(cache, big)
+
+
+def _edit(**fields):
+    def edit(meta):
+        meta.update(fields)
+        return json.dumps(meta).encode()
+
+    return edit
+
+
+DAMAGED = {
+    "not JSON": lambda meta: b"\x00\xff{not json",
+    "not UTF-8": lambda meta: json.dumps(meta).encode().replace(b'"size"', b'"\xff\xfe"'),
+    "empty": lambda meta: b"",
+    "a JSON list": lambda meta: json.dumps([meta]).encode(),
+    "nested too deep": lambda meta: b"[" * 200_000 + b"]" * 200_000,
+    "size infinite": lambda meta: json.dumps(meta).encode().replace(b'"size": ', b'"size": 1e400, "x": '),
+    "size negative": _edit(size=-1, blocks=[]),
+    "size huge": _edit(size=2**70, blockSize=2**70),
+    "size a string": lambda meta: _edit(size=str(meta["size"]))(meta),
+    "size a float": lambda meta: _edit(size=float(meta["size"]))(meta),
+    "size a bool": _edit(size=True, blocks=[hashlib.sha256(b"x").hexdigest()]),
+    "blockSize a bool": _edit(blockSize=True),
+    "blockSize zero": _edit(blockSize=0),
+    "blockSize a string": _edit(blockSize=str(BLOCK)),
+    "blockSize huge": lambda meta: _edit(blockSize=2**62, blocks=meta["blocks"][:1])(meta),
+    "etag not a string": _edit(etag=123),
+    "version a number": _edit(version=7),
+    "blocks missing": lambda meta: json.dumps({k: v for k, v in meta.items() if k != "blocks"}).encode(),
+    "blocks not hex": lambda meta: _edit(blocks=["zz" * 32] * len(meta["blocks"]))(meta),
+    "blocks too short": lambda meta: _edit(blocks=[d[:10] for d in meta["blocks"]])(meta),
+    "blocks not strings": lambda meta: _edit(blocks=[1] * len(meta["blocks"]))(meta),
+}
+
+
+@pytest.mark.parametrize("how", DAMAGED)
+def test_a_damaged_sidecar_is_discarded_and_the_part_fetched_again(tmp_path, s3, caplog, how):
+    """Garbage and absurd numbers: never a 500 (the old code raised RecursionError or OverflowError on some,
+    took strings and floats for numbers, and left the others where they were): the part is discarded and
+    fetched again, with a warning."""
+    store, api, cache, data, big = format1(tmp_path, s3)
+    meta = json.loads(sidecar(cache).read_text())
+    sidecar(cache).write_bytes(DAMAGED[how](meta))
+    caplog.set_level(logging.WARNING, logger="loader.cdn")
+    assert load(store) == data
+    assert (cache.downloads, cache.refetches) == (2, 1)
+    assert "is damaged" in caplog.text
+    assert_cached_afresh(cache, big)
+
+
+def test_a_sidecar_over_the_cap_is_discarded_and_the_part_fetched_again(tmp_path, s3, caplog):
+    """A sidecar larger than MAX_SIDECAR_BYTES is not read (here a sound one, padded with blanks past the
+    cap): the old code read it whole and used it."""
+    store, api, cache, data, big = format1(tmp_path, s3)
+    padded = sidecar(cache).read_bytes() + b" " * MAX_SIDECAR_BYTES
+    sidecar(cache).write_bytes(padded)
+    caplog.set_level(logging.WARNING, logger="loader.cdn")
+    assert load(store) == data
+    assert (cache.downloads, cache.refetches) == (2, 1)
+    assert f"is larger than {MAX_SIDECAR_BYTES} bytes" in caplog.text
+    assert_cached_afresh(cache, big)
+
+
+def test_a_sidecar_of_another_version_is_only_stale(tmp_path, s3, caplog):
+    """A sealed part's sidecar that names another manifest (and so another block size) is replaced by the
+    fetch, not counted as damaged."""
+    store, api, cache, data, big = sealed(tmp_path, s3)
+    meta = json.loads(sidecar(cache).read_text())
+    meta.update(version="another", blockSize=2 * BLOCK, blocks=digests(big, 2 * BLOCK))
+    sidecar(cache).write_text(json.dumps(meta))
+    caplog.set_level(logging.WARNING, logger="loader.cdn")
+    assert load(store) == data
+    assert (cache.downloads, cache.refetches) == (1, 0)
+    assert "damaged" not in caplog.text
+    assert_cached_afresh(cache, big)
+
+
+# --- what stands where a file of the cache goes --------------------------------------------------
+
+
+def make_fifo(path):
+    os.unlink(path)
+    os.mkfifo(path)
+
+
+def make_folder(path):
+    os.unlink(path)
+    os.mkdir(path)
+    (Path(path) / "inside").write_bytes(b"x")
+
+
+def make_link(path):
+    """A link to a copy of the file, outside the cache (a sound file: the old code followed it)."""
+    outside = Path(path).parent.parent.parent / ("outside-" + os.path.basename(path))
+    shutil.copyfile(path, outside)
+    os.unlink(path)
+    os.symlink(outside, path)
+    return outside
+
+
+KINDS = {"a FIFO": make_fifo, "a folder": make_folder, "a symbolic link": make_link}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("which", ["m.bin.big", "m.bin.big.meta"])
+@pytest.mark.parametrize("fmt", ["sealed", "format 1"])
+def test_what_is_no_regular_file_in_the_cache_is_fetched_again_never_hangs(tmp_path, s3, fmt, which, kind):
+    """A FIFO where the part or its sidecar goes hung the old code's load in open() for good; a folder there
+    made every commit fail; a link was followed out of the cache. Each is now a damaged part: removed (a link
+    itself, never its target) and fetched again, within a bound."""
+    store, api, cache, data, big = (sealed if fmt == "sealed" else format1)(tmp_path, s3)
+    path = cache.path("models", which)
+    outside = KINDS[kind](path)
+    kept = outside.read_bytes() if outside is not None else None
+    try:
+        assert bounded(lambda: load(store)) == data
+    finally:
+        release_fifo(path)
+    assert cache.downloads == (1 if fmt == "sealed" else 2)
+    assert_cached_afresh(cache, big)
+    assert bounded(lambda: load(store)) == data and cache.hits == 1
+    if outside is not None:
+        assert outside.read_bytes() == kept  # the link's target is untouched
+
+
+def outside_folder(tmp_path, cache, bucket="models", damage=True):
+    """Move the cache's folder of ``bucket`` (its cached part damaged) out of the cache, link it back in its
+    place, and add a file and a leftover .part file beside: (its path, what it holds)."""
+    target = tmp_path / f"outside-{bucket.strip('.')}"
+    folder = Path(cache.root, bucket)
+    if folder.exists():
+        shutil.move(folder, target)
+    else:
+        target.mkdir()
+    big = target / "m.bin.big"
+    if damage and big.exists():
+        raw = bytearray(big.read_bytes())
+        raw[len(raw) // 2] ^= 0x01  # the old code discarded it: deleted, through the link
+        big.write_bytes(bytes(raw))
+    (target / "keep.txt").write_bytes(b"not the loader's")
+    (target / "m.bin.big.0123.part").write_bytes(b"not the loader's either")
+    folder.symlink_to(target, target_is_directory=True)
+    return target, snapshot(target)
+
+
+@pytest.mark.parametrize("fmt", ["sealed", "format 1"])
+def test_a_symlinked_bucket_folder_is_replaced_and_nothing_outside_the_cache_is_touched(tmp_path, s3, fmt):
+    store, api, cache, data, big = (sealed if fmt == "sealed" else format1)(tmp_path, s3)
+    target, before = outside_folder(tmp_path, cache)
+    # A loader started on this cache sweeps it (no .part file behind the link goes), then loads.
+    store, _, cache = make_store(tmp_path, s3, api=api)
+    assert bounded(lambda: load(store)) == data
+    assert_cached_afresh(cache, big)
+    folder = Path(cache.root, "models")
+    assert folder.is_dir() and not folder.is_symlink()
+    assert snapshot(target) == before
+    assert load(store) == data and cache.hits == 1
+
+
+def test_an_upload_through_symlinked_folders_writes_nothing_outside_the_cache(tmp_path, s3):
+    """The staging folder and the bucket's folder both links out of the cache: the upload's staging file,
+    its commit and the discard of the old part all stay inside."""
+    store, api, cache, data, big = sealed(tmp_path, s3)
+    target, before = outside_folder(tmp_path, cache)
+    staging, staged_before = outside_folder(tmp_path, cache, ".staging")
+    new = os.urandom(SIZE)
+    up = store.begin_upload("m.bin")
+    up.write(new)
+    assert up.finish("models") == len(new)
+    assert snapshot(target) == before and snapshot(staging) == staged_before
+    for name in ("models", ".staging"):
+        assert not Path(cache.root, name).is_symlink()
+    assert load(store) == new and cache.hits == 1
+
+
+def test_a_discard_never_deletes_through_a_symlinked_folder(tmp_path, s3):
+    store, api, cache, data, big = sealed(tmp_path, s3)
+    target, before = outside_folder(tmp_path, cache, damage=False)
+    cache.discard("models", "m.bin.big")
+    assert snapshot(target) == before
+    assert not Path(cache.root, "models").is_symlink()
+
+
+def test_a_fifo_leftover_is_swept_without_blocking_and_links_are_not_followed(tmp_path):
+    from model_cache import BigPartCache
+
+    root = tmp_path / "cache"
+    (root / "models").mkdir(parents=True)
+    os.mkfifo(root / "models" / "m.bin.big.0123.part")
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "x.big.0123.part").write_bytes(b"not the loader's")
+    (root / "linked").symlink_to(target, target_is_directory=True)
+    bounded(lambda: BigPartCache(root))
+    assert not (root / "models" / "m.bin.big.0123.part").exists()
+    assert (target / "x.big.0123.part").read_bytes() == b"not the loader's"

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     unlock_images: str = ""
     docker_host: str | None = None
     log_level: str = "INFO"
-    api_timeout: float = 30.0
+    api_timeout: float = 30.0  # one attempt's connect and read timeout (each read of the answer)
+    api_deadline: float = 60.0  # a whole Resource API call, retries included: past it, 504
     max_upload_bytes: int = 20 * 1024**3
     max_json_bytes: int = 64 * 1024
     require_manifest: bool = False
@@ -110,6 +111,7 @@ class Services:
                 s.resource_api_url,
                 lambda: hardware.hardware,
                 timeout=(min(5.0, s.api_timeout), s.api_timeout),
+                deadline=s.api_deadline,
             )
 
         api = resource_api()

@@ -17,12 +17,43 @@ import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from constants import (IV_SIZE, KEY_SIZE, MANIFEST_BLOCK_SIZE, MANIFEST_FORMAT, MAX_MANIFEST_BLOCK_SIZE,
-                       SPLIT_SMALL_DENOMINATOR, SPLIT_SMALL_MAX, SPLIT_SMALL_NUMERATOR)
+from constants import (IV_SIZE, KEY_SIZE, MANIFEST_BLOCK_SIZE, MANIFEST_FORMAT, MAX_JSON_DEPTH,
+                       MAX_MANIFEST_BLOCK_SIZE, MAX_RESOURCE_BYTES, SPLIT_SMALL_DENOMINATOR, SPLIT_SMALL_MAX,
+                       SPLIT_SMALL_NUMERATOR)
 from errors import IntegrityError, UpstreamError
 
 cdef enum:
     AES_BLOCK = 16
+
+
+def json_nests_deeper(data, int limit=MAX_JSON_DEPTH):
+    """Whether the UTF-8 JSON text ``data`` (bytes-like) opens more than ``limit`` arrays or objects inside one
+    another: one pass over the bytes, counting brackets outside strings, before a parser recurses into them
+    (json.loads of a peer's 100,000 nested arrays is a RecursionError). Not a validation: text that is no JSON
+    may pass, and is then the parser's to refuse."""
+    cdef const unsigned char[:] text = data
+    cdef Py_ssize_t i
+    cdef int depth = 0
+    cdef bint in_string = False, escaped = False
+    cdef unsigned char c
+    for i in range(text.shape[0]):
+        c = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 92:  # backslash
+                escaped = True
+            elif c == 34:  # quote
+                in_string = False
+        elif c == 34:
+            in_string = True
+        elif c == 91 or c == 123:  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif c == 93 or c == 125:  # ] }
+            depth -= 1
+    return False
 
 
 def blob_size(long long plaintext_size):
@@ -65,8 +96,11 @@ class Manifest:
         def bad(reason):
             return ManifestError(f"the manifest of {what} is not valid: {reason}")
 
+        raw = bytes(raw)
+        if json_nests_deeper(raw):
+            raise bad(f"JSON nested deeper than {MAX_JSON_DEPTH}")
         try:
-            doc = json.loads(bytes(raw).decode("utf-8"))
+            doc = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             # The manifest holds the data key, and a UnicodeDecodeError all of the text: not kept as the cause.
             raise bad("not UTF-8 JSON") from None
@@ -79,8 +113,13 @@ class Manifest:
         if doc["format"] != MANIFEST_FORMAT or type(doc["format"]) is not int:
             raise bad(f"format {doc['format']!r} is not {MANIFEST_FORMAT}")
         size, blob, block_size = doc["size"], doc["blobSize"], doc["blockSize"]
-        if not all(type(v) is int for v in (size, blob, block_size)) or size < 0:
+        if not all(type(v) is int for v in (size, blob, block_size)):
             raise bad("size, blobSize and blockSize must be whole numbers")
+        # In Python, before any C arithmetic (long long): 2**64 would not convert, 2**63 - 1 would overflow.
+        if not 0 <= size <= MAX_RESOURCE_BYTES:
+            raise bad(f"size must be 0..{MAX_RESOURCE_BYTES}")
+        if not 0 <= blob <= blob_size(MAX_RESOURCE_BYTES):
+            raise bad(f"blobSize must be 0..{blob_size(MAX_RESOURCE_BYTES)}")
         if blob != blob_size(size):
             raise bad("blobSize does not fit size")
         if not 0 < block_size <= MAX_MANIFEST_BLOCK_SIZE:

@@ -1,7 +1,7 @@
 # cython: language_level=3, embedsignature=True
 """The logged-in user, read from the claims of the Resource API's JWT (contract section 3)."""
 
-from constants import UPLOAD_ROLES
+from constants import MAX_JWT_EXP, UPLOAD_ROLES
 
 ID_CLAIMS = ("nameid", "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier")
 EMAIL_CLAIMS = ("unique_name", "email", "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/name")
@@ -14,6 +14,16 @@ def _first(dict claims, tuple names):
         if value is not None and value != "":
             return value
     return None
+
+
+def _expires_at(exp):
+    """The JWT's exp as whole seconds, None when absent; ValueError unless a number 0..MAX_JWT_EXP (an exp of
+    1e999 or NaN is no time: int() of it raises OverflowError or ValueError)."""
+    if exp is None:
+        return None
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not 0 <= exp <= MAX_JWT_EXP:
+        raise ValueError(f"exp is not a time (seconds 0..{MAX_JWT_EXP})")  # NaN fails every comparison
+    return int(exp)
 
 
 def _roles(value):
@@ -39,11 +49,11 @@ cdef class User:
 
     @staticmethod
     def from_claims(dict claims):
-        """Build a user from decoded JWT claims: short names or the long .NET claim URIs."""
+        """Build a user from decoded JWT claims: short names or the long .NET claim URIs. ValueError when its
+        exp is present but no time (not a number from 0 to MAX_JWT_EXP)."""
         user_id = _first(claims, ID_CLAIMS)
         email = _first(claims, EMAIL_CLAIMS)
-        exp = claims.get("exp")
-        expires_at = int(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+        expires_at = _expires_at(claims.get("exp"))
         return User("" if user_id is None else str(user_id), "" if email is None else str(email),
                     _roles(_first(claims, ROLE_CLAIMS)), expires_at)
 

@@ -44,7 +44,13 @@ class FaultSpec(BaseModel):
     count: int | None = Field(default=1, ge=1, description="null: until cleared")
     status: int | None = Field(default=None, ge=100, le=599)
     delay: float = Field(default=0.0, ge=0)
-    garbage: str | None = Field(default=None, description="html, truncated_json, not_jwt, empty, random")
+    garbage: str | None = Field(
+        default=None,
+        description="html, truncated_json, not_jwt, empty, random, deep_json, huge, jwt_exp_inf, jwt_exp_nan",
+    )
+    trickle: float | None = Field(
+        default=None, gt=0, description="bytes a second of the body (see devstack.faults)"
+    )
 
 
 @admin_router.get("/health")

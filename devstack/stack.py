@@ -232,5 +232,11 @@ class Stack:
         """See AdminClient.set_fault (status, delay, garbage, count)."""
         self.admin.set_fault(route, **fault)
 
+    def set_trickle(self, route: str, rate: float, **fault) -> None:
+        """A fault (see set_fault: status, delay, garbage, count) whose answer's body, the real handler's or
+        the fault's, is sent ``rate`` bytes a second (devstack.faults)."""
+        body = {"route": route, "status": None, "delay": 0.0, "garbage": None, "count": 1, **fault}
+        self.admin._call("POST", "/faults", json={**body, "trickle": rate})
+
     def clear_faults(self) -> None:
         self.admin.clear_faults()

@@ -59,6 +59,22 @@ def test_user_without_claims_is_empty_not_an_error():
     assert (u.id, u.email, u.roles, u.role) == ("", "", (), "")
 
 
+@pytest.mark.parametrize("exp", [0, 1900000000, 1900000000.7, constants.MAX_JWT_EXP])
+def test_user_exp_in_range_is_whole_seconds(exp):
+    assert User.from_claims({"exp": exp}).expires_at == int(exp)
+
+
+@pytest.mark.parametrize(
+    "exp",
+    [float("inf"), float("-inf"), float("nan"), -1, constants.MAX_JWT_EXP + 1, 10**400, True, "1900000000"],
+    ids=["inf", "-inf", "nan", "-1", "max+1", "10**400", "True", "text"],
+)
+def test_user_exp_that_is_no_time_is_refused(exp):
+    """An exp of 1e999 (inf) was an OverflowError, NaN a ValueError from int(), a string silently ignored."""
+    with pytest.raises(ValueError, match="exp is not a time"):
+        User.from_claims({"nameid": "1", "exp": exp})
+
+
 def test_unlock_states_are_the_contracts_seven():
     assert unlock_state.STATES == (
         "idle",

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
+from constants import MAX_RESOURCE_BYTES
 from errors import IntegrityError, UpstreamError
-from manifest import Manifest, ManifestError, SealedParts, blob_size, small_size
+from manifest import Manifest, ManifestError, SealedParts, blob_size, json_nests_deeper, small_size
 
 KEY = bytes(range(32))
 
@@ -78,7 +79,21 @@ def _broken(change):
         (_broken(lambda d: d.update(key="not base64!")), "key is not the Base64 of 32 bytes"),
         (_broken(lambda d: d.update(key=base64.b64encode(b"short").decode())), "key is not the Base64"),
         (_broken(lambda d: d.update(size=d["size"] + 16)), "blobSize does not fit size"),
-        (_broken(lambda d: d.update(size=-1)), "whole numbers"),
+        (_broken(lambda d: d.update(size=-1)), r"size must be 0\.\.1099511627776"),
+        (_broken(lambda d: d.update(size=2**64)), r"size must be 0\.\."),  # was an OverflowError: a 500
+        (_broken(lambda d: d.update(size=2**63 - 1)), r"size must be 0\.\."),  # was a negative byte count
+        (_broken(lambda d: d.update(size=MAX_RESOURCE_BYTES + 1)), r"size must be 0\.\."),
+        (_broken(lambda d: d.update(size=True)), "whole numbers"),
+        (_broken(lambda d: d.update(size=1.0)), "whole numbers"),
+        (_broken(lambda d: d.update(blobSize=2**64)), r"blobSize must be 0\.\."),
+        (_broken(lambda d: d.update(blobSize=-1)), r"blobSize must be 0\.\."),
+        (_broken(lambda d: d.update(blobSize=True)), "whole numbers"),
+        (_broken(lambda d: d.update(blockSize=2**64)), "blockSize must be"),
+        (_broken(lambda d: d.update(blockSize=-(2**63))), "blockSize must be"),
+        (_broken(lambda d: d.update(blockSize=True)), "whole numbers"),
+        (b'{"format": 2, "key": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON nested deeper than 32"),
+        (b"[" * 33 + b"]" * 33, "JSON nested deeper than 32"),
+        (b"[" * 32 + b"]" * 32, "not a JSON object"),  # 32 deep is JSON like any other
         (_broken(lambda d: d.update(blockSize=0)), "blockSize must be"),
         (_broken(lambda d: d.update(blockSize=10**9)), "blockSize must be"),
         (_broken(lambda d: d.update(small="zz" * 32)), "hex SHA-256"),
@@ -95,3 +110,29 @@ def test_a_broken_manifest_is_a_clear_upstream_error(raw, reason):
     assert isinstance(caught.value, UpstreamError)  # a 502, never a 500
     assert caught.value.detail.startswith("the manifest of models/m.bin is not valid: ")
     assert base64.b64encode(KEY).decode() not in caught.value.detail  # the key is never echoed
+
+
+def test_a_manifest_at_the_largest_size_parses():
+    """MAX_RESOURCE_BYTES itself is a size (the manifest's block list then is long, but in range)."""
+    doc, *_ = sealed()
+    blob = blob_size(MAX_RESOURCE_BYTES)
+    block = 64 * 1024 * 1024
+    big = blob - small_size(blob)
+    doc.update(size=MAX_RESOURCE_BYTES, blobSize=blob, blockSize=block, blocks=["00" * 32] * -(-big // block))
+    m = Manifest.parse(json.dumps(doc).encode(), "models/m.bin")
+    assert (m.size, m.blob_size) == (MAX_RESOURCE_BYTES, blob)
+
+
+@pytest.mark.parametrize(
+    ("text", "deeper"),
+    [
+        (b"[" * 32 + b"]" * 32, False),
+        (b"[" * 33 + b"]" * 33, True),
+        (b'{"a": "' + b"[" * 100 + b'"}', False),  # inside a string: no nesting
+        (rb'{"a": "\\", ' + b"[" * 40 + b"]" * 40 + b"}", True),  # an escaped backslash, then the string ends
+        (rb'{"a": "\"' + b"[" * 40 + b'"}', False),  # an escaped quote ends no string
+        (b"[]" * 10_000, False),  # side by side is not nested
+    ],
+)
+def test_json_nesting_is_counted_outside_strings(text, deeper):
+    assert json_nests_deeper(text) is deeper

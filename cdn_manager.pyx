@@ -10,26 +10,49 @@ One retry policy (constants CDN_*): botocore's standard mode retries a request t
 mid-stream, which botocore does not retry, is resumed a bounded number of times with backoff. Nothing
 retries on top of botocore. botocore's and boto3's exceptions never leave this module: each becomes the
 ``errors`` hierarchy, its cause kept and logged at DEBUG with the operation.
+
+Liveness (contract section 11), like curl's ``--speed-limit``/``--speed-time``: botocore's read timeout
+bounds each socket read, so a body that sends a byte every few seconds would never time out. A body that
+brings in less than ``speed_limit`` bytes a second over ``speed_time`` seconds is dropped and resumed like
+one that broke off; once the resumes are spent the transfer is an UpstreamTimeout (504). The GET and HEAD
+before a body are bounded by botocore's read timeout (a silent server); a server that trickles the
+response *head* is not caught (that would need a deadline inside botocore's request: a known limit).
+Every value the CDN answers is range-checked (ObjectInfo), and so is cdn.yaml (CdnConfig.from_yaml).
+
+Threads and locks: a fill runs on its caller's thread. One watchdog thread for the process
+(``cdn-watchdog``, a daemon started with the first transfer) keeps a heap of the transfers' window ends;
+at each it judges the window (what the connection brought in, from the kernel) and, for a transfer too
+slow, shuts its socket down (a blocked ``readinto`` cannot be cancelled otherwise) so that the read
+returns. The watchdog's lock guards the heap and each transfer's window, pause and end; the reading
+thread alone writes a transfer's count of bytes read (no lock). Nothing is called under that lock but the
+socket's getsockopt and shutdown and the caller's ``stop`` (which must take no lock of its own), so it
+comes last in any lock order.
 """
 
+import heapq
 import http.client
+import itertools
 import logging
 import os
 import random
+import re
+import socket
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import boto3
 import yaml
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
 from botocore.response import StreamingBody
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from constants import CDN_ATTEMPTS, CDN_RESUME_BACKOFF, CDN_RESUMES, CHUNK_SIZE
-from errors import IntegrityError, NotFound, StorageError, UpstreamError, storage_error
+from constants import CDN_ATTEMPTS, CDN_RESUME_BACKOFF, CDN_RESUMES, CHUNK_SIZE, MAX_RESOURCE_BYTES
+from errors import IntegrityError, NotFound, StorageError, UpstreamError, UpstreamTimeout, storage_error
 
 log = logging.getLogger("loader.cdn")
 
@@ -38,6 +61,24 @@ STREAM_ERRORS = (BotoCoreError, Urllib3Error, http.client.HTTPException, OSError
 # Uploads: parts of this size, this many in flight (in memory) at once.
 UPLOAD_PART = 16 * 1024 * 1024
 UPLOAD_CONCURRENCY = 4
+# The progress rule (main.py's CDN_SPEED_LIMIT and CDN_SPEED_TIME): a transfer that brings in less than
+# SPEED_LIMIT bytes a second over SPEED_TIME seconds is dropped and resumed; 0 turns the rule off.
+SPEED_LIMIT = 16 * 1024
+SPEED_TIME = 30.0
+# A transfer's progress is what the kernel has received on its TCP connection (Linux's TCP_INFO,
+# tcpi_bytes_received, at this offset), read by the watchdog at the end of each window: so the reads stay
+# whole buffers. Where that is not to be had (a body that is no socket's), the body is read in pieces of
+# at most an eighth of a window's bytes (and MAX_PIECE), whose bytes count once each is in: reading a
+# socket so cost twice the CPU of whole 4 MiB reads (0.2 s more per GiB).
+TCP_BYTES_RECEIVED = 128
+MAX_PIECE = 256 * 1024
+PIECES_PER_WINDOW = 8
+# Values in the CDN's answers: an ETag is sent back in If-Match, so it is printable ASCII, and short.
+MAX_ETAG = 1024
+# cdn.yaml: a region is a name as botocore takes it; keys and secrets are printable and short.
+REGION_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+MAX_HOST = 2048
+MAX_KEY = 1024
 
 
 _session = None
@@ -88,10 +129,19 @@ class CdnConfig:
         missing = [k for k in cls.REQUIRED if not data.get(k)]
         if missing:
             raise UpstreamError(f"cdn.yaml lacks {', '.join(missing)}")
-        return cls(str(data["host"]),
+        # Each value is checked before use; a message names the field, never its value (it may be a secret).
+        if not _is_http_url(data["host"]):
+            raise UpstreamError("cdn.yaml is not valid: host must be an http(s) URL")
+        region = data.get("region") or "us-east-1"
+        if not isinstance(region, str) or not REGION_PATTERN.fullmatch(region):
+            raise UpstreamError("cdn.yaml is not valid: region must be a region name (letters, digits, -)")
+        for name in cls.REQUIRED[1:]:
+            if not _is_key(data[name]):
+                raise UpstreamError(f"cdn.yaml is not valid: {name} must be a short printable text")
+        return cls(data["host"],
                    (str(data["downloader_access_key"]), str(data["downloader_access_secret"])),
                    (str(data["uploader_access_key"]), str(data["uploader_access_secret"])),
-                   str(data.get("region") or "us-east-1"))
+                   region)
 
     def client(self, identity, *, connect_timeout=5, read_timeout=30, pool=16):
         key, secret = self.downloader if identity == "downloader" else self.uploader
@@ -109,8 +159,15 @@ class CdnConfig:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_supported",
         )
-        return _s3_client(endpoint_url=self.host, aws_access_key_id=key, aws_secret_access_key=secret,
-                          region_name=self.region, config=config)
+        try:
+            return _s3_client(endpoint_url=self.host, aws_access_key_id=key, aws_secret_access_key=secret,
+                              region_name=self.region, config=config)
+        except (ValueError, BotoCoreError) as exc:
+            # botocore refuses an endpoint or region it cannot use (a ValueError, or InvalidRegionError). Its
+            # message may quote what it was given: only the type is logged, and it is not kept as the cause.
+            log.debug("building the CDN client failed (%s)", type(exc).__name__)
+            raise UpstreamError(f"cdn.yaml is not valid: the CDN client could not be built "
+                                f"({type(exc).__name__})") from None
 
     def __repr__(self):
         return f"CdnConfig(host={self.host!r}, region={self.region!r})"
@@ -118,6 +175,13 @@ class CdnConfig:
 
 def _error_code(exc):
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _unreachable(exc):
+    """The error for a request botocore gave up on: no answer in time (a 504), or none at all."""
+    if isinstance(exc, ReadTimeoutError):
+        return UpstreamTimeout(f"the CDN did not answer in time ({type(exc).__name__})")
+    return UpstreamError(f"the CDN is unreachable ({type(exc).__name__})")
 
 
 def _map_client_error(exc, what):
@@ -130,39 +194,106 @@ def _map_client_error(exc, what):
     return UpstreamError(f"the CDN answered {status or code} for {what}")
 
 
+def _is_http_url(host):
+    """Whether ``host`` is an http or https URL with a host name (and nothing a client would not send: no
+    user or password, query, fragment, space or control character)."""
+    if not isinstance(host, str) or not 0 < len(host) <= MAX_HOST or not host.isascii() or \
+            not host.isprintable() or " " in host:
+        return False
+    try:
+        parts = urlsplit(host)
+        parts.port  # a port that is no number, or out of range, is a ValueError here
+    except ValueError:  # "http://[::1", say
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and parts.username is None
+            and parts.password is None and not parts.query and not parts.fragment)
+
+
+def _is_key(value):
+    """Whether a key or secret of cdn.yaml is usable: a scalar YAML gave (text, or digits read as a number)
+    whose text is printable ASCII without spaces, and short."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return False
+    text = str(value)
+    return 0 < len(text) <= MAX_KEY and text.isascii() and text.isprintable() and " " not in text
+
+
+def _shown(value, int limit=40):
+    """A value from an answer, for a message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class ObjectInfo:
-    def __init__(self, size, etag):
-        self.size = int(size)
+    """An object's size and ETag as the CDN answered them (a HEAD, an upload): a size out of 0 ..
+    MAX_RESOURCE_BYTES, or anything but an int, is refused before any arithmetic is done with it (a HEAD
+    that announced 10**20 bytes was a MemoryError, a 500), and so is an ETag that is not short printable
+    text. ``what`` names the object in the UpstreamError."""
+
+    def __init__(self, size, etag, what="the object"):
+        if type(size) is not int or not 0 <= size <= MAX_RESOURCE_BYTES:
+            raise UpstreamError(f"the CDN's answer for {what} is not valid: a size of {_shown(size)} bytes")
+        if not isinstance(etag, str) or not 0 < len(etag) <= MAX_ETAG or not etag.isascii() or \
+                not etag.isprintable():
+            raise UpstreamError(f"the CDN's answer for {what} is not valid: an ETag of {_shown(etag)}")
+        self.size = size
         self.etag = etag
 
 
 class CdnManager:
-    """S3 operations with the downloader and uploader clients (injected, or built from a CdnConfig)."""
+    """S3 operations with the downloader and uploader clients (injected, or built from a CdnConfig).
+
+    ``speed_limit`` (bytes a second; 0: off) and ``speed_time`` (seconds) are the progress rule of
+    ``fill``; ``resumes`` and ``resume_backoff`` how a transfer that broke off is resumed."""
 
     def __init__(self, config=None, *, download_client=None, upload_client=None, chunk_size=CHUNK_SIZE,
-                 part_size=UPLOAD_PART, resumes=CDN_RESUMES, resume_backoff=CDN_RESUME_BACKOFF):
+                 part_size=UPLOAD_PART, resumes=CDN_RESUMES, resume_backoff=CDN_RESUME_BACKOFF,
+                 speed_limit=SPEED_LIMIT, speed_time=SPEED_TIME):
         if download_client is None or upload_client is None:
             if config is None:
                 raise ValueError("a CdnConfig or both clients are required")
+        if speed_limit < 0 or (speed_limit and not speed_time > 0):
+            raise ValueError("speed_limit must be 0 (off) or more, with a speed_time above 0")
         self._download = download_client or config.client("downloader")
         self._upload = upload_client or config.client("uploader")
         self.chunk_size = chunk_size
         self.part_size = part_size
         self.resumes = resumes
         self.resume_backoff = resume_backoff
+        self.speed_limit = int(speed_limit)
+        self.speed_time = float(speed_time)
 
     def head(self, bucket, key):
+        what = f"{bucket}/{key}"
         try:
             r = self._download.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            log.debug("HEAD %s/%s failed", bucket, key, exc_info=True)
+            log.debug("HEAD %s failed", what, exc_info=True)
+            raise _map_client_error(exc, what) from exc
+        except BotoCoreError as exc:
+            log.debug("HEAD %s failed", what, exc_info=True)
+            raise _unreachable(exc) from exc
+        except ValueError as exc:  # botocore could not parse a header of the answer (a size that is no number)
+            log.debug("HEAD %s failed", what, exc_info=True)
+            raise UpstreamError(f"the CDN's answer for {what} is not valid: {type(exc).__name__}") from exc
+        return ObjectInfo(r.get("ContentLength"), r.get("ETag"), what)
+
+    def _get(self, bucket, key, etag, long long first, long long end):
+        """A ranged GET of bytes ``first``..``end`` pinned to ``etag``. botocore has retried a request that
+        failed (CDN_ATTEMPTS in all): a failure here is final."""
+        try:
+            return self._download.get_object(Bucket=bucket, Key=key, IfMatch=etag, Range=f"bytes={first}-{end - 1}")
+        except ClientError as exc:
+            log.debug("GET %s/%s at %d failed", bucket, key, first, exc_info=True)
             raise _map_client_error(exc, f"{bucket}/{key}") from exc
         except BotoCoreError as exc:
-            log.debug("HEAD %s/%s failed", bucket, key, exc_info=True)
-            raise UpstreamError(f"the CDN is unreachable ({type(exc).__name__})") from exc
-        return ObjectInfo(r["ContentLength"], r["ETag"])
+            log.debug("GET %s/%s at %d failed", bucket, key, first, exc_info=True)
+            raise _unreachable(exc) from exc
+        except ValueError as exc:
+            log.debug("GET %s/%s at %d failed", bucket, key, first, exc_info=True)
+            raise UpstreamError(f"the CDN's answer for {bucket}/{key} is not valid: {type(exc).__name__}") from exc
 
-    def fill(self, bucket, key, info, buf, start=0, end=None):
+    def fill(self, bucket, key, info, buf, start=0, end=None, stop=None):
         """Read bytes ``start``..``end`` of the object into ``buf``, one buffer at a time: each step yields
         how many bytes ``buf`` holds (all of it, but at the end), to be used before the next step. A caller
         that ``send``s a buffer (of the same size) has the next step read into that one instead.
@@ -172,63 +303,100 @@ class CdnManager:
         from the first byte missing, pinned to ``info.etag``, so a resumed download can never splice two
         versions of an object; at most ``resumes`` times, the n-th after a random wait of up to
         ``resume_backoff * 2 ** (n - 1)`` seconds.
+
+        The progress rule: a body that brings in less than ``speed_limit`` bytes a second over a window of
+        ``speed_time`` seconds is dropped (the watchdog shuts its socket down) and resumed the same way;
+        when the last resume was dropped so, the transfer is an UpstreamTimeout. A trickle is so dropped
+        within two windows of its start. The time the caller holds a step (between a yield and the next
+        step) is no part of any window, nor are the bytes the connection brought in meanwhile. Progress
+        is what the kernel received on the connection (TCP_INFO), so a link at the limit or faster is
+        never dropped, and the reads stay whole buffers. A body whose connection cannot be asked so (a test
+        double that is no socket) is read in pieces of an eighth of a window's bytes and judged at their
+        ends: a link at the limit is still never dropped, one below 7/8 of it always is.
+
+        ``stop``, when given, is asked (a callable, taking no lock) at the end of each piece, at each
+        window's end and before each resume: once true, the transfer gives up with an UpstreamError (the
+        caller's download has failed).
         """
         end = info.size if end is None else end
+        what = f"{bucket}/{key}"
         cdef long long pos = start  # the object offset of buf[0]
         cdef Py_ssize_t n = 0  # bytes in buf, not yet handed out
-        cdef Py_ssize_t want, got
+        cdef Py_ssize_t want, got, step
+        cdef Py_ssize_t piece = len(buf)
         cdef int resumes = 0
         while pos + n < end:
-            try:
-                # botocore has retried a request that failed (CDN_ATTEMPTS in all): a failure here is final.
-                r = self._download.get_object(Bucket=bucket, Key=key, IfMatch=info.etag,
-                                              Range=f"bytes={pos + n}-{end - 1}")
-            except ClientError as exc:
-                log.debug("GET %s/%s at %d failed", bucket, key, pos + n, exc_info=True)
-                raise _map_client_error(exc, f"{bucket}/{key}") from exc
-            except BotoCoreError as exc:
-                log.debug("GET %s/%s at %d failed", bucket, key, pos + n, exc_info=True)
-                raise UpstreamError(f"the CDN is unreachable ({type(exc).__name__})") from exc
+            r = self._get(bucket, key, info.etag, pos + n, end)
             body = r["Body"]
             asked = end - pos - n
             cut = broke = None  # why the body broke off, when it did
+            transfer = None
             try:
                 if r.get("ContentLength", asked) != asked:
                     raise IntegrityError(f"the CDN answered a ranged GET of {bucket}/{key} with "
                                          f"{r.get('ContentLength')} bytes instead of {asked}")
                 sock = _socket_reader(body)
+                if self.speed_limit:
+                    transfer = _Transfer(self.speed_limit, self.speed_time, _socket_of(body), stop)
+                    piece = transfer.piece or len(buf)
+                    watchdog.watch(transfer)
                 while pos + n < end:
                     want = min(len(buf), end - pos)
+                    step = min(want, n + piece)
                     if sock is not None:
-                        got = sock.readinto(buf[n:want])
+                        got = sock.readinto(buf[n:step])
                     else:
-                        data = body.read(want - n)
+                        data = body.read(step - n)
                         got = len(data)
                         buf[n:n + got] = data
-                    if not got:
-                        break
                     n += got
+                    if transfer is not None:
+                        transfer.got += got
                     if n == want:
+                        if transfer is not None:
+                            watchdog.pause(transfer)
                         other = yield n
+                        if transfer is not None:
+                            watchdog.resume(transfer)
                         if other is not None:  # the caller goes on in another buffer of the same size
                             buf = other
                         pos += n
                         n = 0
+                    elif not got:
+                        break
+                    if transfer is not None and transfer.dropped:
+                        break
+                    if stop is not None and stop():
+                        raise UpstreamError(f"the CDN transfer of {what} was stopped")
+                if transfer is not None:
+                    watchdog.end(transfer)  # before the read below, which may hand the connection back
                 if pos + n < end:
                     cut = "it ended early"
+                elif transfer is not None and transfer.dropped:
+                    pass  # all in, as its socket was shut down: it is closed below, never reused
                 elif (body if sock is None else body._raw_stream).read(1):  # also frees the connection
                     raise IntegrityError(f"the CDN sent more bytes than asked of {bucket}/{key}")
             except STREAM_ERRORS as exc:
-                log.debug("GET %s/%s broke off at %d", bucket, key, pos + n, exc_info=True)
+                log.debug("GET %s broke off at %d", what, pos + n, exc_info=True)
                 cut, broke = type(exc).__name__, exc
             finally:
+                if transfer is not None:
+                    watchdog.end(transfer)
                 body.close()
             if pos + n < end:
+                if stop is not None and stop():
+                    raise UpstreamError(f"the CDN transfer of {what} was stopped") from broke
+                slow = transfer is not None and transfer.dropped
                 resumes += 1
                 if resumes > self.resumes:
-                    raise UpstreamError(f"the CDN transfer of {bucket}/{key} kept breaking off") from broke
-                log.warning("GET %s/%s broke off at %d of %d (%s): resuming (%d of %d)", bucket, key, pos + n,
-                            end, cut, resumes, self.resumes)
+                    if slow:
+                        raise UpstreamTimeout(f"the CDN transfer of {what} made less than {self.speed_limit} "
+                                              f"bytes/s for {self.speed_time:g} s") from broke
+                    raise UpstreamError(f"the CDN transfer of {what} kept breaking off") from broke
+                if slow:
+                    cut = f"less than {self.speed_limit} bytes/s for {self.speed_time:g} s"
+                log.warning("GET %s broke off at %d of %d (%s): resuming (%d of %d)", what, pos + n, end, cut,
+                            resumes, self.resumes)
                 time.sleep(random.random() * self.resume_backoff * 2 ** (resumes - 1))
 
     def part_upload(self, bucket, key, path):
@@ -397,3 +565,155 @@ def _socket_reader(body):
         return None
     fp = getattr(getattr(body, "_raw_stream", None), "_fp", None)
     return fp if isinstance(fp, http.client.HTTPResponse) else None
+
+
+def _socket_of(body):
+    """The socket under a botocore body (plain, or one that validates a checksum), for the watchdog to shut
+    down; None for a body that is no socket's (test doubles: judged at the ends of their pieces only)."""
+    fp = getattr(getattr(body, "_raw_stream", None), "_fp", None)
+    if not isinstance(fp, http.client.HTTPResponse):
+        return None
+    sock = getattr(getattr(getattr(fp, "fp", None), "raw", None), "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _tcp_received(sock):
+    """How many bytes the kernel has received on ``sock``'s TCP connection (read or not); None where it
+    does not tell (not Linux, a kernel before 4.1)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_BYTES_RECEIVED + 8)
+    return struct.unpack_from("=Q", info, TCP_BYTES_RECEIVED)[0] if len(info) >= TCP_BYTES_RECEIVED + 8 else None
+
+
+class _Transfer:
+    """One GET's body under the progress rule. A window is ``seconds`` long, and what the connection brings
+    in during it must come to ``quota`` bytes. What it brought in is the kernel's count (``kernel``), or the
+    bytes read (``got``, written by the reading thread alone) less a piece, since those count once their
+    piece is in. The window, the pause, ``dropped`` and ``ended`` change under the watchdog's lock."""
+
+    def __init__(self, limit, seconds, sock, stop):
+        self.sock = sock
+        self.kernel = False
+        if sock is not None and hasattr(socket, "TCP_INFO"):
+            try:
+                self.kernel = _tcp_received(sock) is not None
+            except OSError:
+                pass
+        want = int(limit * seconds)
+        self.piece = None if self.kernel else max(1, min(MAX_PIECE, want // PIECES_PER_WINDOW))
+        self.quota = want if self.kernel else want - self.piece
+        self.seconds = seconds
+        self.stop = stop
+        self.got = 0
+        self.mark = self.received()  # what it had brought in when the window began
+        self.excluded = 0  # brought in while paused, in this window
+        self.deadline = time.monotonic() + seconds  # when the window ends
+        self.paused_at = None  # while the caller holds a step: since when
+        self.paused_mark = 0  # and what it had brought in then
+        self.parked = False  # out of the heap while paused: resume puts it back
+        self.dropped = False
+        self.ended = False
+
+    def received(self):
+        """What the connection has brought in so far (only while the transfer has not ended)."""
+        if self.kernel:
+            try:
+                return _tcp_received(self.sock)
+            except OSError:  # the connection is gone: the read that follows tells
+                return self.mark + self.excluded
+        return self.got
+
+    def judge(self, now):
+        """The watchdog, under its lock, at the end of the window (or later): drop the transfer, or open the
+        next window. The next time to judge it, or None."""
+        if self.ended or self.dropped:
+            return None
+        if self.paused_at is not None:
+            self.parked = True
+            return None
+        if self.deadline > now:  # moved on by a pause
+            return self.deadline
+        received = self.received()
+        if received - self.mark - self.excluded < self.quota or (self.stop is not None and self.stop()):
+            self.dropped = True
+            try:
+                # socket.socket's own shutdown, also for an SSLSocket (whose shutdown would drop its TLS
+                # state under the reading thread): the blocked read returns, and nothing else is touched.
+                if self.sock is not None:
+                    socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed already
+            return None
+        self.mark, self.excluded = received, 0
+        self.deadline = now + self.seconds
+        return self.deadline
+
+
+class _Watchdog:
+    """The one thread that ends the windows of every transfer: a heap of (deadline, n, transfer), each
+    transfer in it at most once."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._heap = []
+        self._order = itertools.count()
+        self._thread = None
+
+    def _push(self, transfer, deadline):
+        heapq.heappush(self._heap, (deadline, next(self._order), transfer))
+        if self._heap[0][2] is transfer:
+            self._cond.notify()
+
+    def watch(self, transfer):
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="cdn-watchdog")
+                self._thread.start()
+            self._push(transfer, transfer.deadline)
+
+    def pause(self, transfer):
+        """The caller holds a step: this time, and what the connection brings in meanwhile, are no part of
+        the window."""
+        with self._cond:
+            transfer.paused_at = time.monotonic()
+            transfer.paused_mark = transfer.received()
+
+    def resume(self, transfer):
+        with self._cond:
+            if transfer.paused_at is None:
+                return
+            transfer.deadline += time.monotonic() - transfer.paused_at
+            transfer.excluded += transfer.received() - transfer.paused_mark
+            transfer.paused_at = None
+            if transfer.parked and not (transfer.ended or transfer.dropped):
+                transfer.parked = False
+                self._push(transfer, transfer.deadline)
+
+    def end(self, transfer):
+        """The body is done with (read, broken off or dropped): never judged again, its socket never touched
+        again (it may go back to the pool and serve another request)."""
+        with self._cond:
+            transfer.ended = True
+            transfer.sock = None
+
+    def _run(self):
+        with self._cond:
+            while True:
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                now = time.monotonic()
+                deadline, _, transfer = self._heap[0]
+                if deadline > now:
+                    self._cond.wait(deadline - now)
+                    continue
+                heapq.heappop(self._heap)
+                try:
+                    later = transfer.judge(now)
+                except Exception:  # noqa: BLE001 - a caller's stop() that fails must not end the watchdog
+                    log.exception("judging a CDN transfer failed")
+                    later = None
+                if later is not None:
+                    self._push(transfer, later)
+
+
+watchdog = _Watchdog()

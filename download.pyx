@@ -16,6 +16,19 @@ is accounted for is committed to the cache.
 
 ``abandon`` (the cache discarded the part while it downloaded) lets the download finish for its readers
 but never commit.
+
+The first failure (a fetcher's transfer that gave up, UpstreamTimeout for a CDN that trickles; a block
+that does not match; a disk error) ends the download at once: it is FAILED, its .part file gone and its
+readers told, while a fetcher still inside a transfer is asked to give up (``stop`` of cdn.fill: at its
+next read, or within the CDN's speed_time when it is stuck) and only then joined; the buffer it holds (one
+block, outside the hand-over budget given back at the failure) goes with it. So every wait of a load
+(``wait_tail``, ``block``) and of a fetcher (``_pace``) ends with the failure, and a later load, which never
+joins a download that is done, starts a fresh one.
+
+Threads: the download's own (``run``), FETCHERS fetchers, and the loads that follow it. ``cond`` guards the
+state, the progress, the hand-over and the count of fetchers still running; the loads' and the
+fetchers' waits are on it. Lock order: a cache's lock, then ``cond``, then the handoff budget's lock;
+cdn.fill takes no lock of ours (its ``stop`` reads ``_stop`` without one).
 """
 
 import errno
@@ -130,6 +143,7 @@ class Download:
         self.written = 0
         self.error = None  # what readers see: set only once the .part file is gone
         self._stop = None  # the first failure: stops the fetchers, fails the download
+        self._fetching = 0  # fetchers still running
         self._readers = 0  # loads streaming this download right now
         self._abandoned = False
         self._direct = -1  # the .part file, O_DIRECT where allowed: the fetchers' writes and the hash
@@ -184,15 +198,18 @@ class Download:
         """Fetch the segments on a few threads, account for every block, then commit to the cache; a
         failure is recorded for the readers, never raised."""
         direct = self._direct if self._direct >= 0 else fd
-        workers = [threading.Thread(target=self._fetch, args=(fd, cdn), daemon=True,
+        workers = [threading.Thread(target=self._fetcher, args=(fd, cdn), daemon=True,
                                     name=f"cdn-{self.bucket}/{self.key}-{n}")
                    for n in range(min(FETCHERS, len(self._segments)))]
         try:
             for w in workers:
+                with self.cond:
+                    self._fetching += 1
                 w.start()
-            for w in workers:
-                w.join()
             with self.cond:
+                # The first failure fails the download now (below), not once every fetcher has ended: one
+                # may be inside a transfer that has yet to give up.
+                self.cond.wait_for(lambda: not self._fetching or self._stop is not None)
                 if self._stop is not None:
                     raise self._stop
                 self.state = VERIFYING
@@ -220,8 +237,10 @@ class Download:
             log.exception("download of %s/%s failed", self.bucket, self.key)
             self._fail(UpstreamError(f"the CDN download failed ({type(exc).__name__})"))
         finally:
+            # The descriptors close only once no fetcher can write through them any more.
             for w in workers:
-                w.join()
+                if w.ident is not None:
+                    w.join()
             for d in (fd, self._direct):
                 if d >= 0:
                     os.close(d)
@@ -261,6 +280,20 @@ class Download:
         """Stop the download for good: its bytes are not what they must be."""
         self._record(exc)
 
+    def _fetcher(self, fd, cdn):
+        """A fetcher's thread: ``_fetch``, then one fetcher less (run waits for none left, or a failure)."""
+        try:
+            self._fetch(fd, cdn)
+        finally:
+            with self.cond:
+                self._fetching -= 1
+                self.cond.notify_all()
+
+    def _stopped(self):
+        """For the fetchers' transfers (cdn.fill's ``stop``): the download has failed, give up. Reads
+        ``_stop`` without the lock: a transfer asks it from the CDN's watchdog too, under that one's lock."""
+        return self._stop is not None
+
     def _fetch(self, fd, cdn):
         """One fetcher: takes the next segment, reads it into its buffer and writes it into place, until
         none is left or one fails. A buffer of a whole block, once written, may be handed over to the loads
@@ -281,7 +314,7 @@ class Download:
             if whole and start < tail:  # the tail goes first, whatever the loads ask for
                 self._pace(start // bs)
             try:
-                fill = cdn.fill(self.bucket, self.key, self.info, buf, start, end)
+                fill = cdn.fill(self.bucket, self.key, self.info, buf, start, end, stop=self._stopped)
                 n = next(fill, None)
                 while n is not None:
                     self._write(fd, buf[:n], pos)

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     api_timeout: float = 30.0  # one attempt's connect and read timeout (each read of the answer)
     api_deadline: float = 60.0  # a whole Resource API call, retries included: past it, 504
+    cdn_speed_limit: int = 16 * 1024  # a CDN transfer slower than this many bytes a second ...
+    cdn_speed_time: float = 30.0  # ... for this many seconds is dropped and resumed, at last 504
     max_upload_bytes: int = 20 * 1024**3
     max_json_bytes: int = 64 * 1024
     require_manifest: bool = False
@@ -114,6 +116,10 @@ class Services:
                 deadline=s.api_deadline,
             )
 
+        def cdn(text):
+            config = cdn_manager.CdnConfig.from_yaml(text)
+            return cdn_manager.CdnManager(config, speed_limit=s.cdn_speed_limit, speed_time=s.cdn_speed_time)
+
         api = resource_api()
         cache = model_cache.BigPartCache(s.model_cache_dir)
         unlock_status = unlock_state.UnlockStatus()
@@ -121,7 +127,7 @@ class Services:
             api=api,
             cache=cache,
             store=binary_split.ModelStore(
-                api, cache, max_upload=s.max_upload_bytes, require_manifest=s.require_manifest
+                api, cache, cdn, max_upload=s.max_upload_bytes, require_manifest=s.require_manifest
             ),
             unlock_status=unlock_status,
             # Unlock signs in with a session of its own: an unlock with other credentials never turns the

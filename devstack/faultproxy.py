@@ -13,6 +13,8 @@ Faults apply to the next ``n`` requests that match a method and a shell pattern 
     proxy.fail_next(503, n=2)             # answered by the proxy, never reaching upstream
     proxy.delay_next(5.0)                 # upstream answers, 5 s late
     proxy.stall_next(1 << 20, 30.0)       # the body stops for 30 s after 1 MiB (read timeouts)
+    proxy.trickle_next(1024, 1 << 20)     # after 1 MiB the body comes at 1 KiB/s (no read timeout fires)
+    proxy.header_next("Content-Length", str(10**20), method="HEAD")  # the answer lies in a header
     proxy.drop_next()                     # connection closed before any answer
 
 Standard library only: the proxy must not share a failure mode with the clients it is testing.
@@ -48,7 +50,7 @@ class _Closed(Exception):
 
 @dataclass
 class Fault:
-    kind: str  # status | cut | truncate | delay | stall | drop
+    kind: str  # status | cut | truncate | delay | stall | trickle | header | drop
     method: str | None
     path: str
     remaining: int | None
@@ -58,6 +60,8 @@ class Fault:
     reset: bool = False
     body: bytes | None = None
     starts: range | None = None  # only ranged requests whose first byte is in this range
+    rate: int = 0  # trickle: bytes a second
+    header: tuple[str, str] | None = None  # header: (name, value)
 
     def matches(self, method: str, path: str, headers: dict[str, str]) -> bool:
         return (
@@ -181,6 +185,7 @@ class FaultProxy:
         self._counts: Counter[tuple[str, str]] = Counter()
         self._seen: list[Seen] = []
         self._stalls = 0
+        self._trickles = 0
         self._server: socketserver.ThreadingTCPServer | None = None
         self._live: set[socket.socket] = set()
 
@@ -252,11 +257,17 @@ class FaultProxy:
         with self._lock:
             return self._stalls
 
+    def trickles(self) -> int:
+        """How many exchanges have begun to trickle."""
+        with self._lock:
+            return self._trickles
+
     def reset_counts(self) -> None:
         with self._lock:
             self._counts.clear()
             self._seen.clear()
             self._stalls = 0
+            self._trickles = 0
 
     # --- faults ---------------------------------------------------------------------------------
 
@@ -312,6 +323,40 @@ class FaultProxy:
     ) -> None:
         """Forward ``after_bytes`` of the response body, pause ``seconds``, then forward the rest."""
         self._add(Fault("stall", method, path, n, after_bytes=after_bytes, seconds=seconds, starts=starts))
+
+    def trickle_next(
+        self,
+        bytes_per_s: int,
+        after_bytes: int = 0,
+        n: int | None = 1,
+        *,
+        method: str | None = None,
+        path: str = "*",
+        starts: range | None = None,
+    ) -> None:
+        """Forward ``after_bytes`` of the response body at once, then the rest at ``bytes_per_s`` (a
+        twentieth of a second's worth at a time), for as long as the client keeps reading: every read
+        gets a byte well within any read timeout, yet the body takes as long as its rate says."""
+        if bytes_per_s <= 0:
+            raise ValueError("bytes_per_s must be positive")
+        self._add(Fault("trickle", method, path, n, after_bytes=after_bytes, rate=bytes_per_s, starts=starts))
+
+    def header_next(
+        self,
+        name: str,
+        value: str,
+        n: int | None = 1,
+        *,
+        method: str | None = None,
+        path: str = "*",
+        starts: range | None = None,
+    ) -> None:
+        """Send the upstream's answer with the header ``name`` (any case) set to ``value``: it replaces the
+        upstream's (every one of that name), or is added. The body still goes as the upstream framed it,
+        so a lying Content-Length of a body leaves the client short of bytes, or with bytes to spare."""
+        if any(c in f"{name}{value}" for c in "\r\n") or not name or ":" in name:
+            raise ValueError("a header name and value are one line, and a name has no colon")
+        self._add(Fault("header", method, path, n, header=(name, value), starts=starts))
 
     def drop_next(self, n: int | None = 1, *, method: str | None = None, path: str = "*") -> None:
         """Close the connection without any answer."""
@@ -410,8 +455,18 @@ class FaultProxy:
             limit = fault.after_bytes
         elif fault is not None and fault.kind == "truncate":
             limit = int(_header(head, b"content-length") or 0) // 2
-        client.sendall(_encode_head(_without(head, b"connection") + [b"Connection: close"]))
+        head = _without(head, b"connection") + [b"Connection: close"]
+        if fault is not None and fault.kind == "header":
+            name, value = fault.header
+            head = _without(head, name.lower().encode("latin-1"))
+            head.append(f"{name}: {value}".encode("latin-1"))
+        client.sendall(_encode_head(head))
         stall_at = fault.after_bytes if fault is not None and fault.kind == "stall" else None
+        trickle = (
+            _Trickle(self, fault.after_bytes, fault.rate)
+            if fault is not None and fault.kind == "trickle"
+            else None
+        )
         sent = 0
         for piece in body:
             if limit is not None and sent + len(piece) >= limit:
@@ -424,8 +479,15 @@ class FaultProxy:
                     self._stalls += 1
                 time.sleep(fault.seconds)
                 piece, sent, stall_at = piece[stall_at - sent :], stall_at, None
-            client.sendall(piece)
+            if trickle is not None:
+                trickle.send(client, piece, sent)
+            else:
+                client.sendall(piece)
             sent += len(piece)
+
+    def _trickling(self) -> None:
+        with self._lock:
+            self._trickles += 1
 
     @staticmethod
     def _abort(client: socket.socket, reset: bool) -> None:
@@ -453,3 +515,33 @@ class FaultProxy:
             b"Connection: close",
         ]
         return _encode_head(head) + (b"" if method == "HEAD" else body)
+
+
+class _Trickle:
+    """A body's bytes past ``after`` sent at ``rate`` bytes a second, a twentieth of a second's worth at a
+    time, on the clock of the first byte trickled (so the rate holds across the pieces read upstream)."""
+
+    def __init__(self, proxy: FaultProxy, after: int, rate: int):
+        self.proxy = proxy
+        self.after = after
+        self.rate = rate
+        self.step = max(1, rate // 20)
+        self.started: float | None = None
+        self.trickled = 0
+
+    def send(self, client: socket.socket, piece: bytes, sent: int) -> None:
+        """Send ``piece``, which starts ``sent`` bytes into the body."""
+        fast = max(0, min(len(piece), self.after - sent))
+        if fast:
+            client.sendall(piece[:fast])
+        view = memoryview(piece)[fast:]
+        if not view:
+            return
+        if self.started is None:
+            self.started = time.monotonic()
+            self.proxy._trickling()
+        for i in range(0, len(view), self.step):
+            part = view[i : i + self.step]
+            client.sendall(part)
+            self.trickled += len(part)
+            time.sleep(max(0.0, self.started + self.trickled / self.rate - time.monotonic()))

@@ -14,12 +14,12 @@ import threading
 import pytest
 
 import aligned_io
+import download
 import security
 from binary_split import small_size, validate_folder, validate_name
 from cdn_manager import CdnConfig, CdnManager, ObjectInfo
 from constants import CDN_ATTEMPTS, CDN_RESUMES
 from devstack.wait import until
-import download
 from download import FETCHING, SEGMENT, SMALL_SEGMENT, TAIL, Budget, Download, segments, tail_start
 from errors import (
     BadRequest,
@@ -512,7 +512,9 @@ def test_a_load_that_stalls_does_not_hold_its_download_back(tmp_path, s3):
 def test_a_failed_download_gives_its_budget_back(tmp_path, s3):
     budget = Budget(16 * BLOCK)
     flaky = FlakyClient(s3, failures=100, after=3 * BLOCK)  # each GET breaks off after 3 blocks
-    store, api, cache = make_store(tmp_path, s3, download_client=flaky, cache_options={"download": with_budget(budget)})
+    store, api, cache = make_store(
+        tmp_path, s3, download_client=flaky, cache_options={"download": with_budget(budget)}
+    )
     publish(s3, api, os.urandom(MIB))
     with pytest.raises(UpstreamError):
         load(store)
@@ -525,7 +527,7 @@ class BrokenCdn:
 
     chunk_size = 4096
 
-    def fill(self, bucket, key, info, buf, start=0, end=None):
+    def fill(self, bucket, key, info, buf, start=0, end=None, stop=None):
         raise UpstreamError("the CDN transfer kept breaking off")
 
 

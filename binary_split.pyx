@@ -13,11 +13,13 @@ import logging
 import os
 import re
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 from itertools import chain
 
+import heap
 import security
-from aligned_io import read_tail
+from aligned_io import READ_AHEAD, read_tail
 from cdn_manager import CdnConfig, CdnManager, ObjectInfo
 from constants import (BIG_SUFFIX, BUCKET_PATTERN, CHUNK_SIZE, ENGINE_LOAD_TIMEOUT, ENGINE_TIMEOUT, MANIFEST_BLOCK_SIZE,
                        MANIFEST_SUFFIX, NAME_PATTERN, SMALL_SUFFIX, SPLIT_SMALL_DENOMINATOR, SPLIT_SMALL_MAX,
@@ -34,6 +36,10 @@ log = logging.getLogger("loader.split")
 
 # Decrypted chunks of the image archive waiting to be sent to the Docker Engine, at most.
 PIPELINE_DEPTH = 4
+# Blocks of buffers a streaming load holds at most, reserved from the loads' memory budget (heap.loads):
+# the read-ahead ring (READ_AHEAD + 1), the decrypted chunks waiting to be sent (main.LOAD_AHEAD, 2), the
+# one its worker decrypted and waits to hand over, and the one in the server's buffer for the client.
+LOAD_BUFFERS = READ_AHEAD + 1 + 4
 
 # Uploads are staged in a folder of the cache that no bucket can be named like (it starts with a dot).
 STAGING = ".staging"
@@ -73,15 +79,18 @@ class ModelStore:
     """Load and upload models over the split. ``api`` is a ResourceApi, ``cache`` a BigPartCache."""
 
     def __init__(self, api, cache, cdn_factory=None, max_upload=None, require_manifest=False,
-                 block_size=MANIFEST_BLOCK_SIZE):
+                 block_size=MANIFEST_BLOCK_SIZE, memory=None):
         self._api = api
+        self._memory = heap.loads if memory is None else memory  # the buffers of every load streaming
         self._cache = cache
         self._cdn_factory = cdn_factory or (lambda text: CdnManager(CdnConfig.from_yaml(text)))
         self._cdn_key = None
         self._cdn = None
         self._cdn_lock = threading.Lock()
-        # The manifest and the small part are fetched side by side: a load waits for one round trip.
-        self._calls = ThreadPoolExecutor(4, thread_name_prefix="api-call")
+        # The manifest and the small part are fetched side by side: a load waits for one round trip. As many
+        # threads as loads may prepare at once (main.LOAD_WORKERS): loads stuck on a slow Resource API must
+        # not make the calls of the others queue behind theirs.
+        self._calls = ThreadPoolExecutor(64, thread_name_prefix="api-call")
         self.max_upload = max_upload
         self.require_manifest = require_manifest
         self.block_size = block_size  # of the manifests uploads write (the contract's; tests use less)
@@ -98,11 +107,14 @@ class ModelStore:
     def prepare(self):
         """Fetch the session's cdn.yaml and build the CDN clients ahead of the first load (after a login):
         that costs a few hundred milliseconds, which the first load then no longer waits for. A failure
-        here is only logged; the load that needs the CDN meets it again and reports it."""
+        here is only logged, whatever it is (this runs on a thread of its own, which must not die with a
+        traceback); the load that needs the CDN meets it again and reports it."""
         try:
             self.cdn()
         except LoaderError as exc:
             log.info("could not prepare the CDN clients yet (%s)", type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - a load meets it again, mapped by the CDN manager
+            log.warning("could not prepare the CDN clients (%s)", type(exc).__name__)
 
     def load(self, folder, name):
         """Check everything that can fail early, then return the decrypted resource as a Plaintext.
@@ -124,23 +136,35 @@ class ModelStore:
         except NotFound:
             raw = None
         big_key = name + BIG_SUFFIX
-        if raw is None:
-            size, key, big = self._open_format1(folder, big_key, what, small)
-        else:
-            sealed = Manifest.parse(raw, what)
+        sealed = None if raw is None else Manifest.parse(raw, what)
+        if sealed is not None:
             sealed.check_small(small, what)
-            key = sealed.key
+        # Room for this load's buffers, waited for (never a failure): all loads together stay within the
+        # budget. Held until the stream ends; a load refused before it streams gives it back at once.
+        memory = self._memory.reserve(LOAD_BUFFERS * (self._cache.block_size if sealed is None
+                                                      else sealed.block_size))
+        try:
+            if sealed is None:
+                size, key, big = self._open_format1(folder, big_key, what, small)
+            else:
+                key = sealed.key
 
-            def check(big_size, tail):
-                # The verified last block's padding must give the manifest's size.
-                if _plaintext_size(key, small, big_size, tail) != sealed.size:
-                    raise IntegrityError(f"{what} decrypts to another size than its manifest says")
+                def check(big_size, tail):
+                    # The verified last block's padding must give the manifest's size.
+                    if _plaintext_size(key, small, big_size, tail) != sealed.size:
+                        raise IntegrityError(f"{what} decrypts to another size than its manifest says")
 
-            expect = Expect(what, sealed.big_size(len(small)), sealed.blocks, sealed.identity, sealed.block_size,
-                            check)
-            _, big = self._cache.open(folder, big_key, self.cdn(), expect)
-            size = sealed.size
-        return Plaintext(size, self._decrypt(folder, big_key, key, small, _primed(big), size))
+                expect = Expect(what, sealed.big_size(len(small)), sealed.blocks, sealed.identity,
+                                sealed.block_size, check)
+                _, big = self._cache.open(folder, big_key, self.cdn(), expect)
+                size = sealed.size
+            chunks = self._decrypt(folder, big_key, key, small, _primed(big), size, memory)
+        except BaseException:
+            memory.release()
+            raise
+        plaintext = Plaintext(size, chunks)
+        weakref.finalize(plaintext, memory.release)  # a load whose stream never started
+        return plaintext
 
     def _open_format1(self, folder, big_key, what, small):
         """(size, key, blocks) of a resource uploaded before manifests: under the resource key, checked
@@ -159,9 +183,17 @@ class ModelStore:
         size, big = self._cache.open(folder, big_key, self.cdn(), Expect(what, check=check))
         return size, key, big
 
-    def _decrypt(self, folder, big_key, key, small, big, long long size):
+    def _decrypt(self, folder, big_key, key, small, big, long long size, memory):
         """The plaintext of ``small ‖ big``, which must come to ``size`` bytes (the manifest's, or the
-        padding's): the last bytes are held back until that is certain."""
+        padding's): the last bytes are held back until that is certain. ``memory`` (the load's reservation
+        of buffers) is released when the stream ends, however it ends."""
+        try:
+            yield from self._decrypted(folder, big_key, key, small, big, size)
+        finally:
+            big.close()
+            memory.release()
+
+    def _decrypted(self, folder, big_key, key, small, big, long long size):
         cdef long long sent = 0
         dec = security.Decryptor(key)
         try:
@@ -385,8 +417,9 @@ class Unlocker:
 
     def start(self, credentials):
         """Begin an unlock unless one runs; returns the status either way."""
-        if self.status.try_begin():
-            threading.Thread(target=self._run, args=(credentials,), daemon=True, name="unlock").start()
+        run = self.status.try_begin()
+        if run is not None:
+            threading.Thread(target=self._run, args=(credentials, run), daemon=True, name="unlock").start()
         return self.status.snapshot()
 
     def _docker(self):
@@ -409,27 +442,28 @@ class Unlocker:
         return EngineError(f"the Docker Engine at {_engine_address(self._docker_host)} is unreachable "
                            f"({type(exc).__name__})")
 
-    def _run(self, credentials):
+    def _run(self, credentials, run):
+        """One unlock on its own thread, reporting through ``run`` (see unlock_state.Run)."""
         try:
-            images = self._unlock(credentials)
+            images = self._unlock(credentials, run)
         except LoaderError as exc:
             log.warning("unlock failed: %s", exc.detail)
-            self.status.fail(exc.detail)
+            run.fail(exc.detail)
         except Exception as exc:  # noqa: BLE001 - the state must never stay stuck in a running state
             log.exception("unlock failed unexpectedly")
-            self.status.fail(f"unlock failed unexpectedly ({type(exc).__name__})")
+            run.fail(f"unlock failed unexpectedly ({type(exc).__name__})")
         else:
             log.info("unlock ready: %s", " ".join(images))
-            self.status.succeed(images)
+            run.succeed(images)
 
-    def _unlock(self, credentials):
+    def _unlock(self, credentials, run):
         client = self._docker()
         try:
-            return self._unlock_with(client, credentials)
+            return self._unlock_with(client, credentials, run)
         finally:
             client.close()
 
-    def _unlock_with(self, client, credentials):
+    def _unlock_with(self, client, credentials, run):
         try:
             if self._wanted and self._all_present(client):
                 return list(self._wanted)
@@ -438,16 +472,16 @@ class Unlocker:
             raise self._unreachable(exc) from exc
         total = self._archive(os.path.getsize)
         self._api.login(credentials)
-        self.status.set_state(DOWNLOADING_KEY)
+        run.set_state(DOWNLOADING_KEY)
         key = security.archive_key(self._api.key_fragment())
         if not self._archive(_archive_decrypts, key):
             raise DecryptionError("the image archive does not decrypt: wrong key or corrupt archive")
-        self.status.set_total(total)
-        self.status.set_state(DECRYPTING)
+        run.set_total(total)
+        run.set_state(DECRYPTING)
         client.timeout = self._load_timeout  # the SDK's timeout for each call from here on
         try:
-            events = client.load_image(self._plaintext(key))
-            self.status.set_state(LOADING_IMAGES)
+            events = client.load_image(self._plaintext(key, run))
+            run.set_state(LOADING_IMAGES)
             return self._loaded_tags(events)
         except DecryptionError as exc:
             raise DecryptionError("the image archive does not decrypt: wrong key or corrupt archive") from exc
@@ -476,13 +510,13 @@ class Unlocker:
                 return False
         return True
 
-    def _plaintext(self, key):
+    def _plaintext(self, key, run):
         """Decrypted chunks of the archive. A second thread reads and decrypts ahead (at most
         PIPELINE_DEPTH chunks) while this one hands chunks to the Engine, so the two overlap."""
-        with ReadAhead(self._decrypted(key), PIPELINE_DEPTH, "unlock-decrypt") as chunks:
+        with ReadAhead(self._decrypted(key, run), PIPELINE_DEPTH, "unlock-decrypt") as chunks:
             yield from chunks
 
-    def _decrypted(self, key):
+    def _decrypted(self, key, run):
         try:
             dec = security.Decryptor(key)
             with open(self._path, "rb") as f:
@@ -492,7 +526,7 @@ class Unlocker:
                     if not data:
                         break
                     out = dec.update(data)
-                    self.status.add_done(len(data))
+                    run.add_done(len(data))
                     if len(out):
                         yield out
             last = dec.finalize()

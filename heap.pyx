@@ -1,6 +1,6 @@
 # cython: language_level=3, embedsignature=True
-"""The process heap: glibc malloc's parameters for the loader, and handing the memory loads and uploads
-freed back to the OS once the loader is idle.
+"""The process heap: glibc malloc's parameters for the loader, handing the memory loads and uploads freed
+back to the OS once the loader is idle, and the one budget the buffers of all loads come from.
 
 Both answer what the soak found: the loader's RSS at rest climbing over a run while nothing leaked, because
 glibc keeps freed chunks in its arenas. Elsewhere than glibc both are no-ops.
@@ -9,6 +9,7 @@ glibc keeps freed chunks in its arenas. Elsewhere than glibc both are no-ops.
 import asyncio
 import ctypes
 import os
+import threading
 
 # glibc's mallopt parameters (malloc.h), and the loader's values.
 M_TRIM_THRESHOLD = -1
@@ -85,3 +86,59 @@ class MemoryTrim:
 
 # The process's one heap, trimmed by the HTTP edge (main.Edge).
 memory = MemoryTrim()
+
+
+class Budget:
+    """Bytes of buffers that loads may hold at once, shared by threads. ``reserve(n)`` waits until ``n``
+    bytes are free (a request larger than the whole budget takes the whole budget), so however many loads
+    run, their buffers stay within ``total``: a load waits for room, it never fails for it. Each load
+    holds its reservation until its stream ends or is cut off, which a client that stops reading cannot
+    put off for longer than the client stall time."""
+
+    def __init__(self, total):
+        self._cond = threading.Condition()
+        self.total = self.left = int(total)
+        self.waiting = 0
+
+    def resize(self, total):
+        with self._cond:
+            self.left += int(total) - self.total
+            self.total = int(total)
+            self._cond.notify_all()
+
+    def reserve(self, n):
+        """A Reservation of ``n`` bytes (at most the whole budget), once they are free."""
+        n = max(0, min(int(n), self.total))
+        with self._cond:
+            self.waiting += 1
+            try:
+                self._cond.wait_for(lambda: self.left >= n)
+            finally:
+                self.waiting -= 1
+            self.left -= n
+        return Reservation(self, n)
+
+    def _give(self, n):
+        with self._cond:
+            self.left += n
+            self._cond.notify_all()
+
+
+class Reservation:
+    """Bytes held from a Budget until ``release`` (idempotent: a stream's end and its owner's collection
+    may both release it)."""
+
+    def __init__(self, budget, n):
+        self._budget = budget
+        self.size = n
+        self._lock = threading.Lock()
+
+    def release(self):
+        with self._lock:
+            n, self.size = self.size, 0
+        if n:
+            self._budget._give(n)
+
+
+# The buffers of every load streaming at once (main.py sizes it from LOAD_MEMORY_BYTES).
+loads = Budget(160 * 1024 * 1024)

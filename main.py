@@ -4,6 +4,7 @@ This file only translates HTTP to module calls and errors to statuses. The compi
 imported lazily, on the first request that needs them, so the process answers /health at once.
 """
 
+import asyncio
 import logging
 import threading
 import time
@@ -46,6 +47,8 @@ class Settings(BaseSettings):
     api_deadline: float = 60.0  # a whole Resource API call, retries included: past it, 504
     cdn_speed_limit: int = 16 * 1024  # a CDN transfer slower than this many bytes a second ...
     cdn_speed_time: float = 30.0  # ... for this many seconds is dropped and resumed, at last 504
+    client_stall_timeout: float = 60.0  # a /load client that reads nothing this long is cut off
+    load_memory_bytes: int = 160 * 1024**2  # the buffers of all loads streaming at once
     max_upload_bytes: int = 20 * 1024**3
     max_json_bytes: int = 64 * 1024
     require_manifest: bool = False
@@ -81,7 +84,9 @@ class Services:
     """The compiled modules, wired together: built once per process, by ``services()``, from the parts
     ``Services.from_settings`` makes (or a test's fakes, through ``use_services``)."""
 
-    def __init__(self, *, api, cache, store, unlock_status, unlocker):
+    def __init__(self, *, api, cache, store, unlock_status, unlocker, workers=None):
+        import workers as pools
+
         import read_ahead
         import upload_form
 
@@ -90,6 +95,11 @@ class Services:
         self.store = store
         self.unlock_status = unlock_status
         self.unlocker = unlocker
+        # The threads of the blocking work, a pool for each kind (see workers.pyx), and the operations.
+        self.workers = workers or pools.Pools(
+            pools.Pool("load", LOAD_WORKERS, 300, per_key=LOAD_WORKERS_PER_RESOURCE),
+            pools.Pool("login", LOGIN_WORKERS, 60),
+        )
         self._receive_upload = upload_form.receive_upload
         self._read_ahead = read_ahead.ReadAhead
         self.bytes_loaded = 0
@@ -97,15 +107,19 @@ class Services:
 
     @classmethod
     def from_settings(cls, s: Settings) -> "Services":
+        import workers
+
         import api_client
         import binary_split
         import cdn_manager
+        import constants
         import hardware_service
         import model_cache
         import unlock_state
 
         cdn_manager.warm_up()  # the CDN clients a login makes are then quick
         hardware = hardware_service.HardwareService()
+        heap.loads.resize(s.load_memory_bytes)
 
         def resource_api():
             """A session of its own with the Resource API."""
@@ -120,9 +134,23 @@ class Services:
             config = cdn_manager.CdnConfig.from_yaml(text)
             return cdn_manager.CdnManager(config, speed_limit=s.cdn_speed_limit, speed_time=s.cdn_speed_time)
 
+        # How long a worker may be held before the loader counts it stuck: a load makes two Resource API
+        # calls in turn at most (the session's cdn.yaml, then its parts), may wait for a CDN download's
+        # resumes (a crawling transfer is dropped at most two windows of CDN_SPEED_TIME after it began to
+        # crawl, each try) and for room in the memory budget (freed by loads that end or are cut off).
+        cdn_stall = (constants.CDN_RESUMES + 1) * 2 * s.cdn_speed_time + 2
+        load_deadline = 2 * s.api_deadline + cdn_stall + s.client_stall_timeout + 30
         api = resource_api()
         cache = model_cache.BigPartCache(s.model_cache_dir)
-        unlock_status = unlock_state.UnlockStatus()
+        engine = 2 * constants.ENGINE_TIMEOUT
+        unlock_status = unlock_state.UnlockStatus(
+            deadlines={
+                unlock_state.AUTHENTICATING: 2 * s.api_deadline + engine + 5,
+                unlock_state.DOWNLOADING_KEY: s.api_deadline + 5,
+                unlock_state.DECRYPTING: constants.ENGINE_LOAD_TIMEOUT,
+                unlock_state.LOADING_IMAGES: constants.ENGINE_LOAD_TIMEOUT,
+            }
+        )
         return cls(
             api=api,
             cache=cache,
@@ -134,6 +162,10 @@ class Services:
             # /login session (whose loads and uploads follow) into another user's.
             unlocker=binary_split.Unlocker(
                 resource_api(), unlock_status, s.images_path, s.unlock_images.split(), s.docker_host
+            ),
+            workers=workers.Pools(
+                workers.Pool("load", LOAD_WORKERS, load_deadline, per_key=LOAD_WORKERS_PER_RESOURCE),
+                workers.Pool("login", LOGIN_WORKERS, s.api_deadline + 5),
             ),
         )
 
@@ -159,11 +191,21 @@ class Services:
     def start_unlock(self, email: str, password: str):
         return self.unlocker.start(self.credentials(email, password))
 
-    async def stream_loaded(self, plaintext):
+    async def load(self, folder: str, name: str):
+        """The decrypted resource, prepared on a thread of the load pool (at most a few per resource)."""
+        return await self.workers.load.run(
+            self.store.load, folder, name, what=f"{folder}/{name}"[:300], key=(folder, name)
+        )
+
+    async def login(self, email: str, password: str):
+        return await self.workers.login.run(self.authenticate, email, password, what="login")
+
+    async def stream_loaded(self, plaintext, what: str):
         """Send a load's chunks as a worker thread reads and decrypts them, at most LOAD_AHEAD ahead, so
         reading and decrypting the next chunks overlaps with sending this one. A failure after the answer
         began can only cut it off."""
         chunks = self._read_ahead(plaintext, LOAD_AHEAD, "load-stream")
+        op = self.workers.begin("stream", what[:300])
         try:
             async for chunk in chunks:
                 self.bytes_loaded += len(chunk)
@@ -171,12 +213,29 @@ class Services:
         except errors.LoaderError as exc:
             raise CutOff(exc.detail) from exc
         finally:
+            self.workers.end(op)
             chunks.stop()  # the client is gone, or all was sent: the worker closes the load's files
 
 
 class CutOff(Exception):  # noqa: N818 - what happens to the answer, not an error kind of the loader
     """A load failed after its answer began. The status line is gone; the only way left to tell the client
     is to drop the connection short of the announced Content-Length (see ``Edge``)."""
+
+
+class ClientStalled(CutOff):
+    """The client read nothing of a load's answer for the client stall time: it is let go."""
+
+
+class LoadResponse(StreamingResponse):
+    """A load's answer: however its sending ends (sent, cut off, the client gone or stalled), the stream is
+    closed at once, so its worker stops and its buffers go back to the budget, not whenever the collector
+    finds it."""
+
+    async def stream_response(self, send):
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 _services: Services | None = None
@@ -203,10 +262,20 @@ def use_services(factory: Callable[[Settings], Services] = Services.from_setting
         _services, _build = None, factory
 
 
-Svc = Annotated[Services, Depends(services)]
+async def built_services() -> Services:
+    """The route dependency: the Services without a worker thread once they are built (every route then
+    answers while the worker pools are busy), built on a thread the first time."""
+    return _services if _services is not None else await run_in_threadpool(services)
+
+
+Svc = Annotated[Services, Depends(built_services)]
 
 # Decrypted chunks of a load waiting to be sent, at most.
 LOAD_AHEAD = 2
+# Threads that prepare loads (up to their first byte), at most per resource, and threads for logins.
+LOAD_WORKERS = 64
+LOAD_WORKERS_PER_RESOURCE = 4
+LOGIN_WORKERS = 4
 
 # On a stop, how long the downloads in flight may take to commit (a load ends with its last byte; the hash
 # and the commit of its big part follow). Docker waits 10 s before it kills.
@@ -313,12 +382,20 @@ class Edge:
         start = time.perf_counter()
         status = 500
         limit = None if scope["path"].startswith("/upload/") else settings().max_json_bytes
+        # A client that reads nothing of a load's answer for this long is let go (contract section 11).
+        stall = settings().client_stall_timeout if scope["path"].startswith("/load/") else 0
         self.memory.begin()
 
         async def counted_send(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif stall > 0:  # the server's send waits while the client's socket is full
+                try:
+                    async with asyncio.timeout(stall):
+                        return await send(message)
+                except TimeoutError:
+                    raise ClientStalled(f"the client read nothing for {stall:g} s") from None
             await send(message)
 
         try:
@@ -334,6 +411,8 @@ class Edge:
             # sees a broken transfer. ASGI has no quieter way to abort an answer (raising, or ending it
             # short, is an ERROR too), so uvicorn's ERROR for it is filtered: one warning says why.
             _cut_off.set(True)  # in the server's task, which logs once this returns
+            if isinstance(exc, ClientStalled):
+                _abort(receive)
             log.warning(
                 "%s %s cut off after its answer began: %s", scope["method"], _printable(scope["path"]), exc
             )
@@ -343,6 +422,15 @@ class Edge:
             route = getattr(scope.get("route"), "path", "unmatched")
             metrics().observe(scope["method"], route, status, elapsed)
             log.info("%s %s %d %.1fms", scope["method"], _printable(scope["path"]), status, elapsed * 1000)
+
+
+def _abort(receive) -> None:
+    """Drop the connection at once, with what is still queued for the client: closing it would wait for a
+    client that reads nothing. uvicorn's ``receive`` is a method of the request's cycle, which holds the
+    connection's transport; another server's is left to close the connection itself."""
+    transport = getattr(getattr(receive, "__self__", None), "transport", None)
+    if transport is not None:
+        transport.abort()
 
 
 def _printable(path: str) -> str:
@@ -385,8 +473,12 @@ async def _bounded_body(scope, receive, limit: int):
 # --- routes ------------------------------------------------------------------------------------------
 
 
-@routes.get("/health")
+@routes.get("/health", responses={503: {"description": '{"status": "unhealthy", "reason": "..."}'}})
 async def health():
+    # Before the Services are built nothing can be stuck: the process answers at once (see lifespan).
+    reason = None if _services is None else _services.workers.unhealthy()
+    if reason is not None:
+        return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
     return {"status": "healthy"}
 
 
@@ -397,12 +489,13 @@ async def status(svc: Svc):
         "authenticated": svc.api.authenticated,
         "modelCacheDir": settings().model_cache_dir,
         "unlock": svc.unlock_status.snapshot(),
+        "operations": svc.workers.operations(),
     }
 
 
 @routes.post("/login", responses=errors_for(401, 422, 502, 504))
 async def login(body: Credentials, svc: Svc):
-    user = await run_in_threadpool(svc.authenticate, body.email, body.password)
+    user = await svc.login(body.email, body.password)
     return {"status": "ok", "user": user.to_dict()}
 
 
@@ -419,9 +512,9 @@ async def login(body: Credentials, svc: Svc):
     },
 )
 async def load(filename: str, body: LoadRequest, svc: Svc):
-    plaintext = await run_in_threadpool(svc.store.load, body.folder, filename)
-    return StreamingResponse(
-        svc.stream_loaded(plaintext),
+    plaintext = await svc.load(body.folder, filename)
+    return LoadResponse(
+        svc.stream_loaded(plaintext, f"{body.folder}/{filename}"),
         media_type="application/octet-stream",
         headers={"Content-Length": str(plaintext.size)},
     )
@@ -435,7 +528,7 @@ async def upload(filename: str, request: Request, svc: Svc):
 
 @routes.post("/unlock", status_code=202, responses=errors_for(422))
 async def unlock(body: Credentials, svc: Svc):
-    return await run_in_threadpool(svc.start_unlock, body.email, body.password)
+    return svc.start_unlock(body.email, body.password)  # starts a thread, or answers the one running
 
 
 @routes.get("/unlock/status")

@@ -3,9 +3,12 @@
 as requests end, and the modules' own counters read when /metrics is scraped (the modules keep plain
 counters and know nothing of Prometheus)."""
 
+from collections import Counter as Tally
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+import heap
 from unlock_state import STATES
 
 
@@ -52,6 +55,15 @@ class ServiceCounters:
                        "Cached big parts that failed a block check and were fetched again", svc.cache.refetches)
         yield _counter("loader_format1_loads_total",
                        "Loads of resources without a manifest (format 1, unverified)", svc.store.format1_loads)
+        operations = GaugeMetricFamily("loader_operations_in_progress",
+                                       "Operations in progress (see /status), by kind", labels=["kind"])
+        kinds = Tally(op["kind"] for op in svc.workers.operations())
+        for kind in sorted(set(kinds) | {"load", "login", "stream"}):
+            operations.add_metric([kind], kinds[kind])
+        yield operations
+        yield GaugeMetricFamily("loader_load_memory_free_bytes",
+                                "Room left in the budget of the loads' buffers (LOAD_MEMORY_BYTES)",
+                                value=heap.loads.left)
         yield GaugeMetricFamily("loader_unlock_duration_seconds", "Duration of the last unlock",
                                 value=svc.unlock_status.duration or 0.0)
         current = svc.unlock_status.snapshot()["state"]

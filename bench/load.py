@@ -68,8 +68,11 @@ def timed_load(loader, name, expected):
 def handed_over(loader):
     """The loader's loader_blocks_handed_over_total: blocks of a download a cold load took from memory."""
     text = requests.get(f"{loader.url}/metrics", timeout=10).text
-    return next(float(line.split()[1]) for line in text.splitlines()
-                if line.startswith("loader_blocks_handed_over_total "))
+    return next(
+        float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("loader_blocks_handed_over_total ")
+    )
 
 
 def timed_awscli(stack, name, big_size):

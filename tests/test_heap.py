@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -45,8 +46,8 @@ if sys.argv[1] == "tuned":
     heap.tune_malloc()
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Mallinfo2
 chunks = [bytearray(12 * 2**20) for _ in range(2)]
@@ -62,8 +63,9 @@ def test_heap_is_compiled():
 
 def run_heap_script(script, mode, drop=()):
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    out = subprocess.run([sys.executable, "-c", script, mode], cwd=ROOT, env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script, mode], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
     return out.stdout.split()
 
 
@@ -109,3 +111,28 @@ def test_the_heap_is_trimmed_once_the_loader_is_idle_after_a_load(loader_env):
         assert client.post("/load/m.bin", json={"folder": "models"}).status_code == 401
         until(lambda: trims, what="no trim after the load")
     assert trims == [0] and not memory.dirty and memory.busy == 0
+
+
+def test_the_loads_budget_makes_a_reservation_wait_until_room_is_freed():
+    budget = heap.Budget(100)
+    first = budget.reserve(60)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(budget.reserve(60)), daemon=True)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not got and budget.waiting == 1  # it waits, it does not fail
+    first.release()
+    waiter.join(5)
+    assert got and budget.left == 40
+    got[0].release()
+    got[0].release()  # a second release gives nothing back twice
+    assert budget.left == 100
+
+
+def test_a_reservation_larger_than_the_budget_takes_the_whole_budget_instead_of_waiting_for_ever():
+    budget = heap.Budget(100)
+    whole = budget.reserve(1000)
+    assert whole.size == 100 and budget.left == 0
+    whole.release()
+    budget.resize(300)
+    assert budget.reserve(250).size == 250 and budget.left == 50

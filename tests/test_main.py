@@ -1,7 +1,9 @@
 """The HTTP edge: error mapping in one table, lazy imports, no credential ever echoed."""
 
+import contextlib
 import http.client
 import inspect
+import json
 import logging
 import subprocess
 import sys
@@ -120,7 +122,9 @@ class Failing:
 
 
 def test_unexpected_exceptions_are_a_plain_500(client, monkeypatch):
-    monkeypatch.setitem(main.app.dependency_overrides, main.services, Failing)
+    failing = fake_services()
+    failing.authenticate = Failing().authenticate
+    monkeypatch.setitem(main.app.dependency_overrides, main.built_services, lambda: failing)
     r = client.post("/login", json={"email": "a@b", "password": "hunter2"})
     assert r.status_code == 500 and r.json() == {"detail": "internal error"}
 
@@ -263,6 +267,16 @@ def test_metrics_read_the_modules_counters_at_each_scrape(client):
 
     svc.cache.hits += 1  # read at the scrape, not copied when the metrics were made
     assert scrape()["loader_cache_hits"].samples[0].value == 4
+    ops = {s.labels["kind"]: s.value for s in families["loader_operations_in_progress"].samples}
+    assert ops == {"load": 0, "login": 0, "stream": 0}
+    stream = svc.workers.begin("stream", "models/m.bin")
+    ops = {s.labels["kind"]: s.value for s in scrape()["loader_operations_in_progress"].samples}
+    assert ops["stream"] == 1
+    svc.workers.end(stream)
+    import heap
+
+    free = families["loader_load_memory_free_bytes"]
+    assert free.type == "gauge" and free.samples[0].value == heap.loads.left
 
 
 class CutOffStore:
@@ -310,3 +324,145 @@ def test_a_load_cut_off_after_its_answer_began_is_one_warning_and_no_server_erro
     assert [(r.name, r.levelname) for r in cut] == [("loader", "WARNING")]
     assert "block 1 of models/m.bin does not match its manifest" in cut[0].getMessage()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@contextlib.contextmanager
+def served(app):
+    """``app`` under a real uvicorn server on a free loopback port (flow control, transports): its address."""
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    until(lambda: server.started)
+    try:
+        yield sock.getsockname()
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+class EndlessStore:
+    """A store whose every load is 1 GiB of 4 MiB chunks; ``closed`` is set once a load's chunks are closed
+    (the loader let its buffers go)."""
+
+    def __init__(self):
+        self.closed = threading.Event()
+
+    def load(self, folder, name):
+        import binary_split
+
+        def chunks():
+            try:
+                while True:
+                    yield b"x" * 4 * 2**20
+            finally:
+                self.closed.set()
+
+        return binary_split.Plaintext(2**30, chunks())
+
+
+def test_a_client_that_reads_nothing_is_cut_off_after_the_stall_time_and_its_buffers_freed(
+    loader_env, monkeypatch, caplog
+):
+    import socket
+
+    monkeypatch.setenv("CLIENT_STALL_TIMEOUT", "1")
+    main.settings.cache_clear()
+    store = EndlessStore()
+    main.use_services(lambda s: fake_services(store=store, api=NoSession(), unlock_status=FakeUnlockStatus()))
+    caplog.set_level(logging.INFO)
+    with served(main.create_app()) as address:
+        stalled = socket.create_connection(address)
+        body = b'{"folder": "models"}'
+        stalled.sendall(
+            b"POST /load/m.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        # The client reads nothing: within the stall time (and a margin) its load is let go.
+        assert store.closed.wait(15), "the stalled load's chunks were never closed"
+        until(lambda: not [o for o in status_of_served(address)["operations"] if o["kind"] == "stream"])
+        stalled.settimeout(10)
+        received = 0
+        try:
+            while chunk := stalled.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass  # aborted: what was queued for it is gone too
+        assert received < 2**30  # a broken transfer, never a whole answer
+        stalled.close()
+    cut = [r.getMessage() for r in caplog.records if "cut off after its answer began" in r.getMessage()]
+    assert len(cut) == 1 and "the client read nothing for 1 s" in cut[0]
+
+
+def status_of_served(address):
+    conn = http.client.HTTPConnection(*address, timeout=10)
+    conn.request("GET", "/status")
+    answer = json.loads(conn.getresponse().read())
+    conn.close()
+    return answer
+
+
+class StuckStore:
+    """A store whose loads block until ``go`` is set."""
+
+    def __init__(self):
+        self.go = threading.Event()
+
+    def load(self, folder, name):
+        self.go.wait(30)
+        raise errors.NotFound(f"no such resource: {folder}/{name}")
+
+
+def test_health_is_503_with_a_reason_once_every_load_worker_is_held_past_its_deadline(loader_env):
+    import workers
+
+    store = StuckStore()
+    pools = workers.Pools(workers.Pool("load", 2, 0.5, per_key=2), workers.Pool("login", 1, 5))
+    main.use_services(
+        lambda s: fake_services(store=store, workers=pools, api=NoSession(), unlock_status=FakeUnlockStatus())
+    )
+    with served(main.create_app()) as address:
+        loads = []
+        for _ in range(3):
+            conn = http.client.HTTPConnection(*address, timeout=30)
+            conn.request("POST", "/load/m.bin", body=b'{"folder": "models"}', headers=JSON)
+            loads.append(conn)
+        until(lambda: len(status_of_served(address)["operations"]) == 3)
+        assert health_of(address) == (200, {"status": "healthy"})  # held, but not yet past the deadline
+        until(lambda: health_of(address)[0] == 503, what="/health never said it cannot serve")
+        code, body = health_of(address)
+        assert body["status"] == "unhealthy" and "all 2 load workers" in body["reason"]
+        ops = status_of_served(address)["operations"]
+        assert [o["kind"] for o in ops] == ["load"] * 3 and ops[0]["ageSeconds"] >= 0.5
+        store.go.set()
+        for conn in loads:
+            assert conn.getresponse().status == 404
+            conn.close()
+        assert health_of(address) == (200, {"status": "healthy"})
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+class NoSession:
+    authenticated = False
+
+
+class FakeUnlockStatus:
+    def snapshot(self):
+        return {"state": "idle", "error": None, "bytesDone": 0, "bytesTotal": 0, "images": []}
+
+
+def health_of(address):
+    conn = http.client.HTTPConnection(*address, timeout=10)
+    conn.request("GET", "/health")
+    answer = conn.getresponse()
+    result = answer.status, json.loads(answer.read())
+    conn.close()
+    return result

@@ -3,6 +3,7 @@ no byte leaves a load that its manifest does not vouch for, on every path a load
 
 import base64
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+import heap
 import security
 from aligned_io import READ_AHEAD
+from binary_split import LOAD_BUFFERS
 from devstack.wait import until
 from errors import IntegrityError, PayloadTooLarge, StorageError, UpstreamError
 from manifest import ManifestError, blob_size, small_size
@@ -440,3 +443,45 @@ def test_a_load_that_found_no_cache_uses_the_part_another_load_committed_meanwhi
     b.join(10)
     assert late["data"] == data
     assert (cache.downloads, cache.hits) == (1, 1)
+
+
+def test_a_load_holds_room_in_the_memory_budget_until_its_stream_ends_however_it_ends(sealed, s3):
+    """The buffers of all loads come from one budget: a load reserves its blocks before it streams and gives
+    them back when its stream ends: read to the end, stopped early, refused at a block, or never started."""
+    store, api, cache, data = sealed
+    budget = heap.Budget(64 * BLOCK)
+    store._memory = budget
+    held = LOAD_BUFFERS * BLOCK
+
+    plaintext = store.load("models", "m.bin")
+    assert budget.left == budget.total - held
+    assert b"".join(plaintext) == data
+    assert budget.left == budget.total
+
+    chunks = iter(store.load("models", "m.bin"))
+    next(chunks)
+    chunks.close()  # a client that went away
+    assert budget.left == budget.total
+
+    store.load("models", "m.bin")  # prepared, never streamed (its client left before the first byte)
+    until(lambda: gc.collect() is not None and budget.left == budget.total, what="the budget never came back")
+
+    flip(s3, 10)
+    cache.discard("models", "m.bin.big")
+    with pytest.raises(IntegrityError):
+        store.load("models", "m.bin")  # refused at its first block: nothing reserved stays held
+    assert budget.left == budget.total
+
+
+def test_a_load_waits_for_room_in_the_memory_budget_and_never_fails_for_it(sealed):
+    store, api, cache, data = sealed
+    store._memory = heap.Budget(LOAD_BUFFERS * BLOCK)
+    first = store.load("models", "m.bin")
+    got = []
+    second = threading.Thread(target=lambda: got.append(load(store)), daemon=True)
+    second.start()
+    second.join(0.3)
+    assert second.is_alive() and store._memory.waiting == 1
+    assert b"".join(first) == data
+    second.join(10)
+    assert got == [data]

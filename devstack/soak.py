@@ -19,6 +19,12 @@ A fault often brings the work it is meant to break: a cold load after a CDN faul
 refused POST, an unlock just before dockerd stops, an upload and loads just before the loader is killed.
 After each heal a probe of the route it broke measures how long recovery takes.
 
+Liveness: the loader runs with small deadlines (API_DEADLINE, CDN_SPEED_TIME, CLIENT_STALL_TIMEOUT), so
+trickling upstreams and clients that stop reading are faults like the others. /health is asked every
+second (a 503 is a violation: nothing the soak does may hold the loader's workers past their deadlines);
+after a heal, and once stalled clients are let go, a recovery check on a thread of its own asks /health
+and loads a model nothing else touches until it succeeds, within the loader's deadline and a margin.
+
 Every answer is judged by devstack.soak_rules. Loader kills are drawn in the first half of the run only,
 so its last incarnation lives through the whole second half: RSS and open descriptors, sampled at quiet
 checkpoints (every operation finished), are compared between that incarnation's first and last quarter.
@@ -34,6 +40,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +49,7 @@ from devstack.dockerd import import_image, remove_images
 from devstack.images import publish_images
 from devstack.loader import LoaderProcess, proc_field
 from devstack.soak_client import FOLDER, Client, KiB, MiB, content, digest_of
-from devstack.soak_faults import FAULTS, Faults
+from devstack.soak_faults import FAULTS, Faults, Liveness
 from devstack.soak_report import Report
 from devstack.soak_rules import (
     OK,
@@ -53,6 +60,7 @@ from devstack.soak_rules import (
     Verdict,
     Version,
     excused,
+    judge_health,
     judge_load,
     judge_login,
     judge_simple,
@@ -64,6 +72,15 @@ from devstack.soak_rules import (
 TAG = "azaion/soak:1"
 BENCH_SIZES = (KiB, 64 * KiB, MiB + 3, 5 * MiB, 24 * MiB, 96 * MiB, 256 * MiB)
 SMALL_SIZES = (KiB, 70_000, MiB + 3, 4 * MiB + 17, 8 * MiB)
+# Two models no operation uploads or deletes: the probe model the recovery checks load, and the one the
+# stalled clients ask for (large enough to fill the socket buffers, so the loader's sends wait).
+PROBE_SIZE = 256 * KiB + 7
+STALL_SIZE = 8 * MiB + 1
+# How often /health is asked, and how long it may take to answer (longer: no answer, a violation). Not
+# more often: each request puts the idle loader's heap trim off by half a second.
+HEALTH_EVERY = 1.0
+HEALTH_TIMEOUT = 10.0
+COLD = ("load_cold", "probe_cold")  # loads that delete the model's cached big part first
 RUNNING = ("authenticating", "downloading_key", "decrypting", "loading_images")
 
 # Relative frequencies. A burst is 3-8 loads of one model at once (each counts as an operation).
@@ -100,6 +117,14 @@ class SoakConfig:
     fault_rate: float = 0.07  # chance of a fault after each operation dispatched
     checkpoint_every: int = 40  # operations between quiet samples of RSS and descriptors
     api_timeout: float = 5.0  # the loader's API_TIMEOUT
+    # The loader's liveness settings, small so that a fault's effects end soon: API_DEADLINE (None: three
+    # tries of API_TIMEOUT and 5 s, so api_slow still meets the retries), CDN_SPEED_LIMIT (bytes/s) and
+    # CDN_SPEED_TIME, CLIENT_STALL_TIMEOUT; the liveness rules' bounds add ``liveness_margin`` seconds.
+    api_deadline: float | None = None
+    cdn_speed_limit: int = 64 * KiB
+    cdn_speed_time: float = 2.0
+    client_stall_timeout: float = 3.0
+    liveness_margin: float = 5.0
     request_timeout: float = 180.0  # the client's read timeout: longer means a hang
     unlock_timeout: float = 240.0  # an unlock still running this long after the Engine is up is stuck
     loader_env: dict = field(default_factory=dict)  # more of the loader's environment
@@ -180,8 +205,12 @@ class Soak(Faults):
         self.engine_up_since: float | None = None
         self.loader: LoaderProcess | None = None
         self.loader_errors: list[str] = []  # the loader's log lines about a 500 or a traceback
+        self.health: Counter = Counter()  # /health answers by status (None: no answer)
+        self.let_go: list[float] = []  # seconds from a stalled client's head until the loader let it go
         self._inflight: set = set()
+        self._watches: list[threading.Thread] = []
         self._stop_sampling = threading.Event()
+        self._quiet = threading.Event()  # a checkpoint samples: /health is not asked
         self._t0 = time.monotonic()
 
     # --- set-up -----------------------------------------------------------------------------------
@@ -199,14 +228,9 @@ class Soak(Faults):
             self.stack.add_user(user.email, user.password, [role])
             self.users[key] = user
         for index, size in enumerate(self.cfg.sizes):
-            name = f"soak{index}-{self.token}.bin"
-            with tempfile.TemporaryFile(dir=self.workdir) as f:
-                for chunk in content(self.cfg.seed, index, 0, size):
-                    f.write(chunk)
-                f.seek(0)
-                self.stack.publish(FOLDER, name, f)
-            digest = digest_of(content(self.cfg.seed, index, 0, size))
-            self.models.append(Model(index, name, size, [Version(0, digest, size, 0.0, 0.0, True)]))
+            self.models.append(self._publish(index, f"soak{index}-{self.token}.bin", size))
+        self.probe_model = self._publish(-2, f"soak-probe-{self.token}.bin", PROBE_SIZE)
+        self.stall_model = self._publish(-3, f"soak-stall-{self.token}.bin", STALL_SIZE)
         client = self.engine.client()
         try:
             remove_images(client, [TAG])
@@ -218,19 +242,45 @@ class Soak(Faults):
         finally:
             client.close()
         self.engine_up_since = 0.0
-        self.loader = LoaderProcess(
-            self.workdir / "loader",
-            RESOURCE_API_URL=self.stack.api_url,
-            API_TIMEOUT=self.cfg.api_timeout,
-            DOCKER_HOST=self.engine.host,
-            IMAGES_PATH=self.archive,
+        env = {
+            "RESOURCE_API_URL": self.stack.api_url,
+            "API_TIMEOUT": self.cfg.api_timeout,
+            "API_DEADLINE": self.cfg.api_deadline or self.cfg.api_timeout * 3 + 5,
+            "CDN_SPEED_LIMIT": self.cfg.cdn_speed_limit,
+            "CDN_SPEED_TIME": self.cfg.cdn_speed_time,
+            "CLIENT_STALL_TIMEOUT": self.cfg.client_stall_timeout,
+            "DOCKER_HOST": self.engine.host,
+            "IMAGES_PATH": self.archive,
             **self.cfg.loader_env,
+        }
+        self.liveness = Liveness(
+            float(env["API_DEADLINE"]),
+            float(env["CDN_SPEED_TIME"]),
+            float(env["CLIENT_STALL_TIMEOUT"]),
+            self.cfg.liveness_margin,
         )
+        self.loader = LoaderProcess(self.workdir / "loader", **env)
         self.client = Client(self.loader.url, self.cfg.request_timeout)
+        self.health_client = Client(self.loader.url, HEALTH_TIMEOUT)
         self._start_loader()
         with self.session_lock.alone():
             self._login(self.users["uploader"], bad=False, kind="login")
+        for model in (self.probe_model, self.stall_model):  # cached before any fault
+            a = self.client.load(model.name)
+            if a.status != 200 or a.digest != model.latest().digest:
+                raise RuntimeError(f"{model.name} did not load before the run: {a}")
         threading.Thread(target=self._sample_forever, daemon=True, name="soak-sampler").start()
+        self._health_watch = threading.Thread(target=self._health_forever, daemon=True, name="soak-health")
+        self._health_watch.start()
+
+    def _publish(self, index: int, name: str, size: int) -> Model:
+        with tempfile.TemporaryFile(dir=self.workdir) as f:
+            for chunk in content(self.cfg.seed, index, 0, size):
+                f.write(chunk)
+            f.seek(0)
+            self.stack.publish(FOLDER, name, f)
+        digest = digest_of(content(self.cfg.seed, index, 0, size))
+        return Model(index, name, size, [Version(0, digest, size, 0.0, 0.0, True)])
 
     def _start_loader(self) -> None:
         self.loader.start()
@@ -246,7 +296,16 @@ class Soak(Faults):
             verdict = violation(f"after the run, with every fault healed: {verdict.why}")
         with self.lock:
             self.records.append(
-                Record(kind, route, t0, t1, answer.status, verdict, model.name if model else None, final)
+                Record(
+                    kind,
+                    route,
+                    t0,
+                    t1,
+                    answer.status if answer else None,
+                    verdict,
+                    model.name if model else None,
+                    final,
+                )
             )
         return verdict
 
@@ -255,7 +314,7 @@ class Soak(Faults):
             return list(self.episodes)
 
     def _load(self, model: Model, kind: str, final: bool = False) -> Verdict:
-        if kind == "load_cold":
+        if kind in COLD:
             for suffix in (".meta", ""):  # the sidecar first: the loader then reads "not cached"
                 with contextlib.suppress(FileNotFoundError):
                     self._cache_file(model, suffix).unlink()
@@ -364,6 +423,36 @@ class Soak(Faults):
             verdict = violation("/metrics without loader_requests_total")
         return self._record(route, route, t0, t1, a, verdict)
 
+    def _health(self) -> Verdict:
+        """GET /health, judged; recorded only when it is not ok (it is asked every second)."""
+        t0 = self.now()
+        a = self.health_client.call("GET", "/health")
+        t1 = self.now()
+        verdict = judge_health(a, self._episodes(), t0, t1)
+        with self.lock:
+            self.health[a.status] += 1
+        if verdict.outcome != "ok":
+            self._record("health", "health", t0, t1, a, verdict)
+        return verdict
+
+    def _operations(self, what: str) -> int | None:
+        """How many operations on ``what`` /status lists (None: no list), the answer judged; recorded only
+        when it is not ok."""
+        t0 = self.now()
+        a = self.client.call("GET", "/status")
+        t1 = self.now()
+        verdict = judge_simple("status", a, self._episodes(), t0, t1)
+        if verdict.outcome != "ok":
+            self._record("status", "status", t0, t1, a, verdict)
+        if a.status != 200 or not isinstance(a.json, dict) or not isinstance(a.json.get("operations"), list):
+            return None
+        return sum(1 for op in a.json["operations"] if isinstance(op, dict) and op.get("what") == what)
+
+    def _health_forever(self) -> None:
+        while not self._stop_sampling.wait(HEALTH_EVERY):
+            if not self._quiet.is_set():
+                self._health()
+
     # --- dispatch ---------------------------------------------------------------------------------
 
     def _submit(self, fn, *args) -> None:
@@ -386,9 +475,33 @@ class Soak(Faults):
         self.dispatched += 1
 
     def _drain(self) -> None:
+        """Wait for every operation, and every watch, to end."""
         with self.lock:
             pending = list(self._inflight)
         wait(pending)
+        while True:
+            with self.lock:
+                watches, self._watches = self._watches, []
+            if not watches:
+                return
+            for thread in watches:
+                thread.join()
+
+    def _watch(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on a thread of its own, beside the operations and never holding one of their
+        workers: the recovery checks and the stalled clients, which must start when their fault says."""
+
+        def run():
+            try:
+                fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - a bug of the soak itself: reported, then raised
+                with self.lock:
+                    self.harness_errors.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True, name="soak-watch")
+        with self.lock:
+            self._watches.append(thread)
+        thread.start()
 
     def _pick_model(self) -> Model:
         weights = [max(1.0, 4.0 - i * 0.5) for i in range(len(self.models))]
@@ -473,15 +586,19 @@ class Soak(Faults):
         """One sample of the loader at rest: every operation finished, a second for the last downloads to
         commit and for the idle loader to trim its heap, then RSS and descriptors steady."""
         self._drain()
-        time.sleep(1.0)
-        last = sample = None
-        for _ in range(20):
-            sample = self._sample()
-            steady = last is not None and sample is not None and sample.fds == last.fds
-            if steady and abs(sample.rss_kb - last.rss_kb) < 1024:
-                break
-            last = sample
-            time.sleep(0.3)
+        self._quiet.set()
+        try:
+            time.sleep(1.0)
+            last = sample = None
+            for _ in range(20):
+                sample = self._sample()
+                steady = last is not None and sample is not None and sample.fds == last.fds
+                if steady and abs(sample.rss_kb - last.rss_kb) < 1024:
+                    break
+                last = sample
+                time.sleep(0.3)
+        finally:
+            self._quiet.clear()
         if sample is not None:
             self.checkpoints.append(sample)
 
@@ -502,6 +619,8 @@ class Soak(Faults):
                 raise self.harness_errors[0]
         finally:
             self._stop_sampling.set()
+            if getattr(self, "_health_watch", None) is not None:
+                self._health_watch.join()  # no /health in flight as the loader stops
             self.stack.clear_faults()
             self.proxy.clear_faults()
             if not self.engine.running:
@@ -540,8 +659,8 @@ class Soak(Faults):
     def _final(self) -> None:
         """Heal every fault; mend the models a failed upload left refused; every model must then load its
         last committed version, and an unlock be ready."""
-        with self.lock:
-            open_episodes = [e for e in self.episodes if e.heal is None]
+        with self.lock:  # stalled clients are let go by the loader: _drain waits for their watch
+            open_episodes = [e for e in self.episodes if e.heal is None and e.channel != "client"]
         for episode in open_episodes:
             self._heal(episode)
         self._drain()

@@ -2,10 +2,14 @@
 an on-device app would, every answer an ``Answer`` (soak_rules), never an exception.
 
 Bodies stream both ways: a load is hashed as it arrives, an upload is generated as it is sent, so a
-256 MiB model is never held whole."""
+256 MiB model is never held whole. ``StalledLoad`` is the one client that misbehaves on purpose: it reads a
+load's head and then nothing."""
 
 import hashlib
+import json
+import socket
 import uuid
+from urllib.parse import urlsplit
 
 import requests
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -101,3 +105,66 @@ class Client:
 
         headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
         return self.call("POST", f"/upload/{name}", data=body(), headers=headers)
+
+    def stalled_load(self, name: str) -> "StalledLoad":
+        return StalledLoad(self.url, name, self.timeout[1])
+
+
+class StalledLoad:
+    """A /load whose client reads the answer's head and then nothing, as an app that stopped reading: a raw
+    socket with a small receive buffer, so the loader soon finds its sends waiting. ``close`` when done."""
+
+    RECEIVE_BUFFER = 16 * KiB
+
+    def __init__(self, url: str, name: str, timeout: float):
+        self.error: str | None = None
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RECEIVE_BUFFER)  # before connect
+        self.sock.settimeout(timeout)
+        where = urlsplit(url)
+        body = json.dumps({"folder": FOLDER}).encode()
+        request = (
+            f"POST /load/{name} HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        try:
+            self.sock.connect((where.hostname, where.port))
+            self.sock.sendall(request)
+        except OSError as exc:
+            self.error = type(exc).__name__
+
+    def head(self) -> Answer:
+        """The answer's status and Content-Length (an error's JSON detail too); of a 200 nothing more is
+        read."""
+        if self.error is not None:
+            return Answer(error=self.error)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                chunk = self.sock.recv(4096)
+                if not chunk:
+                    return Answer(error="closed before the head")
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            fields = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+            headers = {k.strip().lower(): v.strip() for k, v in fields.items()}
+            length = int(headers.get("content-length", -1))
+            if status == 200:
+                return Answer(status=200, length=length, got=len(rest))
+            while len(rest) < length:
+                chunk = self.sock.recv(4096)
+                if not chunk:
+                    break
+                rest += chunk
+        except (OSError, ValueError, IndexError) as exc:
+            return Answer(error=type(exc).__name__)
+        try:
+            body = json.loads(rest)
+        except ValueError:
+            return Answer(status=status, detail=rest[:200].decode("latin-1") or None)
+        return Answer(status=status, detail=body.get("detail") if isinstance(body, dict) else None, json=body)
+
+    def close(self) -> None:
+        self.sock.close()

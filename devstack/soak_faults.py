@@ -8,51 +8,93 @@ of operations drawn with it, so a seed replays the same faults at the same point
     cdn_cut                    GETs of the soak's objects cut after 0 B..5 MiB (FIN/RST)   clearing the proxy
     cdn_503_burst              the next 2-8 CDN requests answered 503                      clearing the proxy
     cdn_truncate               GETs send the full Content-Length but half the body         clearing the proxy
+    cdn_trickle                GETs trickle at 1-4 KiB/s (below CDN_SPEED_LIMIT)           clearing the proxy
     api_slow                   1-3 calls (resources or login) answered API_TIMEOUT+1 s late clearing the API
     api_failing                calls answered 500/502/503                                  clearing the API
     api_garbage                calls answered 200 with garbage (HTML, not a JWT...)        clearing the API
+    api_trickle                calls' answers trickle at 4-16 B/s (past API_DEADLINE)      clearing the API
     upload_small_refused       every upload POST of a small part answered 500              clearing the API
     upload_manifest_refused    one POST goes through, then 500: the manifest is refused    clearing the API
     cache_altered              a bit of a cached big part flipped on disk                  the loader itself
     loader_kill                SIGKILL during an upload and loads, then a restart          restart, login
     dockerd_stop               dockerd stopped (SIGTERM) during an unlock                  starting it again
+    client_stall               1-4 /load clients read the head, then nothing               the loader itself
+
+After a heal of the CDN, the API or a kill, and once stalled clients are let go, a recovery check runs on a
+thread of its own: /health, then a load of a model nothing else touches (the probe model; the stall model
+after a stall), again until one succeeds, within the loader's deadline for what the fault held and a margin
+(``Liveness.bound``; judged by soak_rules.judge_recovery).
 """
 
 import os
 import time
+from dataclasses import dataclass
 
 from devstack.faults import GARBAGE
 from devstack.soak_client import FOLDER, KiB, MiB
-from devstack.soak_rules import Episode
+from devstack.soak_rules import Episode, judge_let_go, judge_load, judge_recovery
 
 FAULTS = {  # relative frequencies
     "cdn_cut": 3,
     "cdn_503_burst": 3,
     "cdn_truncate": 2,
+    "cdn_trickle": 2,
     "api_slow": 1.5,
     "api_failing": 2,
     "api_garbage": 2,
+    "api_trickle": 1.5,
     "upload_small_refused": 1.5,
     "upload_manifest_refused": 1.5,
     "cache_altered": 2,
     "loader_kill": 2,
     "dockerd_stop": 1,
+    "client_stall": 2,
 }
 CHANNEL = {
     "cdn_cut": "cdn",
     "cdn_503_burst": "cdn",
     "cdn_truncate": "cdn",
+    "cdn_trickle": "cdn",
     "api_slow": "api",
     "api_failing": "api",
     "api_garbage": "api",
+    "api_trickle": "api",
     "upload_small_refused": "api",
     "upload_manifest_refused": "api",
     "cache_altered": "disk",
     "loader_kill": "kill",
     "dockerd_stop": "docker",
+    "client_stall": "client",
 }
 # What runs right after a heal, to measure the recovery.
 PROBE = {"cdn": "load_cold", "api": "load_warm", "docker": "unlock"}
+# The recovery check after a heal: a load of the probe model, cold after a CDN fault (see Faults._recover).
+RECOVERY = {"cdn": "probe_cold", "api": "probe_warm", "kill": "probe_warm"}
+# The loader's constants.CDN_RESUMES: a CDN transfer that trickles is dropped and resumed that many times.
+CDN_RESUMES = 3
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """The loader's liveness settings in this soak (its environment's values) and the margin the bounds
+    add: what the soak's rules allow the loader to take before it is itself again."""
+
+    api_deadline: float  # API_DEADLINE
+    cdn_speed_time: float  # CDN_SPEED_TIME
+    client_stall_timeout: float  # CLIENT_STALL_TIMEOUT
+    margin: float
+
+    def bound(self, channel: str) -> float:
+        """Seconds after a heal of ``channel`` (for "client": after a stalled client's head) within which
+        the loader must be itself again: whatever the fault held ends by the loader's deadline for it (a
+        Resource API call; a CDN transfer's drops and resumes; a stalled client), then the margin."""
+        held = {
+            "api": self.api_deadline,
+            "kill": self.api_deadline,  # the restarted loader's first calls
+            "cdn": (CDN_RESUMES + 1) * self.cdn_speed_time,
+            "client": self.client_stall_timeout,
+        }
+        return held[channel] + self.margin
 
 
 class Faults:
@@ -70,6 +112,13 @@ class Faults:
 
     def _fault(self, kind: str) -> None:
         channel = CHANNEL[kind]
+        if kind == "client_stall":
+            # Drawn whether or not the last stall has ended: its end is the loader's doing, not the seed's.
+            n = self.rng.randint(1, 4)
+            if self._active(channel) is None:
+                episode = self._begin(kind, f"{n} /load clients of {self.stall_model.name}")
+                self._watch(self._stall_clients, episode, n)
+            return
         if self._active(channel) is not None or (kind == "loader_kill" and not self._first_half()):
             return
         rng = self.rng
@@ -94,20 +143,38 @@ class Faults:
             self._begin(kind, f"{n or 'every'} GET", lasts)
             self.proxy.truncate_next(n, method="GET", path=cdn_path)
             self._dispatch("load_cold")
-        elif kind in ("api_slow", "api_failing", "api_garbage"):
+        elif kind == "cdn_trickle":
+            # Far below CDN_SPEED_LIMIT: each trickling transfer is dropped after CDN_SPEED_TIME and resumed;
+            # with every GET trickling, the download fails once its resumes are spent.
+            rate, after, n = (
+                rng.choice([1, 2, 4]) * KiB,
+                rng.choice([0, 64 * KiB, MiB]),
+                rng.choice([1, 2, 4, None]),
+            )
+            self._begin(kind, f"{rate // KiB} KiB/s after {after} bytes, {n or 'every'} GET", lasts)
+            self.proxy.trickle_next(rate, after, n, method="GET", path=cdn_path)
+            self._dispatch("load_cold")
+        elif kind in ("api_slow", "api_failing", "api_garbage", "api_trickle"):
             route = rng.choice(["POST /resources/get*", "POST /login"])
             if kind == "api_slow":
                 # A few calls only: every call slow holds every worker for the loader's three tries.
                 count, fault = rng.choice([1, 2, 3]), {"delay": self.cfg.api_timeout + 1}
             elif kind == "api_failing":
                 count, fault = rng.choice([1, 2, 3, None]), {"status": rng.choice([500, 502, 503])}
+            elif kind == "api_trickle":
+                # The head at once, then the body at a few bytes a second: no read waits API_TIMEOUT, yet a
+                # JWT, a small part or a manifest (hundreds of bytes and more) takes longer than API_DEADLINE.
+                count, fault = rng.choice([1, 2, 3, None]), {"trickle": rng.choice([4, 8, 16])}
             else:
                 count, fault = (
                     rng.choice([1, 2, 3, None]),
                     {"status": 200, "garbage": rng.choice(sorted(GARBAGE))},
                 )
             self._begin(kind, f"{route} {fault} x{count or 'all'}", lasts)
-            self.stack.set_fault(route, count=count, **fault)
+            if kind == "api_trickle":
+                self.stack.set_trickle(route, fault["trickle"], count=count)
+            else:
+                self.stack.set_fault(route, count=count, **fault)
             if route == "POST /login":
                 self._dispatch("login")
             else:
@@ -163,6 +230,7 @@ class Faults:
             self._login(user, bad=False, kind="login_after_restart")
         episode.heal = self.now()
         self._dispatch("load_warm")
+        self._watch(self._recover, episode, RECOVERY["kill"], self.probe_model)
 
     def _stop_engine(self, lasts: int) -> None:
         """Stop dockerd, if possible during an unlock."""
@@ -189,11 +257,73 @@ class Faults:
         probe = PROBE.get(episode.channel)
         if probe:
             self._dispatch(probe)
+        if episode.channel in RECOVERY:
+            self._watch(self._recover, episode, RECOVERY[episode.channel], self.probe_model)
 
     def _heal_due(self) -> None:
-        with self.lock:
-            due = [e for e in self.episodes if e.heal is None]
+        with self.lock:  # a stalled client is let go by the loader, never by the soak
+            due = [e for e in self.episodes if e.heal is None and e.channel != "client"]
         for episode in due:
             episode.ops_left -= 1
             if episode.ops_left <= 0:
                 self._heal(episode)
+
+    # --- liveness ---------------------------------------------------------------------------------
+
+    def _recover(self, episode: Episode, kind: str, model) -> None:
+        """After ``episode`` healed: /health 200, then a ``kind`` load of ``model``, again every half second
+        until one succeeds or the bound has passed (on a watch thread)."""
+        bound = self.liveness.bound(episode.channel)
+        recovered = None
+        while recovered is None and self.now() < episode.heal + bound:
+            if self._health().outcome == "ok" and self._load(model, kind).outcome == "ok":
+                recovered = self.now()
+            else:
+                time.sleep(0.5)
+        episode.recovered = recovered
+        verdict = judge_recovery(episode, "load", recovered, bound, self._episodes())
+        self._record("recovery", "recovery", episode.heal, self.now(), None, verdict, model)
+
+    def _stall_clients(self, episode: Episode, n: int) -> None:
+        """``n`` /load clients of the stall model that read the head and then nothing (on a watch thread).
+        The loader must let them go within CLIENT_STALL_TIMEOUT and a margin of their head, answering
+        /health and /status meanwhile; then the model must load again (a recovery check). The model is
+        cached first, so the stalled loads read the disk, which no fault reaches."""
+        model = self.stall_model
+        if not self._cache_file(model, ".meta").exists():
+            self._load(model, "load_warm")
+        if not self._cache_file(model, ".meta").exists():
+            episode.detail += " (not cached: none stalled)"
+            episode.heal = self.now()
+            return
+        bound = self.liveness.bound("client")
+        t0 = self.now()
+        clients = [self.client.stalled_load(model.name) for _ in range(n)]
+        gone = None
+        try:
+            heads = [(c.head(), self.now()) for c in clients]
+            head = max((t for a, t in heads if a.status == 200), default=None)
+            if head is None:
+                gone = head = self.now()  # none stalled: nothing to let go
+            while gone is None and self.now() < head + bound + 1.0:  # a second past it shows how late
+                self._health()
+                if self._operations(f"{FOLDER}/{model.name}") == 0:
+                    gone = self.now()
+                else:
+                    time.sleep(0.25)
+        finally:
+            for c in clients:
+                c.close()
+        t1 = self.now()
+        episode.heal = t1 if gone is None else gone
+        let_go = judge_let_go(head, gone, bound, self._episodes(), t1)
+        for a, t in heads:
+            if a.status == 200:
+                self._record("load_stalled", "load", t0, t1, a, let_go, model)
+            else:
+                verdict = judge_load(model, a, self.session, self._episodes(), t0, t)
+                self._record("load_stalled", "load", t0, t, a, verdict, model)
+        if gone is not None and any(a.status == 200 for a, _ in heads):
+            with self.lock:
+                self.let_go.append(gone - head)
+        self._recover(episode, "probe_warm", model)

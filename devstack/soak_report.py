@@ -75,7 +75,8 @@ class Report:
         for e in self.soak.episodes:
             if e.heal is None or e.channel == "disk":
                 continue
-            routes = {route for route, reach in REACH.items() if e.channel in reach}
+            # A stalled client reaches no route (it must excuse nothing): its recovery is the next load.
+            routes = {route for route, reach in REACH.items() if e.channel in reach} or {"load"}
             ends = [
                 r.end
                 for r in self.soak.records
@@ -109,7 +110,7 @@ class Report:
             shown = "-" if kind not in recoveries else ("none" if took is None else f"{took:.1f} s")
             out.append(f"{kind:<26}{faults[kind]:>7}{shown:>18}")
         out += ["", f"{'route (ok answers)':<22}{'n':>7}{'p50 ms':>10}{'p99 ms':>10}"]
-        for route in REACH:
+        for route in (r for r in REACH if r != "health"):  # /health is recorded only when it fails
             times = [
                 (r.end - r.start) * 1000
                 for r in self.records
@@ -123,8 +124,19 @@ class Report:
         out += [f"{n:>7}  {reason}" for reason, n in reasons.most_common(20)]
         g = self.growth
         peak = max((x.rss_kb for x in s.samples), default=0) / 1024
+        live = s.liveness
+        checks = Counter(r.verdict.outcome for r in self.records if r.kind == "recovery")
         out += [
             "",
+            f"liveness (API_DEADLINE {live.api_deadline:g} s, CDN_SPEED_TIME {live.cdn_speed_time:g} s, "
+            f"CLIENT_STALL_TIMEOUT {live.client_stall_timeout:g} s, margin {live.margin:g} s): /health "
+            + ", ".join(
+                f"{'no answer' if k is None else k} x{n}" for k, n in sorted(s.health.items(), key=str)
+            )
+            + f"; recovery checks {sum(checks.values())} ({checks['ok']} ok, {checks['failed']} under "
+            f"another fault, {checks['violation']} late); stalled clients let go after at most "
+            f"{max(s.let_go, default=0.0):.1f} s of {len(s.let_go)} stalls (bound "
+            f"{live.bound('client'):g} s)",
             f"loader: peak RSS {peak:.0f} MB; last incarnation ({g.checkpoints} quiet checkpoints): RSS "
             f"{g.rss_first_mb:.1f} -> {g.rss_last_mb:.1f} MB, open fds {g.fds_first:.0f} -> {g.fds_last:.0f} "
             "(first quarter -> last quarter, medians)",

@@ -17,6 +17,16 @@ operation ran? The rules, operation by operation:
 - no answer at all needs the loader killed during the operation (the other faults get an answer);
 - a 401 needs a moment without a session (the loader restarted and not yet logged in again), or bad
   credentials at ``/login``; a 403 needs a role that may not upload.
+
+Liveness (contract section "Liveness"): no fault may hang the loader.
+
+- ``/health`` answers 200 under every fault; a 503 (every worker of a pool held past its deadline) is a
+  violation whatever is active: the soak's faults all end within the loader's deadlines;
+- a ``/load`` client that reads nothing is let go (its load gone from ``/status``'s operations) within
+  ``CLIENT_STALL_TIMEOUT`` and a margin of the moment it got its answer's head;
+- after a fault heals, ``/health`` answers 200 and a probe (a load of a model nothing else changes)
+  succeeds within a bound (the loader's deadline for what the fault held, and a margin), unless another
+  fault that reaches the probe was active meanwhile.
 """
 
 import threading
@@ -35,6 +45,7 @@ REACH = {
     "unlock": frozenset({"api", "docker", "kill"}),
     "status": frozenset({"kill"}),
     "metrics": frozenset({"kill"}),
+    "health": frozenset({"kill"}),
 }
 UPSTREAM_FAILURES = (502, 504)
 UPLOAD_ROLES = frozenset({"Admin", "ResourceUploader", "ApiAdmin"})
@@ -125,7 +136,7 @@ class Episode:
     """One fault, from its injection to its heal."""
 
     kind: str
-    channel: str  # cdn | api | kill | docker | disk
+    channel: str  # cdn | api | kill | docker | disk | client
     start: float
     detail: str = ""
     heal: float | None = None
@@ -269,3 +280,65 @@ def judge_simple(route: str, a: Answer, episodes: list[Episode], t0: float, t1: 
     if a.status is None:
         return _common(route, a, episodes, t0, t1)
     return violation(f"{a.status} from /{route}: {a.detail}")
+
+
+def judge_health(a: Answer, episodes: list[Episode], t0: float, t1: float) -> Verdict:
+    """``/health``: 200 ``{"status": "healthy"}``, whatever fault is active. A 503 says a pool's every
+    worker is held past its deadline: no fault the soak throws lasts past the loader's deadlines (a Resource
+    API call ends within API_DEADLINE, a CDN transfer that trickles is dropped after CDN_SPEED_TIME, a
+    stalled client is let go after CLIENT_STALL_TIMEOUT), so it is a violation under any of them. No answer
+    needs a kill, as for every route."""
+    if a.status == 200:
+        if a.json == {"status": "healthy"}:
+            return OK
+        return violation(f"/health 200 with {a.json!r}")
+    if a.status == 503:
+        reason = a.json.get("reason") if isinstance(a.json, dict) else a.json
+        return violation(f"/health 503, the loader stuck past its deadlines: {reason}")
+    if a.status is None:
+        return _common("health", a, episodes, t0, t1)
+    return violation(f"{a.status} from /health: {a.detail}")
+
+
+def judge_let_go(
+    head: float, gone: float | None, bound: float, episodes: list[Episode], t1: float
+) -> Verdict:
+    """Clients that read a load's head (the last at ``head``) and then nothing must be let go within
+    ``bound`` seconds (CLIENT_STALL_TIMEOUT and a margin): ``gone`` is when ``/status`` first listed none of
+    their loads (None: not until ``t1``, the end of the watch). No fault excuses a late let-go (a stalled
+    client's load reads a cached part, and no fault reaches the cache); a loader killed meanwhile lets
+    every client go, but may leave ``/status`` unanswered to the end of the watch."""
+    if gone is not None and gone - head <= bound:
+        return OK
+    if killed(episodes, head, t1):
+        return failed("the loader was killed while clients were stalled")
+    if gone is None:
+        return violation(f"stalled clients not let go {t1 - head:.1f} s after their head (bound {bound:g} s)")
+    return violation(f"stalled clients let go {gone - head:.1f} s after their head, past {bound:g} s")
+
+
+def judge_recovery(
+    episode: Episode, route: str, recovered: float | None, bound: float, episodes: list[Episode]
+) -> Verdict:
+    """After ``episode`` healed, ``/health`` answers 200 and a probe of ``route`` succeeds within ``bound``
+    seconds: ``recovered`` is the end of the first probe that did (None: none did). Only another fault that
+    reaches ``route`` and was active in that time excuses a late recovery: the healed one itself does not,
+    nor a fault that cannot reach the route."""
+    end = episode.heal + bound
+    if recovered is not None and recovered <= end:
+        return OK
+    others = sorted(
+        {
+            e.kind
+            for e in episodes
+            if e is not episode and e.channel in REACH[route] and e.overlaps(episode.heal, end)
+        }
+    )
+    took = (
+        "no probe succeeded"
+        if recovered is None
+        else f"the first probe succeeded {recovered - episode.heal:.1f} s after"
+    )
+    if others:
+        return failed(f"{episode.kind} healed: {took}, under {' + '.join(others)}")
+    return violation(f"{episode.kind} healed: {took} (bound {bound:g} s)")

@@ -13,8 +13,11 @@ from devstack.soak_rules import (
     Session,
     User,
     Version,
+    judge_health,
+    judge_let_go,
     judge_load,
     judge_login,
+    judge_recovery,
     judge_simple,
     judge_upload,
 )
@@ -149,6 +152,66 @@ def test_logins_and_the_simple_routes():
     assert outcome(judge_login(Answer(status=502), UPLOADER, False, api, 1.0, 2.0)) == "failed"
     assert outcome(judge_simple("status", Answer(status=200), [], 1.0, 2.0)) == "ok"
     assert outcome(judge_simple("metrics", Answer(status=502), api, 1.0, 2.0)) == "violation"
+
+
+def test_health_is_200_under_every_fault_and_a_503_is_always_a_violation():
+    healthy = Answer(status=200, json={"status": "healthy"})
+    stuck = Answer(status=503, json={"status": "unhealthy", "reason": "all 64 load workers are held"})
+    faults = [
+        Episode("api_trickle", "api", 0.0),
+        Episode("cdn_trickle", "cdn", 0.0),
+        Episode("client_stall", "client", 0.0),
+        Episode("loader_kill", "kill", 0.0),
+    ]
+    assert outcome(judge_health(healthy, [], 1.0, 2.0)) == "ok"
+    assert outcome(judge_health(healthy, faults, 1.0, 2.0)) == "ok"
+    assert outcome(judge_health(stuck, [], 1.0, 2.0)) == "violation"
+    assert outcome(judge_health(stuck, faults, 1.0, 2.0)) == "violation"  # no fault excuses a stuck loader
+    assert "all 64 load workers" in judge_health(stuck, faults, 1.0, 2.0).why
+    assert outcome(judge_health(Answer(status=200, json={"status": "x"}), [], 1.0, 2.0)) == "violation"
+    assert outcome(judge_health(Answer(status=500), faults, 1.0, 2.0)) == "violation"
+    gone = Answer(error="ReadTimeout")
+    assert outcome(judge_health(gone, faults[:3], 1.0, 2.0)) == "violation"  # only a kill excuses silence
+    assert outcome(judge_health(gone, faults, 1.0, 2.0)) == "failed"
+
+
+def test_stalled_clients_must_be_let_go_within_their_bound_whatever_else_is_active():
+    # heads at 10 s, bound 8 s (CLIENT_STALL_TIMEOUT 3 s and a margin of 5 s), watched until 19 s
+    assert outcome(judge_let_go(10.0, 13.5, 8.0, [], 19.0)) == "ok"
+    assert outcome(judge_let_go(10.0, 18.0, 8.0, [], 19.0)) == "ok"
+    assert outcome(judge_let_go(10.0, 18.5, 8.0, [], 19.0)) == "violation"  # let go, but late
+    assert outcome(judge_let_go(10.0, None, 8.0, [], 19.0)) == "violation"  # never let go
+    upstream = [cdn_fault(0.0, None), Episode("api_trickle", "api", 0.0), Episode("x", "client", 0.0)]
+    assert outcome(judge_let_go(10.0, None, 8.0, upstream, 19.0)) == "violation"  # no fault excuses it
+    assert outcome(judge_let_go(10.0, 18.5, 8.0, upstream, 19.0)) == "violation"
+    # a loader killed meanwhile drops every client, and /status may not answer to the end of the watch
+    kill = Episode("loader_kill", "kill", 12.0, heal=14.0)
+    assert outcome(judge_let_go(10.0, None, 8.0, [kill], 19.0)) == "failed"
+    assert outcome(judge_let_go(10.0, None, 8.0, [Episode("loader_kill", "kill", 1.0, heal=3.0)], 19.0)) == (
+        "violation"  # a kill long before the stall excuses nothing
+    )
+
+
+def test_after_a_heal_the_loader_must_recover_within_its_bound():
+    healed = Episode("api_trickle", "api", 0.0, heal=10.0)
+    assert outcome(judge_recovery(healed, "load", 10.5, 25.0, [healed])) == "ok"
+    assert outcome(judge_recovery(healed, "load", 35.0, 25.0, [healed])) == "ok"
+    # the healed fault itself excuses nothing (its grace window covers the start of the bound)
+    assert outcome(judge_recovery(healed, "load", 35.5, 25.0, [healed])) == "violation"
+    assert outcome(judge_recovery(healed, "load", None, 25.0, [healed])) == "violation"
+    # another fault reaching the probe while the loader should recover does
+    cdn = cdn_fault(20.0, 30.0)
+    assert outcome(judge_recovery(healed, "load", None, 25.0, [healed, cdn])) == "failed"
+    assert outcome(judge_recovery(healed, "load", 40.0, 25.0, [healed, cdn])) == "failed"
+    # ... but not one that ended before the heal, nor one that cannot reach a load, nor a stalled client
+    over = cdn_fault(0.0, 10.0 - GRACE - 1)
+    docker = Episode("dockerd_stop", "docker", 12.0)
+    stall = Episode("client_stall", "client", 12.0, heal=15.0)
+    assert outcome(judge_recovery(healed, "load", None, 25.0, [healed, over, docker, stall])) == "violation"
+    # a stalled client's own recovery: the next load within the stall bound
+    stall.heal = 15.0
+    assert outcome(judge_recovery(stall, "load", 16.0, 8.0, [stall])) == "ok"
+    assert outcome(judge_recovery(stall, "load", None, 8.0, [stall])) == "violation"
 
 
 @pytest.mark.parametrize("size", [0, 1, 1024 * 1024, 1024 * 1024 + 3])

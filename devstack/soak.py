@@ -455,21 +455,23 @@ class Soak(Faults):
 
     # --- dispatch ---------------------------------------------------------------------------------
 
-    def _submit(self, fn, *args) -> None:
-        def run():
-            try:
-                fn(*args)
-            except BaseException as exc:  # noqa: BLE001 - a bug of the soak itself: reported, then raised
-                with self.lock:
-                    self.harness_errors.append(exc)
+    def _guarded(self, fn, *args) -> None:
+        """``fn(*args)`` on a worker or watch thread; its exception (a bug of the soak itself) is kept for the
+        report."""
+        try:
+            fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - a bug of the soak itself: reported, then raised
+            with self.lock:
+                self.harness_errors.append(exc)
 
+    def _submit(self, fn, *args) -> None:
         while True:
             with self.lock:
                 self._inflight = {f for f in self._inflight if not f.done()}
                 if len(self._inflight) < self.cfg.concurrency:
                     break
             wait(list(self._inflight), return_when=FIRST_COMPLETED)
-        future = self.pool.submit(run)
+        future = self.pool.submit(self._guarded, fn, *args)
         with self.lock:
             self._inflight.add(future)
         self.dispatched += 1
@@ -490,15 +492,7 @@ class Soak(Faults):
     def _watch(self, fn, *args) -> None:
         """Run ``fn(*args)`` on a thread of its own, beside the operations and never holding one of their
         workers: the recovery checks and the stalled clients, which must start when their fault says."""
-
-        def run():
-            try:
-                fn(*args)
-            except BaseException as exc:  # noqa: BLE001 - a bug of the soak itself: reported, then raised
-                with self.lock:
-                    self.harness_errors.append(exc)
-
-        thread = threading.Thread(target=run, daemon=True, name="soak-watch")
+        thread = threading.Thread(target=self._guarded, args=(fn, *args), daemon=True, name="soak-watch")
         with self.lock:
             self._watches.append(thread)
         thread.start()

@@ -14,3 +14,27 @@ def until(condition, timeout=10, what="the condition never came true", every=0.0
             raise TimeoutError(what() if callable(what) else what)
         time.sleep(every)
     return result
+
+
+def bounded(call, timeout, what="the call did not end in time"):
+    """``call()``'s result, run on a thread of its own that must end within ``timeout`` seconds: a call that
+    hangs (an open() of a FIFO, say) raises AssertionError(what) instead of hanging the caller (the thread is
+    left behind, a daemon). The call's own exception is raised here."""
+    import threading
+
+    result = {}
+
+    def run():
+        try:
+            result["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True, name="bounded")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise AssertionError(f"{what} (within {timeout} s)")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

@@ -4,34 +4,19 @@ a FIFO never blocks the open."""
 import errno
 import fcntl
 import os
-import threading
 
 import pytest
 
 import aligned_io
 from aligned_io import NotRegularFile, open_direct, open_reader
+from devstack import wait
 
 BOUND = 10  # seconds an open may take here before it counts as hung
 
 
 def bounded(call):
-    """``call()`` on a thread that must end within BOUND seconds (an open() blocked on a FIFO would not);
-    its result, or its exception raised here."""
-    result = {}
-
-    def run():
-        try:
-            result["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - raised again in the test
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(BOUND)
-    assert not thread.is_alive(), f"the open did not end within {BOUND} s"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+    """``call()``'s result; an open that blocks (on a FIFO) fails the test instead of hanging it."""
+    return wait.bounded(call, BOUND, "the open did not end")
 
 
 def open_fds():

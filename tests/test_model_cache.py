@@ -8,12 +8,12 @@ import logging
 import os
 import shutil
 import stat
-import threading
 from pathlib import Path
 
 import pytest
 
 from constants import MAX_SIDECAR_BYTES
+from devstack import wait
 from tests.store_fakes import BLOCK, load, make_store, publish
 
 SIZE = 5 * BLOCK + 5000  # a big part of six blocks, the last one short
@@ -21,23 +21,8 @@ BOUND = 20  # seconds a load may take here before it counts as hung
 
 
 def bounded(call, timeout=BOUND):
-    """``call()``'s result, run on a thread of its own that must end within ``timeout`` seconds: a load
-    that hangs (in an open() of a FIFO, say) fails the test instead of hanging it."""
-    result = {}
-
-    def run():
-        try:
-            result["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - raised again in the test
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True, name="bounded-load")
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), f"the load did not end within {timeout} s"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+    """``call()``'s result; a load that hangs (in an open() of a FIFO, say) fails the test instead."""
+    return wait.bounded(call, timeout, "the load did not end")
 
 
 def release_fifo(path):

@@ -63,7 +63,7 @@ def quick(call, bound=5.0):
 def test_twenty_clients_that_stop_reading_cost_bounded_memory_and_are_let_go(tmp_path, stack, proxy, user):
     """Reliability: 20 /load clients that stop reading | buffers from one budget (others wait, never fail);
     each cut off after CLIENT_STALL_TIMEOUT; /health, /login and another model's load answer meanwhile;
-    RSS back near where it was"""
+    the peak RSS bounded by the budget and what the heap keeps free (837 MB for 20 such clients before)"""
     big, other = model_name("stall"), model_name("other")
     data = os.urandom(96 * MiB)
     stack.publish("models", big, data)

@@ -124,6 +124,24 @@ def test_deep_json_login_answer_is_502_without_a_traceback(liveness_loader, api_
     assert_no_traceback(liveness_loader)
 
 
+def test_a_manifest_nested_100000_deep_is_502_without_a_traceback(liveness_loader, stack, user):
+    """Reliability: the Resource API serves a manifest nested 100,000 deep (under its 8 MiB cap) | 502 "the
+    manifest of <folder>/<name> is not valid: JSON nested deeper than 32" before any parsing recursion; no
+    traceback (a RecursionError, a 500, before); the next load of a sound manifest works"""
+    n = model_name("deep")
+    data = os.urandom(100_000)
+    stack.publish("models", n, data)
+    assert liveness_loader.login(user, PASSWORD).status_code == 200
+    sound = stack.manifest("models", n)
+    stack.put_manifest("models", n, b"[" * 100_000 + b"]" * 100_000)
+    r = liveness_loader.load(n, "models")
+    assert r.status_code == 502, r.text
+    assert r.json()["detail"] == f"the manifest of models/{n} is not valid: JSON nested deeper than 32"
+    stack.put_manifest("models", n, sound)
+    assert liveness_loader.load(n, "models").content == data
+    assert_no_traceback(liveness_loader)
+
+
 @pytest.mark.parametrize("garbage", ["jwt_exp_inf", "jwt_exp_nan"])
 def test_jwt_whose_exp_is_no_time_is_502(liveness_loader, api_faults, user, garbage):
     """Reliability: Resource API signs in with a JWT whose exp is 1e999 or NaN | 502 "is not valid: its JWT's

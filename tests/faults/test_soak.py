@@ -19,10 +19,11 @@ def test_short_soak_loses_nothing(tmp_path, stack, cdn_proxy, private_dockerd):
     logins of every role, unlocks, /status, /metrics) with faults drawn at random between them: the CDN cut
     mid-transfer, 503 bursts, truncated bodies, the Resource API slow, failing or answering garbage, an
     upload's small-part or manifest POST refused, a cached file altered, the loader killed and restarted,
-    dockerd stopped and started, the CDN or the API trickling, clients that stop reading | no violation: every whole 200 load is a version an upload committed,
-    every upload answered 200 loads afterwards, no 500, failures only while a fault is active, no unlock
-    left running, /health never 503, stalled clients let go and every heal followed by a working load within
-    its bound; with the faults healed every model loads and an unlock is ready"""
+    dockerd stopped and started, the CDN or the API trickling, clients that stop reading | no violation:
+    every whole 200 load is a version an upload committed, every upload answered 200 loads afterwards,
+    no 500, failures only while a fault is active, no unlock left running, /health never 503, stalled
+    clients let go and every heal followed by a working load within its bound; with the faults healed
+    every model loads and an unlock is ready"""
     config = SoakConfig(
         seed=SEED, ops=150, sizes=SMALL_SIZES, unlock_mib=4, fault_rate=0.15, checkpoint_every=30
     )

@@ -423,7 +423,7 @@ def test_health_is_503_with_a_reason_once_every_load_worker_is_held_past_its_dea
     import workers
 
     store = StuckStore()
-    pools = workers.Pools(workers.Pool("load", 2, 0.5, per_key=2), workers.Pool("login", 1, 5))
+    pools = workers.Pools(workers.Pool("load", 2, 2.0, per_key=2), workers.Pool("login", 1, 5))
     main.use_services(
         lambda s: fake_services(store=store, workers=pools, api=NoSession(), unlock_status=FakeUnlockStatus())
     )
@@ -439,7 +439,7 @@ def test_health_is_503_with_a_reason_once_every_load_worker_is_held_past_its_dea
         code, body = health_of(address)
         assert body["status"] == "unhealthy" and "all 2 load workers" in body["reason"]
         ops = status_of_served(address)["operations"]
-        assert [o["kind"] for o in ops] == ["load"] * 3 and ops[0]["ageSeconds"] >= 0.5
+        assert [o["kind"] for o in ops] == ["load"] * 3 and ops[0]["ageSeconds"] >= 2.0
         store.go.set()
         for conn in loads:
             assert conn.getresponse().status == 404

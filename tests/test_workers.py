@@ -50,19 +50,19 @@ def test_the_calls_of_one_key_take_at_most_per_key_threads_and_leave_the_rest_to
 
 
 def test_a_pool_is_unhealthy_only_when_every_thread_is_held_past_the_deadline():
-    pool = workers.Pool("login", 2, 0.3)
+    pool = workers.Pool("login", 2, 1.0)
     stuck = threading.Event()
 
     async def main():
         first = await _started(pool, stuck, "one")
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.2)
         assert pool.unhealthy() is None  # one thread of two is held: the pool still serves
         second = await _started(pool, stuck, "two")
-        await asyncio.sleep(0.1)
-        assert pool.unhealthy() is None  # both held, but the second not yet past the deadline
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.05)
+        assert pool.busy == 2 and pool.unhealthy() is None  # both held, the second not past the deadline
+        await asyncio.sleep(1.1)
         reason = pool.unhealthy()
-        assert reason is not None and "all 2 login workers" in reason and "0.3 s" in reason
+        assert reason is not None and "all 2 login workers" in reason and "1 s" in reason
         pools = workers.Pools(pool, workers.Pool("load", 1, 10))
         assert pools.unhealthy() == reason
         stuck.set()

@@ -85,8 +85,6 @@ class Services:
     ``Services.from_settings`` makes (or a test's fakes, through ``use_services``)."""
 
     def __init__(self, *, api, cache, store, unlock_status, unlocker, workers=None):
-        import workers as pools
-
         import read_ahead
         import upload_form
 
@@ -96,10 +94,7 @@ class Services:
         self.unlock_status = unlock_status
         self.unlocker = unlocker
         # The threads of the blocking work, a pool for each kind (see workers.pyx), and the operations.
-        self.workers = workers or pools.Pools(
-            pools.Pool("load", LOAD_WORKERS, 300, per_key=LOAD_WORKERS_PER_RESOURCE),
-            pools.Pool("login", LOGIN_WORKERS, 60),
-        )
+        self.workers = workers or worker_pools()
         self._receive_upload = upload_form.receive_upload
         self._read_ahead = read_ahead.ReadAhead
         self.bytes_loaded = 0
@@ -107,8 +102,6 @@ class Services:
 
     @classmethod
     def from_settings(cls, s: Settings) -> "Services":
-        import workers
-
         import api_client
         import binary_split
         import cdn_manager
@@ -163,10 +156,7 @@ class Services:
             unlocker=binary_split.Unlocker(
                 resource_api(), unlock_status, s.images_path, s.unlock_images.split(), s.docker_host
             ),
-            workers=workers.Pools(
-                workers.Pool("load", LOAD_WORKERS, load_deadline, per_key=LOAD_WORKERS_PER_RESOURCE),
-                workers.Pool("login", LOGIN_WORKERS, s.api_deadline + 5),
-            ),
+            workers=worker_pools(load_deadline, s.api_deadline + 5),
         )
 
     @staticmethod
@@ -276,6 +266,18 @@ LOAD_AHEAD = 2
 LOAD_WORKERS = 64
 LOAD_WORKERS_PER_RESOURCE = 4
 LOGIN_WORKERS = 4
+
+
+def worker_pools(load_deadline: float = 300.0, login_deadline: float = 60.0):
+    """The pools of the blocking work (workers.pyx), each with the seconds a call may hold a thread before
+    /health counts it stuck."""
+    import workers
+
+    return workers.Pools(
+        workers.Pool("load", LOAD_WORKERS, load_deadline, per_key=LOAD_WORKERS_PER_RESOURCE),
+        workers.Pool("login", LOGIN_WORKERS, login_deadline),
+    )
+
 
 # On a stop, how long the downloads in flight may take to commit (a load ends with its last byte; the hash
 # and the commit of its big part follow). Docker waits 10 s before it kills.

@@ -5,6 +5,7 @@ import asyncio
 import threading
 
 import pytest
+
 import workers
 
 

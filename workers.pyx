@@ -27,15 +27,17 @@ _ids = itertools.count(1)
 
 
 class Operation:
-    """One call in progress: its ``kind`` (the pool's name), ``what`` it works on, and when it started."""
+    """One call in progress: its ``kind`` (the pool's name), ``what`` it works on, when it started, and
+    since when it holds a thread of its pool (None while it waits for one)."""
 
-    __slots__ = ("id", "kind", "what", "started")
+    __slots__ = ("id", "kind", "what", "started", "holding")
 
     def __init__(self, kind, what):
         self.id = next(_ids)
         self.kind = kind
         self.what = what
         self.started = time.monotonic()
+        self.holding = None
 
     def age(self, now=None):
         return (time.monotonic() if now is None else now) - self.started
@@ -55,7 +57,8 @@ class Pool:
         self.size = size
         self.deadline = float(deadline)
         self.per_key = per_key
-        self._limiter = None  # made on the event loop, by the first call
+        self._threads = asyncio.Semaphore(size)  # the pool's threads: a call holds one while it runs
+        self._limiter = None  # anyio's, for run_sync (never waited on: the semaphore is taken first)
         self._running = {}  # Operation.id -> Operation, holding a thread or waiting for one
         self._keys = {}  # key -> [asyncio.Semaphore, calls of that key running or waiting]
 
@@ -65,12 +68,12 @@ class Pool:
         self._running[op.id] = op
         try:
             if key is None or self.per_key is None:
-                return await self._call(fn, args)
+                return await self._call(op, fn, args)
             gate = self._keys.setdefault(key, [asyncio.Semaphore(self.per_key), 0])
             gate[1] += 1
             try:
                 async with gate[0]:
-                    return await self._call(fn, args)
+                    return await self._call(op, fn, args)
             finally:
                 gate[1] -= 1
                 if not gate[1]:
@@ -78,31 +81,32 @@ class Pool:
         finally:
             del self._running[op.id]
 
-    async def _call(self, fn, args):
-        if self._limiter is None:
-            self._limiter = CapacityLimiter(self.size)
-        return await run_sync(fn, *args, limiter=self._limiter)
+    async def _call(self, op, fn, args):
+        async with self._threads:
+            if self._limiter is None:
+                self._limiter = CapacityLimiter(self.size)  # anyio makes it on the event loop
+            op.holding = time.monotonic()
+            try:
+                return await run_sync(fn, *args, limiter=self._limiter)
+            finally:
+                op.holding = None
 
     @property
     def busy(self):
         """Threads of this pool in use now."""
-        return 0 if self._limiter is None else self._limiter.borrowed_tokens
+        return sum(op.holding is not None for op in self._running.values())
 
     def operations(self):
         return list(self._running.values())
 
     def unhealthy(self):
         """Why this pool cannot serve (every thread held past the deadline), or None."""
-        if self.busy < self.size:
-            return None
         now = time.monotonic()
-        ages = sorted((op.age(now) for op in self._running.values()), reverse=True)
-        # The threads are held by the oldest calls: a call waiting for a thread is younger than any holder.
-        held = ages[:self.size]
-        if len(held) < self.size or held[-1] <= self.deadline:
+        held = [now - op.holding for op in self._running.values() if op.holding is not None]
+        if len(held) < self.size or min(held) <= self.deadline:
             return None
         return (f"all {self.size} {self.name} workers are held past their deadline of {self.deadline:g} s "
-                f"(the oldest for {held[0]:.0f} s)")
+                f"(the oldest for {max(held):.0f} s)")
 
 
 class Pools:

@@ -96,3 +96,23 @@ def test_operations_list_every_call_in_progress_the_oldest_first_with_its_age():
 def test_a_pool_needs_a_thread():
     with pytest.raises(ValueError):
         workers.Pool("load", 0, 1)
+
+
+def test_a_call_waiting_for_its_resource_never_counts_as_a_stuck_thread():
+    """Only calls that hold a thread count: a load of a resource whose threads are taken waits on the event
+    loop, and however long it waits, the pool is not stuck while another resource's load has just begun."""
+    pool = workers.Pool("load", 2, 1.0, per_key=1)
+    stuck = threading.Event()
+
+    async def main():
+        held = await _started(pool, stuck, "a1", key="a")
+        waiting = await _started(pool, stuck, "a2", key="a")  # no thread: a's one is taken
+        await asyncio.sleep(1.2)
+        fresh = await _started(pool, stuck, "b1", key="b")
+        await asyncio.sleep(0.05)
+        assert pool.busy == 2 and len(pool.operations()) == 3
+        assert pool.unhealthy() is None  # a2 is old, but it holds no thread; b1 has just begun
+        stuck.set()
+        await asyncio.gather(held, waiting, fresh)
+
+    run(main())

@@ -63,6 +63,7 @@ from common import MIB  # noqa: E402
 
 from constants import CDN_RESUME_BACKOFF, CDN_RESUMES  # noqa: E402
 from devstack import crypto  # noqa: E402
+from devstack.cache_damage import link_folder_outside, snapshot  # noqa: E402
 from devstack.faultproxy import FaultProxy  # noqa: E402
 from devstack.loader import LoaderProcess, proc_field  # noqa: E402
 from devstack.split import ensure_bucket  # noqa: E402
@@ -726,14 +727,7 @@ def damaged_cache(b):
     b.loader.stop()
     folder = b.cache_dir() / "models"
     outside = b.work / "outside"
-    shutil.move(folder, outside)
-    raw = bytearray((outside / (name + ".big")).read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    (outside / (name + ".big")).write_bytes(bytes(raw))
-    (outside / "keep.txt").write_bytes(b"not the loader's")
-    (outside / f"{name}.big.0123.part").write_bytes(b"not the loader's either")
-    folder.symlink_to(outside, target_is_directory=True)
-    before = snapshot(outside)
+    before = link_folder_outside(folder, outside, name)
     b.loader.start()
     b.login().raise_for_status()
     with HealthWatch(b.loader) as health:
@@ -749,20 +743,6 @@ def damaged_cache(b):
         "-",
         health,
     )
-
-
-def snapshot(root):
-    """Every entry below ``root``: its kind, and a file's digest or a link's target."""
-    out = {}
-    for p in sorted(Path(root).rglob("*")):
-        key = str(p.relative_to(root))
-        if p.is_symlink():
-            out[key] = ("link", os.readlink(p))
-        elif p.is_file():
-            out[key] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
-        else:
-            out[key] = ("dir", None)
-    return out
 
 
 def upload_two_folders(b):

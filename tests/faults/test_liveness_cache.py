@@ -6,12 +6,12 @@ a 400 and publishes nothing."""
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import botocore.exceptions
 import pytest
 
+from devstack.cache_damage import link_folder_outside, snapshot
 from devstack.wait import until
 from tests.faults.conftest import PASSWORD, MiB, model_name
 
@@ -29,18 +29,17 @@ def cdn_big(stack, name, folder="models"):
     return stack.s3_admin_client().get_object(Bucket=folder, Key=name + ".big")["Body"].read()
 
 
-def snapshot(root):
-    """Every entry below ``root``: its kind, and a file's bytes or a link's target."""
-    out = {}
-    for p in sorted(Path(root).rglob("*")):
-        key = str(p.relative_to(root))
-        if p.is_symlink():
-            out[key] = ("link", os.readlink(p))
-        elif p.is_file():
-            out[key] = ("file", p.read_bytes())
-        else:
-            out[key] = ("dir", None)
-    return out
+def cached_model(stack, loader, user):
+    """A 6 MiB model published, loaded once by ``user`` and committed to the loader's cache: its name, its
+    bytes and its big part."""
+    data = os.urandom(6 * MiB)
+    n = model_name("liveness")
+    stack.publish("models", n, data)
+    big = cdn_big(stack, n)
+    assert loader.login(user, PASSWORD).status_code == 200
+    loaded(loader, n, data)
+    loader.cached_big_part("models", n)
+    return n, data, big
 
 
 def cached_afresh(loader, name, big):
@@ -123,25 +122,12 @@ def test_a_symlinked_bucket_folder_is_replaced_nothing_outside_changes(tmp_path,
     Reliability: a cache folder that is a symlink to a folder outside | the link replaced by a real folder,
     200 byte-identical, nothing outside the cache read, written or deleted
     """
-    data = os.urandom(6 * MiB)
-    n = model_name("liveness")
-    stack.publish("models", n, data)
-    big = cdn_big(stack, n)
-    assert loader.login(user, PASSWORD).status_code == 200
-    loaded(loader, n, data)
-    loader.cached_big_part("models", n)
+    n, data, big = cached_model(stack, loader, user)
     loader.stop()
 
     folder = Path(loader.env["MODEL_CACHE_DIR"]) / "models"
     outside = tmp_path / "outside"
-    shutil.move(folder, outside)
-    raw = bytearray((outside / (n + ".big")).read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    (outside / (n + ".big")).write_bytes(bytes(raw))
-    (outside / "keep.txt").write_bytes(b"not the loader's")
-    (outside / f"{n}.big.0123.part").write_bytes(b"not the loader's either")
-    folder.symlink_to(outside, target_is_directory=True)
-    before = snapshot(outside)
+    before = link_folder_outside(folder, outside, n)
 
     loader.start()
     assert loader.login(user, PASSWORD).status_code == 200
@@ -159,14 +145,8 @@ def test_a_fifo_in_the_cache_never_hangs_a_load(stack, loader, user, which):
     Reliability: a FIFO where a cached .big or .meta should be | 200 byte-identical within seconds, the
     part fetched again (the load hung in open() for good before)
     """
-    data = os.urandom(6 * MiB)
-    n = model_name("liveness")
-    stack.publish("models", n, data)
-    big = cdn_big(stack, n)
-    assert loader.login(user, PASSWORD).status_code == 200
-    loaded(loader, n, data)
+    n, data, big = cached_model(stack, loader, user)
     path = Path(loader.env["MODEL_CACHE_DIR"]) / "models" / (n + which)
-    loader.cached_big_part("models", n)
     path.unlink()
     os.mkfifo(path)
     try:

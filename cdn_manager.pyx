@@ -27,6 +27,13 @@ returns. The watchdog's lock guards the heap and each transfer's window, pause a
 thread alone writes a transfer's count of bytes read (no lock). Nothing is called under that lock but the
 socket's getsockopt and shutdown and the caller's ``stop`` (which must take no lock of its own), so it
 comes last in any lock order.
+
+The bandwidth cap (contract section 8): one Throttle, shared by every CdnManager of the process, paces the
+reads of every download body so that all of them together keep to ``CDN_MAX_BYTES_PER_S``; a thread waits
+for its turn with the transfer's window paused, so a cap below the progress rule's limit never gets a
+transfer dropped. Uploads and loads from the cache are not capped. The Throttle's lock is a leaf lock too:
+nothing but the clock is called under it, and no thread sleeps holding it; it is never taken together with
+the watchdog's.
 """
 
 import heapq
@@ -73,6 +80,13 @@ SPEED_TIME = 30.0
 TCP_BYTES_RECEIVED = 128
 MAX_PIECE = 256 * 1024
 PIECES_PER_WINDOW = 8
+# The bandwidth cap: a capped body is read in pieces of an eighth of a second's bytes (at least
+# THROTTLE_MIN_PIECE, at most THROTTLE_MAX_PIECE), each after its turn, so the bytes come in evenly and the
+# connection's TCP window, not a burst and then a silence, holds the sender back. A thread waiting for its
+# turn looks at its ``stop`` (and at the rate, which may change) this often.
+THROTTLE_MIN_PIECE = 64 * 1024
+THROTTLE_MAX_PIECE = 1024 * 1024
+THROTTLE_POLL = 0.1
 # Values in the CDN's answers: an ETag is sent back in If-Match, so it is printable ASCII, and short.
 MAX_ETAG = 1024
 # cdn.yaml: a region is a name as botocore takes it; keys and secrets are printable and short.
@@ -240,15 +254,92 @@ class ObjectInfo:
         self.etag = etag
 
 
+def _checked_rate(rate):
+    if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
+        raise ValueError(f"a bandwidth cap is a whole number of bytes a second, 0 (none) or more: {rate!r}")
+    return rate
+
+
+class Throttle:
+    """A cap of ``rate`` bytes a second (0: none) on all the reads of the threads that ``take`` from it,
+    together, however many they are: the process's one cap on its CDN downloads (contract section 8).
+
+    One schedule serves every taker: ``_next`` is when the bytes granted so far are paid for at the rate.
+    A ``take`` moves it on by its own bytes' time and waits until then, so takers are served in the order
+    they came, each after the one before, and the bytes granted over any stretch of time come to its
+    length times the rate (plus the burst below).
+
+    The burst: a take may reach back up to BURST seconds before now, so a thread that was briefly busy
+    between takes (reading, its caller holding a step, a late wake-up) loses none of the rate. The price:
+    after a pause of BURST seconds or more, ``rate * BURST`` bytes more than the rate may go through at once.
+
+    ``set_rate`` applies at once, to the turns already given too (what a waiting take still owes is
+    owed at the new rate, from its next look at the clock); a rate of 0 lets every waiting take go. A take
+    whose ``stop`` turns true returns early, raising nothing (its caller checks ``stop``); the turn it
+    took is not given back (its bytes count as read).
+
+    The lock guards the schedule alone: nothing but ``clock`` is called under it and no thread sleeps
+    holding it (a leaf lock). With no cap, ``take`` returns without taking it."""
+
+    BURST = 0.05  # seconds
+
+    def __init__(self, rate=0, clock=time.monotonic, sleep=time.sleep):
+        self._rate = _checked_rate(rate)
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._next = float("-inf")
+
+    @property
+    def rate(self):
+        return self._rate
+
+    def set_rate(self, rate):
+        rate = _checked_rate(rate)
+        with self._lock:
+            now = self._clock()
+            if self._rate and rate and self._next > now:
+                self._next = now + (self._next - now) * self._rate / rate
+            self._rate = rate
+
+    def take(self, n, stop=None):
+        """Wait until ``n`` more bytes may be read (or ``stop()`` is true: looked at every THROTTLE_POLL
+        seconds at least while waiting)."""
+        rate = self._rate
+        if not rate or n <= 0:
+            return
+        with self._lock:
+            now = self._clock()
+            self._next = max(self._next, now - self.BURST) + n / rate
+            until = self._next
+        while True:
+            now = self._clock()
+            if now >= until or (stop is not None and stop()):
+                return
+            current = self._rate
+            if current != rate:  # set_rate: the rest of the wait at the new rate
+                if not current:
+                    return
+                until = now + (until - now) * rate / current
+                rate = current
+                continue
+            self._sleep(min(THROTTLE_POLL, until - now))
+
+
+def _throttled_piece(rate):
+    return max(THROTTLE_MIN_PIECE, min(THROTTLE_MAX_PIECE, rate // 8))
+
+
 class CdnManager:
     """S3 operations with the downloader and uploader clients (injected, or built from a CdnConfig).
 
     ``speed_limit`` (bytes a second; 0: off) and ``speed_time`` (seconds) are the progress rule of
-    ``fill``; ``resumes`` and ``resume_backoff`` how a transfer that broke off is resumed."""
+    ``fill``; ``resumes`` and ``resume_backoff`` how a transfer that broke off is resumed; ``throttle``
+    the process's bandwidth cap on downloads (a Throttle shared by every CdnManager; None: no cap)."""
 
     def __init__(self, config=None, *, download_client=None, upload_client=None, chunk_size=CHUNK_SIZE,
                  part_size=UPLOAD_PART, resumes=CDN_RESUMES, resume_backoff=CDN_RESUME_BACKOFF,
-                 speed_limit=SPEED_LIMIT, speed_time=SPEED_TIME):
+                 speed_limit=SPEED_LIMIT, speed_time=SPEED_TIME, throttle=None):
         if download_client is None or upload_client is None:
             if config is None:
                 raise ValueError("a CdnConfig or both clients are required")
@@ -262,6 +353,7 @@ class CdnManager:
         self.resume_backoff = resume_backoff
         self.speed_limit = int(speed_limit)
         self.speed_time = float(speed_time)
+        self.throttle = throttle
 
     def head(self, bucket, key):
         what = f"{bucket}/{key}"
@@ -314,9 +406,14 @@ class CdnManager:
         double that is no socket) is read in pieces of an eighth of a window's bytes and judged at their
         ends: a link at the limit is still never dropped, one below 7/8 of it always is.
 
+        The bandwidth cap: with a ``throttle`` whose rate is above 0, each read first waits its turn
+        (``throttle.take`` of the bytes it is about to read), and reads are pieces of an eighth of a
+        second's bytes (64 KiB to 1 MiB); without one, they stay whole buffers. The wait is no part of any
+        window, as a held step is not: a cap below ``speed_limit`` never gets a transfer dropped.
+
         ``stop``, when given, is asked (a callable, taking no lock) at the end of each piece, at each
-        window's end and before each resume: once true, the transfer gives up with an UpstreamError (the
-        caller's download has failed).
+        window's end, while waiting for the cap and before each resume: once true, the transfer gives up
+        with an UpstreamError (the caller's download has failed).
         """
         end = info.size if end is None else end
         what = f"{bucket}/{key}"
@@ -325,6 +422,7 @@ class CdnManager:
         cdef Py_ssize_t want, got, step
         cdef Py_ssize_t piece = len(buf)
         cdef int resumes = 0
+        throttle = self.throttle
         while pos + n < end:
             r = self._get(bucket, key, info.etag, pos + n, end)
             body = r["Body"]
@@ -343,6 +441,16 @@ class CdnManager:
                 while pos + n < end:
                     want = min(len(buf), end - pos)
                     step = min(want, n + piece)
+                    rate = throttle.rate if throttle is not None else 0
+                    if rate:
+                        step = min(step, n + _throttled_piece(rate))
+                        if transfer is not None:
+                            watchdog.pause(transfer)
+                        throttle.take(step - n, stop)
+                        if transfer is not None:
+                            watchdog.resume(transfer)
+                        if stop is not None and stop():
+                            raise UpstreamError(f"the CDN transfer of {what} was stopped")
                     if sock is not None:
                         got = sock.readinto(buf[n:step])
                     else:

@@ -1,16 +1,17 @@
-"""cdn_manager's liveness: the progress rule of fill (a CDN that trickles), the range checks of what the
-CDN answers, and the checks of cdn.yaml.
+"""cdn_manager's liveness: the progress rule of fill (a CDN that trickles), the bandwidth cap (Throttle, on
+a clock of the test's), the range checks of what the CDN answers, and the checks of cdn.yaml.
 
 The trickles go through devstack's FaultProxy in front of a fake S3 on a loopback port (the real botocore
 clients, a real socket for the watchdog to shut down); bodies that are no socket come from moto's S3."""
 
+import math
 import os
 import threading
 import time
 
 import pytest
 
-from cdn_manager import CdnConfig, CdnManager, ObjectInfo
+from cdn_manager import THROTTLE_POLL, CdnConfig, CdnManager, ObjectInfo, Throttle
 from constants import MAX_RESOURCE_BYTES
 from devstack.faultproxy import FaultProxy
 from errors import UpstreamError, UpstreamTimeout
@@ -18,6 +19,7 @@ from tests.fakes import STALL, ApiServer
 from tests.store_fakes import WrappedClient
 
 KIB = 1024
+MIB = 1024 * KIB
 ETAG = '"e1"'
 
 
@@ -195,6 +197,255 @@ def test_a_body_that_is_no_socket_is_judged_at_the_end_of_its_pieces(s3, limit):
         assert first == "bytes=0-4095" and resumed == f"bytes={at}-4095" and 0 < at < len(data)
     else:  # the rule is off
         assert slow.gets == ["bytes=0-4095"]
+
+
+# --- the bandwidth cap --------------------------------------------------------------------------------
+
+
+class VirtualClock:
+    """Time for a Throttle that passes only when each of the test's ``threads`` sleeps: it then jumps to
+    the earliest wake. The takers' schedule is so exact, and the test takes no time."""
+
+    def __init__(self, threads=1):
+        self.now = 0.0
+        self.sleeps = []
+        self._threads = threads
+        self._asleep = []  # [wake] of each sleeping thread
+        self._cond = threading.Condition()
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        with self._cond:
+            self.sleeps.append(seconds)
+            me = [self.now + seconds]
+            self._asleep.append(me)
+            self._advance()
+            while any(s is me for s in self._asleep):
+                self._cond.wait()
+
+    def done(self):
+        """The calling thread takes no more part (it will not sleep again)."""
+        with self._cond:
+            self._threads -= 1
+            self._advance()
+
+    def _advance(self):
+        if self._asleep and len(self._asleep) == self._threads:
+            self.now = max(self.now, min(wake for (wake,) in self._asleep))
+            self._asleep = [s for s in self._asleep if s[0] > self.now]
+            self._cond.notify_all()
+
+
+def run_takers(throttle, clock, takes):
+    """Each of ``takes`` (one list of sizes per thread) taken in turn on a thread of its own: every take's
+    (time it returned, thread, size), in the order they returned."""
+    got = []
+
+    def taker(i, sizes):
+        try:
+            for n in sizes:
+                throttle.take(n)
+                got.append((clock(), i, n))
+        finally:
+            clock.done()
+
+    threads = [threading.Thread(target=taker, args=(i, sizes)) for i, sizes in enumerate(takes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    return sorted(got)
+
+
+def test_a_throttle_keeps_one_taker_to_its_rate():
+    clock = VirtualClock()
+    throttle = Throttle(1_000_000, clock=clock, sleep=clock.sleep)
+    got = run_takers(throttle, clock, [[100_000] * 30])
+    # after the burst, each take waits for its bytes' time at the rate
+    assert [t for t, _, _ in got] == pytest.approx([k * 0.1 - Throttle.BURST for k in range(1, 31)])
+    assert max(clock.sleeps) <= THROTTLE_POLL
+
+
+@pytest.mark.parametrize("threads", [2, 5])
+def test_a_throttle_shares_its_rate_among_all_its_takers_in_turn(threads):
+    """Two (or five) threads each taking 4 MiB at a time against 20 MB/s: 20 MB/s together, each in turn."""
+    rate, n = 20_000_000, 4 * MIB
+    clock = VirtualClock(threads)
+    throttle = Throttle(rate, clock=clock, sleep=clock.sleep)
+    got = run_takers(throttle, clock, [[n] * (30 // threads)] * threads)
+    assert [t for t, _, _ in got] == pytest.approx([k * n / rate - Throttle.BURST for k in range(1, 31)])
+    last = got[-1][0]
+    assert last > 6  # a few seconds of takes
+    assert sum(n for _, _, n in got) / last == pytest.approx(rate, rel=0.02)
+    order = [i for _, i, _ in got]
+    assert order == order[:threads] * (30 // threads)  # each thread in turn, none twice in a row
+    assert sorted(order[:threads]) == list(range(threads))
+
+
+def test_a_throttle_without_a_cap_never_waits_nor_looks_at_the_clock():
+    def never():
+        raise AssertionError("looked at the clock")
+
+    throttle = Throttle(0, clock=never, sleep=lambda s: never())
+    for n in (1, 10**12, 10**15):
+        throttle.take(n)
+    assert throttle.rate == 0
+
+
+def test_a_new_rate_applies_to_the_next_takes():
+    clock = VirtualClock()
+    throttle = Throttle(1000, clock=clock, sleep=clock.sleep)
+    throttle.take(1000)
+    throttle.take(1000)
+    assert clock.now == pytest.approx(2 - Throttle.BURST)
+    throttle.set_rate(4000)
+    assert throttle.rate == 4000
+    throttle.take(1000)
+    assert clock.now == pytest.approx(2.25 - Throttle.BURST)
+    throttle.set_rate(0)
+    throttle.take(10**9)
+    assert clock.now == pytest.approx(2.25 - Throttle.BURST)
+
+
+@pytest.mark.parametrize("rate, until", [(1000, 0.3 + 0.1 + 0.95 * 100 / 1000), (0, 0.3 + 0.1)])
+def test_a_new_rate_applies_to_a_take_already_waiting(rate, until):
+    """A take of 100 bytes at 100 bytes a second waits 0.95 s; at 0.3 s the rate goes up tenfold (or the
+    cap goes): the take sees it within THROTTLE_POLL and owes the rest at the new rate (or nothing)."""
+    clock = VirtualClock(2)
+    throttle = Throttle(100, clock=clock, sleep=clock.sleep)
+    returned = []
+
+    def taker():
+        try:
+            throttle.take(100)
+            returned.append(clock())
+        finally:
+            clock.done()
+
+    def setter():
+        try:
+            clock.sleep(0.3)
+            throttle.set_rate(rate)
+        finally:
+            clock.done()
+
+    threads = [threading.Thread(target=taker), threading.Thread(target=setter)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(returned) == 1 and 0.3 < returned[0] <= until + 1e-9
+
+
+def test_a_take_told_to_stop_returns_within_a_poll():
+    clock = VirtualClock()
+    throttle = Throttle(100, clock=clock, sleep=clock.sleep)
+    throttle.take(10_000, stop=lambda: clock.now >= 1.0)  # would wait about 100 s
+    assert 1.0 <= clock.now <= 1.0 + THROTTLE_POLL + 1e-9
+    assert max(clock.sleeps) <= THROTTLE_POLL
+
+
+@pytest.mark.parametrize("rate", [-1, 1.5, 1e6, "1000", None, True])
+def test_a_throttle_refuses_a_rate_that_is_no_whole_number_of_bytes(rate):
+    with pytest.raises(ValueError):
+        Throttle(rate)
+    throttle = Throttle(1000)
+    with pytest.raises(ValueError):
+        throttle.set_rate(rate)
+    assert throttle.rate == 1000
+
+
+class CountingThrottle(Throttle):
+    """A cap whose every take is counted, and granted at once."""
+
+    def __init__(self, rate):
+        super().__init__(rate)
+        self.taken = []
+
+    def take(self, n, stop=None):
+        self.taken.append(n)
+
+
+class ReadsCounted(WrappedClient):
+    """Records the size of every read of every GET's body (moto's: no socket)."""
+
+    def __init__(self, client):
+        super().__init__(client)
+        self.reads = []
+
+    def wrap(self, body):
+        return _Counted(body, self.reads)
+
+
+class _Counted:
+    def __init__(self, body, reads):
+        self._body, self._reads = body, reads
+
+    def read(self, amt=None):
+        data = self._body.read(amt)
+        self._reads.append(len(data))
+        return data
+
+    def close(self):
+        self._body.close()
+
+
+@pytest.mark.parametrize("rate, piece", [(200_000, 64 * KIB), (4_000_000, 500_000), (10**9, MIB)])
+def test_fill_takes_from_the_throttle_every_byte_it_reads_before_reading_it(s3, rate, piece):
+    data = os.urandom(9 * MIB + 123)
+    s3.put_object(Bucket="models", Key="x.big", Body=data)
+    client = ReadsCounted(s3)
+    throttle = CountingThrottle(rate)
+    cdn = CdnManager(download_client=client, upload_client=s3, speed_limit=0, throttle=throttle)
+    buf = memoryview(bytearray(4 * MIB))
+    assert collect(cdn.fill("models", "x.big", cdn.head("models", "x.big"), buf), buf) == data
+    assert (
+        throttle.taken + [0] == client.reads
+    )  # one take for each read, of its size (the last finds the end)
+    assert sum(throttle.taken) == len(data) and max(throttle.taken) == piece
+    assert len(throttle.taken) == sum(math.ceil(b / piece) for b in (4 * MIB, 4 * MIB, MIB + 123))
+
+
+def test_fill_takes_every_byte_it_reads_from_a_socket(proxied_cdn):
+    data = os.urandom(3 * MIB + 5)
+    throttle = CountingThrottle(4_000_000)
+    cdn, proxy = proxied_cdn(data, throttle=throttle)
+    buf = memoryview(bytearray(2 * MIB))
+    assert collect(cdn.fill("models", "x.big", cdn.head("models", "x.big"), buf), buf) == data
+    assert sum(throttle.taken) == len(data) and max(throttle.taken) == 500_000
+    assert len(gets(proxy)) == 1
+
+
+def test_fill_without_a_cap_reads_whole_buffers_and_takes_nothing(s3):
+    data = os.urandom(9 * MIB + 123)
+    s3.put_object(Bucket="models", Key="x.big", Body=data)
+    client = ReadsCounted(s3)
+    throttle = CountingThrottle(0)
+    cdn = CdnManager(download_client=client, upload_client=s3, speed_limit=0, throttle=throttle)
+    buf = memoryview(bytearray(4 * MIB))
+    assert collect(cdn.fill("models", "x.big", cdn.head("models", "x.big"), buf), buf) == data
+    assert throttle.taken == []
+    assert client.reads == [4 * MIB, 4 * MIB, MIB + 123, 0]  # the last finds the end
+
+
+@pytest.mark.parametrize("socket", [True, False])
+def test_a_wait_for_the_cap_is_no_slow_link(proxied_cdn, s3, socket):
+    """A cap of half the progress rule's limit: each take waits longer than a window, yet the transfer is
+    never dropped (with no resumes, a drop would be an UpstreamTimeout)."""
+    data = os.urandom(160 * KIB)
+    options = dict(speed_limit=256 * KIB, speed_time=0.3, resumes=0, throttle=Throttle(128 * KIB))
+    if socket:
+        cdn, proxy = proxied_cdn(data, **options)
+    else:
+        s3.put_object(Bucket="models", Key="x.big", Body=data)
+        cdn = CdnManager(download_client=s3, upload_client=s3, **options)
+    buf = memoryview(bytearray(160 * KIB))
+    assert collect(cdn.fill("models", "x.big", cdn.head("models", "x.big"), buf), buf) == data
+    if socket:
+        assert len(gets(proxy)) == 1
 
 
 # --- what the CDN answers ---------------------------------------------------------------------------

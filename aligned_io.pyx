@@ -172,9 +172,9 @@ def _read_block(job, long long index, buf):
             got = source.block(index, end, WAIT_STEP)
             if got is True:
                 break
-            if got is not False:
-                held = got[:end - start]
-                return held, _digest(hasher, held), got
+            if got is not False:  # (buffer, digest): the writer hashed the block as it came
+                held, digest = got
+                return held[:end - start], digest, held
             if cancelled.is_set():
                 return None, None, None
     view, digest = read_hashed(fd, buf, start, end - start, hasher)
@@ -192,8 +192,9 @@ def read_blocks(int fd, long long size, Py_ssize_t block_size, hasher, long long
     thread took a warm 1 GiB load 1.25 s, as long as the disk and the hash added up.
 
     ``source``, when given, is the writer of a file still being written (a download). ``source.block(index,
-    end, timeout)`` waits up to ``timeout`` seconds for block ``index`` (ending at ``end``): it answers a
-    buffer that holds the block (handed over in memory: no disk read), True once the block is in the file,
+    end, timeout)`` waits up to ``timeout`` seconds for block ``index`` (ending at ``end``): it answers
+    ``(buffer, digest)`` for a block handed over in memory (no disk read, and no second hash: the writer
+    hashed it as it came), True once the block is in the file,
     False when neither came yet, and raises the writer's failure when the block never will come. A buffer
     handed over goes back with ``source.give_back(buffer)`` once the caller is done with the block.
 

@@ -36,7 +36,7 @@ log = logging.getLogger("loader.split")
 
 # Decrypted chunks of the image archive waiting to be sent to the Docker Engine, at most.
 PIPELINE_DEPTH = 4
-# Blocks of buffers a streaming load holds at most, reserved from the loads' memory budget (heap.loads):
+# Blocks of buffers a streaming load holds at most, reserved from the one memory budget (heap.buffers):
 # the read-ahead ring (READ_AHEAD + 1), the decrypted chunks waiting to be sent (main.LOAD_AHEAD, 2), the
 # one its worker decrypted and waits to hand over, and the one in the server's buffer for the client.
 LOAD_BUFFERS = READ_AHEAD + 1 + 4
@@ -81,7 +81,7 @@ class ModelStore:
     def __init__(self, api, cache, cdn_factory=None, max_upload=None, require_manifest=False,
                  block_size=MANIFEST_BLOCK_SIZE, memory=None):
         self._api = api
-        self._memory = heap.loads if memory is None else memory  # the buffers of every load streaming
+        self._memory = heap.buffers if memory is None else memory  # the buffers of every load and download
         self._cache = cache
         self._cdn_factory = cdn_factory or (lambda text: CdnManager(CdnConfig.from_yaml(text)))
         self._cdn_key = None
@@ -122,6 +122,41 @@ class ModelStore:
         Before this returns, the small part and the big part's first block have been checked (and, for a
         format-1 part, the blob's last block decrypted), so a mismatch is still an error status. Every
         later block is checked before any plaintext that depends on it is handed out."""
+        what, small, sealed = self._resolve(folder, name)
+        big_key = name + BIG_SUFFIX
+        if sealed is None:
+            size, key, big = self._open_format1(folder, big_key, what, small)
+        else:
+            key = sealed.key
+
+            def check(big_size, tail):
+                # The verified last block's padding must give the manifest's size.
+                if _plaintext_size(key, small, big_size, tail) != sealed.size:
+                    raise IntegrityError(f"{what} decrypts to another size than its manifest says")
+
+            _, big = self._cache.open(folder, big_key, self.cdn(), self._expect(what, small, sealed, check))
+            size = sealed.size
+        # Room for this load's buffers, waited for (never a failure): all loads and downloads together stay
+        # within the one budget. Taken once the part is open (a download it starts has its own first
+        # buffer by then, so the loads that hold room always have a download that moves); held until the
+        # stream ends; a load refused before it streams gives it back at once.
+        try:
+            memory = self._memory.reserve(LOAD_BUFFERS * (self._cache.block_size if sealed is None
+                                                          else sealed.block_size))
+        except BaseException:
+            big.close()
+            raise
+        try:
+            chunks = self._decrypt(folder, big_key, key, small, _primed(big), size, memory)
+        except BaseException:
+            memory.release()
+            raise
+        plaintext = Plaintext(size, chunks)
+        weakref.finalize(plaintext, memory.release)  # a load whose stream never started
+        return plaintext
+
+    def _resolve(self, folder, name):
+        """``(what, small part, Manifest or None)`` of a resource, checked against each other."""
         validate_folder(folder)
         validate_name(name)
         self._api.credentials()
@@ -135,36 +170,41 @@ class ModelStore:
             raw = manifest.result()
         except NotFound:
             raw = None
-        big_key = name + BIG_SUFFIX
         sealed = None if raw is None else Manifest.parse(raw, what)
         if sealed is not None:
             sealed.check_small(small, what)
-        # Room for this load's buffers, waited for (never a failure): all loads together stay within the
-        # budget. Held until the stream ends; a load refused before it streams gives it back at once.
-        memory = self._memory.reserve(LOAD_BUFFERS * (self._cache.block_size if sealed is None
-                                                      else sealed.block_size))
+        return what, small, sealed
+
+    @staticmethod
+    def _expect(what, small, sealed, check=None):
+        return Expect(what, sealed.big_size(len(small)), sealed.blocks, sealed.identity, sealed.block_size, check)
+
+    def prefetch(self, folder, name):
+        """Stage a resource's big part in the cache ahead of need (contract section 8.4): ``(200, status)``
+        when it is cached already, ``(202, status)`` of the download started or joined."""
+        what, small, sealed = self._resolve(folder, name)
+        if sealed is None and self.require_manifest:
+            raise IntegrityError(f"{what} has no manifest (format 1), and REQUIRE_MANIFEST refuses that")
+        expect = Expect(what) if sealed is None else self._expect(what, small, sealed)
+        return self._cache.prefetch(folder, name + BIG_SUFFIX, self.cdn(), expect)
+
+    def resume_prefetches(self):
+        """After a login: prefetch again what a restart interrupted, without an app asking again. Never
+        raises: a prefetch that fails now is logged, and its part stays for the next try."""
         try:
-            if sealed is None:
-                size, key, big = self._open_format1(folder, big_key, what, small)
-            else:
-                key = sealed.key
-
-                def check(big_size, tail):
-                    # The verified last block's padding must give the manifest's size.
-                    if _plaintext_size(key, small, big_size, tail) != sealed.size:
-                        raise IntegrityError(f"{what} decrypts to another size than its manifest says")
-
-                expect = Expect(what, sealed.big_size(len(small)), sealed.blocks, sealed.identity,
-                                sealed.block_size, check)
-                _, big = self._cache.open(folder, big_key, self.cdn(), expect)
-                size = sealed.size
-            chunks = self._decrypt(folder, big_key, key, small, _primed(big), size, memory)
-        except BaseException:
-            memory.release()
-            raise
-        plaintext = Plaintext(size, chunks)
-        weakref.finalize(plaintext, memory.release)  # a load whose stream never started
-        return plaintext
+            interrupted = self._cache.interrupted_prefetches()
+        except OSError as exc:
+            log.warning("could not look for interrupted prefetches: %s", exc.strerror)
+            return
+        for folder, key in interrupted:
+            name = key[:-len(BIG_SUFFIX)] if key.endswith(BIG_SUFFIX) else key
+            try:
+                self.prefetch(folder, name)
+                log.info("resumed the prefetch of %s/%s that a restart interrupted", folder, name)
+            except LoaderError as exc:
+                log.warning("could not resume the prefetch of %s/%s: %s", folder, name, exc.detail)
+            except Exception as exc:  # noqa: BLE001 - runs on a thread of its own after a login
+                log.warning("could not resume the prefetch of %s/%s (%s)", folder, name, type(exc).__name__)
 
     def _open_format1(self, folder, big_key, what, small):
         """(size, key, blocks) of a resource uploaded before manifests: under the resource key, checked
@@ -257,6 +297,7 @@ class ModelStore:
             _fsync_file(part)  # written through the page cache: most of it is on disk by now
             self._cache.commit(folder, big_key, part, ObjectInfo(parts.big_size, etag), parts.identity,
                                parts.blocks, parts.block_size)
+            self._cache.fit(folder, big_key)  # within the disk budget
         except OSError as exc:
             log.warning("uploaded %s/%s, but could not keep it in the cache: %s", folder, name,
                         storage_error(exc, "it").detail)

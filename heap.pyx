@@ -1,6 +1,6 @@
 # cython: language_level=3, embedsignature=True
 """The process heap: glibc malloc's parameters for the loader, handing the memory loads and uploads freed
-back to the OS once the loader is idle, and the one budget the buffers of all loads come from.
+back to the OS once the loader is idle, and the one budget the buffers of all loads and downloads come from.
 
 Both answer what the soak found: the loader's RSS at rest climbing over a run while nothing leaked, because
 glibc keeps freed chunks in its arenas. Elsewhere than glibc both are no-ops.
@@ -89,11 +89,16 @@ memory = MemoryTrim()
 
 
 class Budget:
-    """Bytes of buffers that loads may hold at once, shared by threads. ``reserve(n)`` waits until ``n``
-    bytes are free (a request larger than the whole budget takes the whole budget), so however many loads
-    run, their buffers stay within ``total``: a load waits for room, it never fails for it. Each load
-    holds its reservation until its stream ends or is cut off, which a client that stops reading cannot
-    put off for longer than the client stall time."""
+    """Bytes of buffers that loads and downloads may hold at once, shared by threads (the one budget of
+    contract section 8: loads' read-ahead and decrypt buffers, downloads' fetch buffers, and the blocks
+    handed over from one to the other).
+
+    ``reserve(n)`` waits until ``n`` bytes are free (a request larger than the whole budget takes the whole
+    budget): however many loads run, their buffers stay within ``total``; a load waits for room, it never
+    fails for it. ``try_take(n)`` takes room only when it is free and nobody waits for it: what helps but is
+    not needed (a second fetcher, a block held for a load) never keeps room from a load that needs it. Each
+    holder keeps its reservation until its stream or download ends, which a client that stops reading
+    cannot put off for longer than the client stall time."""
 
     def __init__(self, total):
         self._cond = threading.Condition()
@@ -106,15 +111,26 @@ class Budget:
             self.total = int(total)
             self._cond.notify_all()
 
-    def reserve(self, n):
-        """A Reservation of ``n`` bytes (at most the whole budget), once they are free."""
+    def reserve(self, n, wait=True):
+        """A Reservation of ``n`` bytes (at most the whole budget), once they are free; ``wait=False`` takes
+        them at once, even beyond the budget (for the rare holder that must not wait: a load mid-stream whose
+        cached part failed and that must start a download)."""
         n = max(0, min(int(n), self.total))
         with self._cond:
-            self.waiting += 1
-            try:
-                self._cond.wait_for(lambda: self.left >= n)
-            finally:
-                self.waiting -= 1
+            if wait:
+                self.waiting += 1
+                try:
+                    self._cond.wait_for(lambda: self.left >= n)
+                finally:
+                    self.waiting -= 1
+            self.left -= n
+        return Reservation(self, n)
+
+    def try_take(self, n):
+        """A Reservation of ``n`` bytes when they are free and no holder waits for room; else None."""
+        with self._cond:
+            if self.waiting or self.left < n:
+                return None
             self.left -= n
         return Reservation(self, n)
 
@@ -140,5 +156,5 @@ class Reservation:
             self._budget._give(n)
 
 
-# The buffers of every load streaming at once (main.py sizes it from LOAD_MEMORY_BYTES).
-loads = Budget(160 * 1024 * 1024)
+# The buffers of every load and download at once (main.py sizes it from LOAD_MEMORY_BYTES).
+buffers = Budget(128 * 1024 * 1024)

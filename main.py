@@ -48,7 +48,10 @@ class Settings(BaseSettings):
     cdn_speed_limit: int = 16 * 1024  # a CDN transfer slower than this many bytes a second ...
     cdn_speed_time: float = 30.0  # ... for this many seconds is dropped and resumed, at last 504
     client_stall_timeout: float = 60.0  # a /load client that reads nothing this long is cut off
-    load_memory_bytes: int = 160 * 1024**2  # the buffers of all loads streaming at once
+    load_memory_bytes: int = 128 * 1024**2  # the one budget of the buffers of loads, downloads and hand-over
+    cdn_max_bytes_per_s: int = Field(0, ge=0)  # all CDN downloads together; 0: no cap
+    model_cache_max_bytes: int = Field(0, ge=0)  # the cache's committed parts at most; 0: the disk decides
+    model_cache_min_free_bytes: int = Field(1024**3, ge=0)  # a download never leaves less free on the disk
     max_upload_bytes: int = 20 * 1024**3
     max_json_bytes: int = 64 * 1024
     require_manifest: bool = False
@@ -106,13 +109,15 @@ class Services:
         import binary_split
         import cdn_manager
         import constants
+        import download
         import hardware_service
         import model_cache
         import unlock_state
 
         cdn_manager.warm_up()  # the CDN clients a login makes are then quick
         hardware = hardware_service.HardwareService()
-        heap.loads.resize(s.load_memory_bytes)
+        heap.buffers.resize(s.load_memory_bytes)
+        throttle = cdn_manager.Throttle(s.cdn_max_bytes_per_s)  # one cap for all CDN downloads together
 
         def resource_api():
             """A session of its own with the Resource API."""
@@ -125,7 +130,9 @@ class Services:
 
         def cdn(text):
             config = cdn_manager.CdnConfig.from_yaml(text)
-            return cdn_manager.CdnManager(config, speed_limit=s.cdn_speed_limit, speed_time=s.cdn_speed_time)
+            return cdn_manager.CdnManager(
+                config, speed_limit=s.cdn_speed_limit, speed_time=s.cdn_speed_time, throttle=throttle
+            )
 
         # How long a worker may be held before the loader counts it stuck: a load makes two Resource API
         # calls in turn at most (the session's cdn.yaml, then its parts), may wait for a CDN download's
@@ -134,7 +141,7 @@ class Services:
         cdn_stall = (constants.CDN_RESUMES + 1) * 2 * s.cdn_speed_time + 2
         load_deadline = 2 * s.api_deadline + cdn_stall + s.client_stall_timeout + 30
         api = resource_api()
-        cache = model_cache.BigPartCache(s.model_cache_dir)
+        cache = model_cache.BigPartCache(s.model_cache_dir, config=download.TransferConfig.from_settings(s))
         engine = 2 * constants.ENGINE_TIMEOUT
         unlock_status = unlock_state.UnlockStatus(
             deadlines={
@@ -168,9 +175,12 @@ class Services:
     def authenticate(self, email: str, password: str):
         creds = self.credentials(email, password)
         user = self.api.login(creds)
-        # cdn.yaml and the CDN clients, ready before the first load asks for them
-        threading.Thread(target=self.store.prepare, daemon=True, name="cdn-prepare").start()
+        threading.Thread(target=self._after_login, daemon=True, name="cdn-prepare").start()
         return user
+
+    def _after_login(self):
+        self.store.prepare()  # cdn.yaml and the CDN clients, ready before the first load asks for them
+        self.store.resume_prefetches()  # then the prefetches a restart interrupted go on
 
     async def upload(self, name: str, headers, body, limit: int) -> int:
         """Stage, encrypt and publish the multipart ``body`` as it arrives; returns the plaintext size."""
@@ -186,6 +196,15 @@ class Services:
         return await self.workers.load.run(
             self.store.load, folder, name, what=f"{folder}/{name}"[:300], key=(folder, name)
         )
+
+    async def prefetch(self, folder: str, name: str):
+        """Start or join the download of a big part into the cache: (200 or 202, its download status)."""
+        return await self.workers.load.run(
+            self.store.prefetch, folder, name, what=f"{folder}/{name}"[:300], key=(folder, name)
+        )
+
+    def downloads(self):
+        return {"downloads": self.cache.transfers(), "cache": self.cache.usage()}
 
     async def login(self, email: str, password: str):
         return await self.workers.login.run(self.authenticate, email, password, what="login")
@@ -522,6 +541,25 @@ async def load(filename: str, body: LoadRequest, svc: Svc):
     )
 
 
+@routes.post(
+    "/prefetch/{filename:path}",
+    status_code=202,
+    responses={
+        200: {"description": "The big part is already cached and current: its status, state cached."},
+        202: {"description": "The status of the download started, or joined (contract section 8)."},
+        **errors_for(400, 401, 404, 422, 502, 504, 507),
+    },
+)
+async def prefetch(filename: str, body: LoadRequest, svc: Svc):
+    code, download = await svc.prefetch(body.folder, filename)
+    return JSONResponse(download, status_code=code)
+
+
+@routes.get("/downloads", responses=errors_for(507))
+async def downloads(svc: Svc):  # off the event loop: the cache's usage reads the disk
+    return await run_in_threadpool(svc.downloads)
+
+
 @routes.post("/upload/{filename:path}", responses=errors_for(400, 401, 403, 422, 502, 504, 507))
 async def upload(filename: str, request: Request, svc: Svc):
     size = await svc.upload(filename, request.headers, request.stream(), settings().max_upload_bytes)
@@ -540,7 +578,7 @@ async def unlock_status(svc: Svc):
 
 @routes.get("/metrics", response_class=PlainTextResponse)
 async def metrics_text(_svc: Svc):  # built (off the event loop) before the scrape reads its counters
-    body, content_type = metrics().render()
+    body, content_type = await run_in_threadpool(metrics().render)  # the cache's usage reads the disk
     return Response(body, media_type=content_type)
 
 
@@ -588,7 +626,10 @@ def main() -> None:
     import uvicorn
 
     heap.tune_malloc()  # first, while this is the only thread
-    s = settings()
+    try:
+        s = settings()
+    except ValueError as exc:  # pydantic's ValidationError names each setting and why
+        raise SystemExit(f"invalid configuration: {exc}") from None
     configure_logging(s.log_level)
     uvicorn.run(
         app,

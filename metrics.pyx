@@ -36,8 +36,8 @@ class Metrics:
 
 
 class ServiceCounters:
-    """A custom collector: the counters of the loads, uploads, cache and unlock, as they are at the
-    scrape."""
+    """A custom collector: the counters of the loads, uploads, cache, downloads and unlock, as they are at
+    the scrape."""
 
     def __init__(self, services):
         self._services = services
@@ -53,6 +53,20 @@ class ServiceCounters:
                        "Blocks of a download a load took from memory, not through the cache disk", svc.cache.handed)
         yield _counter("loader_cache_refetches_total",
                        "Cached big parts that failed a block check and were fetched again", svc.cache.refetches)
+        yield _counter("loader_cache_evictions_total",
+                       "Committed big parts evicted to keep the cache within its disk budget", svc.cache.evictions)
+        yield _counter("loader_cdn_bytes_resumed_total",
+                       "Bytes an interrupted download had verified, which its resumption did not fetch again",
+                       svc.cache.bytes_resumed)
+        usage = svc.cache.usage()
+        yield GaugeMetricFamily("loader_cache_bytes_used", "Bytes of the committed big parts in the cache",
+                                value=usage["bytesUsed"])
+        yield GaugeMetricFamily("loader_cache_bytes_max",
+                                "The cache's cap, MODEL_CACHE_MAX_BYTES (0: no cap but the disk)",
+                                value=usage["bytesMax"])
+        fetching = sum(t["state"] in ("fetching", "verifying") for t in svc.cache.transfers())
+        yield GaugeMetricFamily("loader_downloads_in_progress", "Downloads fetching or verifying a big part",
+                                value=fetching)
         yield _counter("loader_format1_loads_total",
                        "Loads of resources without a manifest (format 1, unverified)", svc.store.format1_loads)
         operations = GaugeMetricFamily("loader_operations_in_progress",
@@ -61,9 +75,10 @@ class ServiceCounters:
         for kind in sorted(set(kinds) | {"load", "login", "stream"}):
             operations.add_metric([kind], kinds[kind])
         yield operations
-        yield GaugeMetricFamily("loader_load_memory_free_bytes",
-                                "Room left in the budget of the loads' buffers (LOAD_MEMORY_BYTES)",
-                                value=heap.loads.left)
+        yield GaugeMetricFamily(
+            "loader_buffer_memory_free_bytes",
+            "Room left in the one budget of the loads' and downloads' buffers (LOAD_MEMORY_BYTES)",
+            value=heap.buffers.left)
         yield GaugeMetricFamily("loader_unlock_duration_seconds", "Duration of the last unlock",
                                 value=svc.unlock_status.duration or 0.0)
         current = svc.unlock_status.snapshot()["state"]

@@ -8,7 +8,12 @@ downloaded it (format 1). A cached part that fails is discarded and the load goe
 very block that failed, so the client still gets a whole, right answer.
 
 Files reach their final name only by rename after fsync, so a crash leaves at worst a ``.part`` file,
-swept at start, never a half file under the final name. Concurrent loads of one object share one download.
+never a half file under the final name. A ``.part`` with its record (download.BlockRecord) is kept at start
+and resumed by the next download of the same manifest and object; any other leftover is swept. Concurrent
+loads of one object share one download, and so do prefetches (contract section 8.4).
+
+The cache keeps to its disk budget (disk_budget.DiskBudget): before a download reserves its space, the
+least recently loaded parts no load reads are evicted, or the download is refused with a 507.
 
 The cache directory is the loader's own, and whatever it finds there that it cannot use costs at most a
 download, never a failed load: it follows no symbolic link (a bucket's folder that is one is replaced by a
@@ -29,17 +34,20 @@ import threading
 import time
 import uuid
 
+from collections import deque
+
+import heap
 from aligned_io import NotRegularFile, aligned_buffer, open_reader, read_blocks, read_hashed, read_tail
-from constants import MANIFEST_BLOCK_SIZE, MAX_MANIFEST_BLOCK_SIZE, MAX_RESOURCE_BYTES, MAX_SIDECAR_BYTES
-from download import PART_SUFFIX, TAIL, Download, tail_start
-from errors import IntegrityError, NotFound, UpstreamError, storage_error
+from constants import BIG_SUFFIX, MANIFEST_BLOCK_SIZE, MAX_MANIFEST_BLOCK_SIZE, MAX_RESOURCE_BYTES, MAX_SIDECAR_BYTES
+from disk_budget import DiskBudget
+from download import CACHED, PART_SUFFIX, RECORD_SUFFIX, TAIL, BlockRecord, Download, TransferConfig, tail_start
+from errors import IntegrityError, NotFound, StorageError, UpstreamError, storage_error
 
 log = logging.getLogger("loader.cdn")
 
 META_SUFFIX = ".meta"
-# The loads that stream a download hash its blocks as they go; the download itself hashes the rest once
-# they are gone, or after this long beside a load that is paced by its client (see Download).
-HASH_GRACE = 5.0
+# Ended downloads /downloads still lists (the newest), so a client sees how its prefetch ended.
+ENDED_KEPT = 32
 # The digests a sidecar holds are SHA-256's.
 DIGEST_SIZE = 32
 
@@ -152,41 +160,68 @@ def _read_sidecar(int fd):
 class BigPartCache:
     """Verified local cache of big parts under ``root``; one download per object at a time.
 
-    What it works with is injectable, for tests: ``hasher`` (hashlib.sha256) hashes the blocks;
-    ``hash_grace`` is how long a download leaves the hashing to its loads; ``opener`` (os.open) opens the
-    cache files, it and its downloads (a filesystem that refuses O_DIRECT, say); ``download`` is the class
-    of its downloads (a subclass holds one at a step); ``unlink`` (os.unlink) removes the old sidecar as a
-    part is committed (a test's has a discard land in that very moment).
+    ``config`` (download.TransferConfig) holds the tunables of its downloads and its disk budget. What it
+    works with is injectable, for tests: ``hasher`` (hashlib.sha256) hashes the blocks; ``opener``
+    (os.open) opens the cache files, it and its downloads (a filesystem that refuses O_DIRECT, say);
+    ``download`` is the class of its downloads (a subclass holds one at a step); ``unlink`` (os.unlink)
+    removes the old sidecar as a part is committed (a test's has a discard land in that very moment);
+    ``buffers`` (heap.buffers) is the memory budget its downloads' buffers come from; ``disk`` the
+    DiskBudget (one from ``config`` by default).
+
+    Locks: ``_lock`` guards the downloads listed, the parts being read, and every eviction; it comes before
+    a download's ``cond`` (see download.pyx).
     """
 
-    def __init__(self, root, block_size=MANIFEST_BLOCK_SIZE, hasher=hashlib.sha256, hash_grace=HASH_GRACE,
-                 opener=os.open, download=Download, unlink=os.unlink):
+    def __init__(self, root, block_size=MANIFEST_BLOCK_SIZE, hasher=hashlib.sha256, config=None,
+                 opener=os.open, download=Download, unlink=os.unlink, buffers=None, disk=None):
         self.root = os.path.abspath(root)
         self.block_size = block_size  # of format-1 parts; a manifest names its own
         self.hasher = hasher
-        self.hash_grace = hash_grace
+        self.config = config or TransferConfig()
+        self.buffers = heap.buffers if buffers is None else buffers
+        self.disk = disk or DiskBudget(self.root, self.config.cache_max_bytes, self.config.cache_min_free)
         self.opener = opener
         self._download = download
         self._unlink = unlink
         self._lock = threading.Lock()
         self._downloads = {}  # (bucket, key) -> the download new loads of it join
         self._running = set()  # every download not yet ended, also those no load may join any more
+        self._ended = deque(maxlen=ENDED_KEPT)  # the downloads that ended last, for /downloads
+        self._reading = {}  # path of a cached part -> loads streaming it now (never evicted)
         self.hits = 0
         self.misses = 0
         self.downloads = 0
         self.refetches = 0
         self.handed = 0  # blocks loads took from their download in memory, not through the disk
+        self.bytes_resumed = 0  # bytes resumed downloads held already, and did not fetch again
         self._sweep()
 
+    @property
+    def evictions(self):
+        return self.disk.evictions
+
     def _sweep(self):
-        """Delete the ``.part`` files a killed loader left behind. Each was preallocated to its object's
-        full size, so on a small disk one leftover holds the room the next download needs; none is ever
-        resumed. Runs once, before this process starts a download (one loader per cache directory)."""
+        """Delete what a killed loader left behind that no download can resume: a ``.part`` file without its
+        record (an upload's, a format-1 download's, a sidecar being written), and a record without its part.
+        Each part was preallocated to its object's full size, so on a small disk such a leftover holds the
+        room the next download needs. Runs once, before this process starts a download (one loader per cache
+        directory)."""
         for folder, _, names in os.walk(self.root, followlinks=False):  # the links themselves are names
+            present = set(names)
             for name in names:
                 if name.endswith(PART_SUFFIX):
+                    pair = name[:-len(PART_SUFFIX)] + RECORD_SUFFIX
+                elif name.endswith(RECORD_SUFFIX):
+                    pair = name[:-len(RECORD_SUFFIX)] + PART_SUFFIX
+                else:
+                    continue
+                if pair not in present:
                     _unlink_quietly(os.path.join(folder, name))
                     log.info("removed the leftover partial file %s", name)
+
+    def name_of(self, key):
+        """The resource name of a big part's key (for the download status)."""
+        return key[:-len(BIG_SUFFIX)] if key.endswith(BIG_SUFFIX) else key
 
     def path(self, bucket, key):
         return os.path.join(self.root, bucket, key)
@@ -311,6 +346,25 @@ class BigPartCache:
                     pass
             raise storage_error(exc, f"{bucket}/{key}") from exc
 
+    def fit(self, bucket, key):
+        """After an upload committed ``bucket/key`` (its size was not known before it was staged): evict
+        the least recently loaded parts until the cache is within its budget again; when no eviction can do
+        that, the new part is not kept (a load fetches it when it needs it)."""
+        path = self.path(bucket, key)
+        with self._lock:
+            try:
+                size = os.stat(path, follow_symlinks=False).st_size
+                if self.disk.max_bytes and size > self.disk.max_bytes:
+                    raise StorageError(f"it is {size} bytes, more than MODEL_CACHE_MAX_BYTES "
+                                       f"{self.disk.max_bytes}")
+                self.disk.make_room(0, self._busy() | {path}, f"{bucket}/{key}")  # others go, not it
+                return
+            except OSError:
+                return  # gone already
+            except StorageError as exc:
+                log.warning("not keeping %s/%s in the cache: %s", bucket, key, exc.detail)
+        self.discard(bucket, key)
+
     def discard(self, bucket, key):
         """Forget the cached part, and any download of it still in flight (it is never committed)."""
         with self._lock:
@@ -405,12 +459,17 @@ class BigPartCache:
             self.refetches += 1
             return None
         self.hits += 1
+        path = self.path(bucket, key)
+        with self._lock:  # from here on the part is being read: never evicted
+            self._reading[path] = self._reading.get(path, 0) + 1
+        self.disk.touch(path)  # the most recently loaded
         return checked, self._stream_cached(bucket, key, f, size, meta["block_size"], blocks, expect, cdn)
 
     def _stream_cached(self, bucket, key, f, size, block_size, blocks, expect, cdn):
         """The cached part's blocks, each checked against ``blocks``. At the first that fails the part is
         discarded, and the rest comes from a fresh download, from that very block on."""
         first = 0
+        path = self.path(bucket, key)
         try:
             with f:
                 for i, view, digest in read_blocks(f.fileno(), size, block_size, self.hasher):
@@ -421,55 +480,118 @@ class BigPartCache:
             return
         except (OSError, IntegrityError) as exc:
             failure = exc
+        finally:
+            with self._lock:
+                left = self._reading.pop(path) - 1
+                if left:
+                    self._reading[path] = left
         log.warning("cached %s/%s failed at block %d (%s): discarding it and fetching it again", bucket, key,
                     first, type(failure).__name__)
         self.discard(bucket, key)
         self.refetches += 1
-        _, rest = self._fetch(bucket, key, cdn, expect, None, first)
+        _, rest = self._fetch(bucket, key, cdn, expect, None, first, wait=False)
         yield from rest
 
-    def _fetch(self, bucket, key, cdn, expect, info, first):
+    def _fetch(self, bucket, key, cdn, expect, info, first, wait=True):
         """(check's result, blocks) of a download of the CDN's object (``info``: its HEAD, asked when None),
-        joined when one of the same version is under way; from block ``first``."""
+        joined when one of the same version is under way; from block ``first``. A new download's first
+        buffer is reserved before the lock is taken (waited for, unless ``wait`` is false: a load already
+        streaming must not wait for room that loads like it hold)."""
+        info = self._head(bucket, key, cdn, expect, info)
+        looked = first != 0  # the cache is looked at once at most (a load from block ``first`` never does)
+        memory = None
+        try:
+            while True:
+                if self._ending(bucket, key):
+                    continue
+                with self._lock:
+                    download = self._joinable(bucket, key, expect, info)
+                    # A download commits its part before it leaves _downloads: with none in flight, a part
+                    # that fits was committed since this load looked at the cache (its HEAD came in
+                    # between), so it is used, not fetched a second time.
+                    fits = download is None and not looked and self._fits_now(bucket, key, expect, info)
+                    if download is None and not fits and memory is not None:
+                        download, memory = self._start(bucket, key, cdn, expect, info, memory), None
+                    reader = None if download is None else download.open_reader()
+                    if reader is not None:
+                        self.misses += 1
+                        break
+                if download is None and not fits and memory is None:
+                    # A new download: its first buffer is reserved without the lock, then the cache is asked
+                    # again (another load may have started it meanwhile).
+                    memory = self.buffers.reserve(expect.block_size, wait)
+                    continue
+                # A part that fits, or a download that committed in this very moment and whose part is gone
+                # since (the cache was cleared): look at the cache, else fetch afresh.
+                looked = True
+                cached = self._cached(bucket, key, expect, None if expect.sealed else info, cdn)
+                if cached is not None:
+                    return cached  # else the part failed its check (and is gone): fetch it
+        finally:
+            if memory is not None:
+                memory.release()
+        return self._follow(download, reader, expect, first)
+
+    @staticmethod
+    def _head(bucket, key, cdn, expect, info=None):
+        """The CDN's ``info`` of the object (its HEAD, asked when None), which must be the manifest's size."""
         if info is None:
             info = cdn.head(bucket, key)
         if expect.sealed and info.size != expect.size:
             raise IntegrityError(f"the big part of {expect.what} on the CDN does not match its manifest "
                                  f"({info.size} bytes, not {expect.size})")
-        looked = first != 0  # the cache is looked at once at most (a load from block ``first`` never does)
-        while True:
-            with self._lock:
-                download = self._downloads.get((bucket, key))
-                # One that has ended (still listed for a moment) is never joined: a committed one would be read
-                # from the final file, which may be gone by now (the soak met a 500 there), a failed one would
-                # hand this load its old failure.
-                joinable = (download is not None and not download.done and download.info.etag == info.etag
-                            and download.version == expect.version)
-                # A download commits its part before it leaves _downloads: with none in flight, a part that
-                # fits was committed since this load looked at the cache (its HEAD came in between), so it is
-                # used, not fetched a second time.
-                if joinable or looked or not _fits(self._meta(bucket, key, expect), expect, info):
-                    if not joinable:
-                        if download is not None:
-                            download.abandon()  # another version: it must not land over this one
-                        download = self._start(bucket, key, cdn, expect, info)
-                    reader = download.open_reader()
-                    if reader is not None:
-                        self.misses += 1
-                        break
-                    # None: it committed in this very moment and its part was deleted since: look at the
-                    # cache, else fetch afresh
-            looked = True
-            cached = self._cached(bucket, key, expect, None if expect.sealed else info, cdn)
-            if cached is not None:
-                return cached  # else the part failed its check (and is gone): fetch it
-        return self._follow(download, reader, expect, first)
+        return info
 
-    def _start(self, bucket, key, cdn, expect, info):
-        """A new download of the CDN's object, running on its own thread; called under the lock."""
+    def _fits_now(self, bucket, key, expect, info):
+        """Whether the cache holds a part that fits (its sidecar says so; its blocks are checked as read)."""
+        return _fits(self._meta(bucket, key, expect), expect, info)
+
+    def _ending(self, bucket, key):
+        """Wait (without the lock) for a listed download that has failed or committed but not yet ended: a
+        failed one leaves its part to resume only once its fetchers are joined. True when it waited."""
+        with self._lock:
+            download = self._downloads.get((bucket, key))
+        if download is None or not download.done or download.ended.is_set():
+            return False
+        download.ended.wait()
+        return True
+
+    def _joinable(self, bucket, key, expect, info):
+        """Under the lock: the download under way that a load of this version and object may join, or None.
+        One that has ended (still listed for a moment) is never joined: a committed one would be read from
+        the final file, which may be gone by now (the soak met a 500 there), a failed one would hand this
+        load its old failure."""
+        download = self._downloads.get((bucket, key))
+        if download is not None and not download.done and download.info.etag == info.etag \
+                and download.version == expect.version:
+            return download
+        return None
+
+    def _start(self, bucket, key, cdn, expect, info, memory, prefetch=False):
+        """A new download of the CDN's object, running on its own thread, that resumes a leftover part of
+        the same object when there is one; called under the lock. ``memory`` is the reservation of its first
+        buffer, which it now owns. Refused with a 507 when the disk budget has no room for it."""
+        old = self._downloads.get((bucket, key))
+        if old is not None and not old.done:
+            old.abandon()  # another version: it must not land over this one
         self._folder(bucket, create=True)  # its .part file goes there
-        download = self._download(self, bucket, key, info, expect.blocks, expect.version, expect.block_size)
-        fd = download.prepare()
+        leftover = self._leftover(bucket, key, expect, info)
+        held = 0 if leftover is None else _allocated(leftover[0])
+        busy = self._busy()
+        if leftover is not None:
+            busy.add(leftover[0])  # resumed, not evicted
+        try:
+            self.disk.make_room(max(0, info.size - held), busy, f"{bucket}/{key}")
+            download = self._download(self, bucket, key, info, expect.blocks, expect.version, expect.block_size,
+                                      memory, leftover)
+            fd = download.prepare()
+        except BaseException:
+            memory.release()
+            if leftover is not None:
+                leftover[1].close()
+            raise
+        if prefetch:
+            download.mark_prefetch()
         self.downloads += 1
         self._downloads[(bucket, key)] = download
         self._running.add(download)
@@ -477,6 +599,50 @@ class BigPartCache:
                          name=f"cdn-{bucket}/{key}").start()
         log.info("downloading %s/%s (%d bytes) from the CDN", bucket, key, info.size)
         return download
+
+    def _busy(self):
+        """Under the lock: the paths of parts being read or downloaded, which no eviction may touch."""
+        busy = {path for path in self._reading}
+        for download in self._running:
+            busy.add(download.part)
+            busy.add(self.path(download.bucket, download.key))
+        return busy
+
+    def _leftover(self, bucket, key, expect, info):
+        """Under the lock: the (part, record) an interrupted download of this very object left (the same
+        manifest version, block size and ETag; a sealed part only), to resume; every other leftover of the key
+        no download uses is removed, record first."""
+        folder = os.path.join(self.root, bucket)
+        identity = None
+        if expect.sealed:
+            identity = BlockRecord.identity_of(bucket, key, info, expect.version, expect.block_size)
+        in_use = {d.part for d in self._running}
+        found = None
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return None
+        for name in names:
+            if not (name.startswith(key + ".") and name.endswith(RECORD_SUFFIX)):
+                continue
+            middle = name[len(key) + 1:-len(RECORD_SUFFIX)]
+            if len(middle) != 32 or any(c not in "0123456789abcdef" for c in middle):
+                continue
+            record_path = os.path.join(folder, name)
+            part = record_path[:-len(RECORD_SUFFIX)] + PART_SUFFIX
+            if part in in_use:
+                continue
+            record = BlockRecord.read(record_path, self.opener)
+            if found is None and record is not None and identity is not None and record.matches(identity) \
+                    and os.path.isfile(part) and not os.path.islink(part):
+                found = (part, record)
+                continue
+            if record is not None:
+                record.close()
+            log.info("discarding the leftover download %s: it is not of the current manifest and object", name)
+            _unlink_quietly(record_path)
+            _unlink_quietly(part)
+        return found
 
     def _run(self, download, fd, cdn):
         """A download's thread: the download, then its end in the cache's books."""
@@ -499,10 +665,12 @@ class BigPartCache:
         return checked, download.follow(reader, first)
 
     def _check_end(self, f, long long size, expect, blocks, download):
-        """``expect.check`` of the part's last TAIL bytes. Of a sealed part (or a cached one, whose block
-        digests the sidecar holds) the blocks those bytes lie in are checked first, and the tail is taken
-        from the very bytes checked; a download counts those digests as its own."""
-        if blocks is None:
+        """``expect.check`` of the part's last TAIL bytes. Of a cached part (whose block digests the manifest
+        or the sidecar holds) the blocks those bytes lie in are checked first, and the tail is taken from the
+        very bytes checked; a ``download``'s fetchers checked them already."""
+        if blocks is None or download is not None:
+            # A download's fetchers checked its tail blocks as they came (against the manifest, for a sealed
+            # part); each is checked again as it streams.
             tail = read_tail(f, size, TAIL)
         else:
             tail = b""
@@ -511,9 +679,7 @@ class BigPartCache:
             for i in range(tail_start(size, block_size) // block_size, -(-size // block_size)):
                 pos = i * block_size
                 view, digest = read_hashed(f.fileno(), buf, pos, min(size, pos + block_size) - pos, self.hasher)
-                if download is not None:
-                    download.hashed(i, digest)  # a sealed download's check: it fails for good on a mismatch
-                elif digest != blocks[i]:
+                if digest != blocks[i]:
                     raise IntegrityError(f"block {i} of {expect.what} does not match its manifest")
                 tail = (tail + bytes(view[-TAIL:]))[-TAIL:]
         return None if expect.check is None else expect.check(size, tail)
@@ -528,9 +694,8 @@ class BigPartCache:
             downloads = list(self._running)
         for download in downloads:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            with download.cond:
-                if not download.cond.wait_for(lambda: download.done, left):
-                    return False
+            if not download.ended.wait(left):
+                return False
         return True
 
     def downloading(self, bucket, key):
@@ -542,5 +707,92 @@ class BigPartCache:
     def _finished(self, download):
         with self._lock:
             self._running.discard(download)
+            self._ended.append(download)
+            self.bytes_resumed += download.bytes_resumed
             if self._downloads.get((download.bucket, download.key)) is download:
                 del self._downloads[(download.bucket, download.key)]
+
+    # --- staging (contract section 8.4) -------------------------------------------------------------
+
+    def prefetch(self, bucket, key, cdn, expect):
+        """Fetch the big part into the cache in the background, ahead of need: ``(200, status)`` when the
+        cache already holds it (as its sidecar says: the blocks are checked by the load that reads them),
+        ``(202, status)`` of the download started or joined (never a second one). The download is marked a
+        prefetch: a restart that interrupts it resumes it after the next login."""
+        expect.block_size = expect.block_size or self.block_size
+        try:
+            if expect.sealed and self._fits_now(bucket, key, expect, None):
+                return 200, self._cached_status(bucket, key, expect.size)
+            info = self._head(bucket, key, cdn, expect)
+            if not expect.sealed and self._fits_now(bucket, key, expect, info):
+                return 200, self._cached_status(bucket, key, info.size)
+            memory = None
+            try:
+                while True:
+                    if self._ending(bucket, key):
+                        continue
+                    with self._lock:
+                        download = self._joinable(bucket, key, expect, info)
+                        if download is None and memory is not None:
+                            download, memory = self._start(bucket, key, cdn, expect, info, memory, True), None
+                    if download is not None:
+                        download.mark_prefetch()
+                        status = download.status()  # it may have ended since: then as it ended
+                        return (200 if status["state"] == CACHED else 202), status
+                    memory = self.buffers.reserve(expect.block_size)
+            finally:
+                if memory is not None:
+                    memory.release()
+        except OSError as exc:
+            log.debug("prefetching %s/%s failed", bucket, key, exc_info=True)
+            raise storage_error(exc, f"{bucket}/{key}") from exc
+
+    def _cached_status(self, bucket, key, size):
+        return {"folder": bucket, "name": self.name_of(key), "state": CACHED, "bytesDone": size,
+                "bytesTotal": size, "bytesResumed": 0, "error": None}
+
+    def transfers(self):
+        """The download status of every download under way and of the last ones that ended, newest last."""
+        with self._lock:
+            downloads = list(self._ended) + sorted(self._running, key=id)
+        seen, out = set(), []
+        for download in downloads:
+            if download not in seen:
+                seen.add(download)
+                out.append(download.status())
+        return out
+
+    def usage(self):
+        """The cache's bytes in use, its budget and the room left: ``{"bytesUsed", "bytesMax", "bytesFree"}``."""
+        try:
+            return self.disk.room()
+        except OSError as exc:
+            raise storage_error(exc, "the model cache") from exc
+
+    def interrupted_prefetches(self):
+        """``(bucket, key)`` of each prefetch a restart interrupted (a leftover part whose record says a
+        prefetch asked for it) that no download of this process has taken up."""
+        with self._lock:
+            running = {(d.bucket, d.key) for d in self._running}
+        found = []
+        for folder, _, names in os.walk(self.root, followlinks=False):
+            for name in names:
+                if not name.endswith(RECORD_SUFFIX):
+                    continue
+                record = BlockRecord.read(os.path.join(folder, name), self.opener)
+                if record is None:
+                    continue
+                record.close()
+                where = (record.identity["bucket"], record.identity["key"])
+                if record.prefetch and where not in running and where not in found and \
+                        os.path.dirname(os.path.join(folder, name)) == os.path.join(self.root, where[0]):
+                    found.append(where)
+        return found
+
+
+def _allocated(path):
+    """Bytes of the disk a leftover part holds already (it was preallocated; a power cut may have cut it)."""
+    try:
+        return os.stat(path, follow_symlinks=False).st_blocks * 512
+    except OSError:
+        return 0

@@ -12,7 +12,7 @@ first), then throws each fault of docs/contract.md "Liveness" at it once, in tur
         /metrics and another model's load meanwhile, and how the stuck loads end
      4  an unlock whose key fragment does not come, then a new POST /unlock
      5  the CDN trickles a model's big part at 1 KiB/s
-     6  20 clients that stop reading a cached 96 MiB model, with LOAD_MEMORY_BYTES at its default (160 MiB)
+     6  20 clients that stop reading a cached 96 MiB model, with LOAD_MEMORY_BYTES at its default (128 MiB)
         and at 64 MiB, each on a loader of its own: its RSS before, at the peak and after, and the time
         until all were let go
      7  a 300 MB /login answer: the loader's RSS growth

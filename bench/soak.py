@@ -5,12 +5,15 @@
 Starts SeaweedFS and the reference Resource API (devstack) with a fault proxy in front of SeaweedFS, a
 private dockerd (root needed) and the loader as `python main.py`, then runs devstack.soak: cold and warm
 loads of models of 1 KiB to 256 MiB (up to 8 at once), uploads of new versions, logins as every role,
-unlocks, /status and /metrics, with CDN, Resource API, disk, loader and dockerd faults drawn between them,
-every answer checked against the contract. The same seed replays the same operations and faults.
-Prints the operations and faults by kind, latencies, the loader's memory and descriptors, every
-violation, and last the RESULT line:
+unlocks, prefetches followed to their end through /downloads, reads of /downloads, /status and /metrics,
+with CDN, Resource API, disk, loader and dockerd faults drawn between them, every answer checked against
+the contract. The loader's cache budget (MODEL_CACHE_MAX_BYTES) holds only part of the models, so parts are
+evicted as others come. The same seed replays the same operations and faults.
+Prints the operations and faults by kind, latencies, the cache's evictions and the prefetches, the loader's
+memory and descriptors, every violation, and last the RESULT line:
 
-    RESULT soak_ops=<n> violations=<n> rss_growth_mb=<n> fd_growth=<n> p99_load_ms=<n>
+    RESULT soak_ops=<n> violations=<n> rss_growth_mb=<n> fd_growth=<n> p99_load_ms=<n> evictions=<n>
+           prefetches=<n>
 
 Exits 1 when there was a violation.
 """
@@ -40,6 +43,13 @@ def arguments():
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--fault-rate", type=float, default=0.07, help="chance of a fault per operation")
     parser.add_argument(
+        "--cache-fraction",
+        type=float,
+        default=0.5,
+        help="MODEL_CACHE_MAX_BYTES as this share of all the models' big parts (at least the largest and a "
+        "quarter more)",
+    )
+    parser.add_argument(
         "--loader-env", action="append", default=[], metavar="NAME=VALUE", help="for the loader"
     )
     parser.add_argument(
@@ -61,6 +71,7 @@ def main():
         sizes=sizes,
         concurrency=args.concurrency,
         fault_rate=args.fault_rate,
+        cache_fraction=args.cache_fraction,
         loader_env=dict(pair.split("=", 1) for pair in args.loader_env),
     )
     work = Path(tempfile.mkdtemp(prefix="bench-soak-"))

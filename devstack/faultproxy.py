@@ -16,6 +16,10 @@ Faults apply to the next ``n`` requests that match a method and a shell pattern 
     proxy.trickle_next(1024, 1 << 20)     # after 1 MiB the body comes at 1 KiB/s (no read timeout fires)
     proxy.header_next("Content-Length", str(10**20), method="HEAD")  # the answer lies in a header
     proxy.drop_next()                     # connection closed before any answer
+    proxy.hold_at(64 << 20, 60.0, path="/models/m.big")  # every GET pauses at byte 64 MiB of the object
+
+What went through: ``counts()`` and ``seen()`` (the requests), ``sent(method, path)`` (the bytes of the
+response bodies relayed to the clients).
 
 Standard library only: the proxy must not share a failure mode with the clients it is testing.
 """
@@ -62,6 +66,7 @@ class Fault:
     starts: range | None = None  # only ranged requests whose first byte is in this range
     rate: int = 0  # trickle: bytes a second
     header: tuple[str, str] | None = None  # header: (name, value)
+    at: int | None = None  # stall: at this offset of the object (a ranged body starts at its range's first)
 
     def matches(self, method: str, path: str, headers: dict[str, str]) -> bool:
         return (
@@ -69,6 +74,15 @@ class Fault:
             and fnmatch.fnmatchcase(path, self.path)
             and (self.starts is None or _range_start(headers) in self.starts)
         )
+
+
+def headers_of(head: list[bytes]) -> dict[str, str]:
+    """The header lines of a message as a dict: names lower-cased, values as sent."""
+    headers = {}
+    for line in head[1:]:
+        key, _, value = line.partition(b":")
+        headers[key.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    return headers
 
 
 def _range_start(headers: dict[str, str]) -> int | None:
@@ -184,6 +198,7 @@ class FaultProxy:
         self._faults: list[Fault] = []
         self._counts: Counter[tuple[str, str]] = Counter()
         self._seen: list[Seen] = []
+        self._sent: Counter[tuple[str, str]] = Counter()
         self._stalls = 0
         self._trickles = 0
         self._server: socketserver.ThreadingTCPServer | None = None
@@ -252,6 +267,16 @@ class FaultProxy:
         with self._lock:
             return list(self._seen)
 
+    def sent(self, method: str, path: str) -> int:
+        """Bytes of response bodies relayed to clients for ``(method, path)``, cut and stalled bodies
+        counted as far as they went: what the upstream (the CDN) sent them."""
+        with self._lock:
+            return self._sent[(method, path)]
+
+    def _count_sent(self, method: str, path: str, n: int) -> None:
+        with self._lock:
+            self._sent[(method, path)] += n
+
     def stalls(self) -> int:
         """How many exchanges have reached their stall (a test waits for this, not for a while)."""
         with self._lock:
@@ -266,6 +291,7 @@ class FaultProxy:
         with self._lock:
             self._counts.clear()
             self._seen.clear()
+            self._sent.clear()
             self._stalls = 0
             self._trickles = 0
 
@@ -341,6 +367,23 @@ class FaultProxy:
             raise ValueError("bytes_per_s must be positive")
         self._add(Fault("trickle", method, path, n, after_bytes=after_bytes, rate=bytes_per_s, starts=starts))
 
+    def hold_at(
+        self,
+        offset: int,
+        seconds: float,
+        *,
+        method: str | None = "GET",
+        path: str = "*",
+        until: int | None = None,
+    ) -> None:
+        """Every matching response (until ``clear_faults``) pauses ``seconds`` once its body reaches byte
+        ``offset`` of the object: a ranged answer that starts at or past it pauses before its first byte,
+        one that starts before it after ``offset - start`` bytes. ``until``: requests whose range starts
+        there or later are left alone (say, the object's tail, fetched first). A download on any number of
+        threads, in segments of any size, is so held with exactly the bytes before ``offset`` relayed."""
+        starts = None if until is None else range(until)
+        self._add(Fault("stall", method, path, None, seconds=seconds, starts=starts, at=offset))
+
     def header_next(
         self,
         name: str,
@@ -367,10 +410,7 @@ class FaultProxy:
             self._faults.clear()
 
     def _arrive(self, method: str, path: str, query: str, head: list[bytes]) -> Fault | None:
-        headers = {}
-        for line in head[1:]:
-            key, _, value = line.partition(b":")
-            headers[key.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        headers = headers_of(head)
         with self._lock:
             self._counts[(method, path)] += 1
             self._seen.append(Seen(method, path, query, headers))
@@ -436,10 +476,10 @@ class FaultProxy:
             for piece in _body(crfile, head, request=True):
                 upstream.sendall(piece)
             with upstream.makefile("rb", buffering=PIECE) as urfile:
-                self._relay_response(method, urfile, client, fault)
+                self._relay_response(method, path, _range_start(headers_of(head)) or 0, urfile, client, fault)
 
     def _relay_response(
-        self, method: str, urfile: BinaryIO, client: socket.socket, fault: Fault | None
+        self, method: str, path: str, start: int, urfile: BinaryIO, client: socket.socket, fault: Fault | None
     ) -> None:
         while True:
             head = _read_head(urfile)
@@ -461,7 +501,12 @@ class FaultProxy:
             head = _without(head, name.lower().encode("latin-1"))
             head.append(f"{name}: {value}".encode("latin-1"))
         client.sendall(_encode_head(head))
-        stall_at = fault.after_bytes if fault is not None and fault.kind == "stall" else None
+        client = _Counting(client, lambda n: self._count_sent(method, path, n))
+        stall_at, past = None, 0
+        if fault is not None and fault.kind == "stall":
+            # hold_at: a body that ends at the offset is relayed whole, never held after its last byte.
+            stall_at = fault.after_bytes if fault.at is None else max(0, fault.at - start)
+            past = 0 if fault.at is None else 1
         trickle = (
             _Trickle(self, fault.after_bytes, fault.rate)
             if fault is not None and fault.kind == "trickle"
@@ -473,7 +518,7 @@ class FaultProxy:
                 client.sendall(piece[: limit - sent])
                 self._abort(client, fault.reset)
                 return
-            if stall_at is not None and sent + len(piece) >= stall_at:
+            if stall_at is not None and sent + len(piece) >= stall_at + past:
                 client.sendall(piece[: stall_at - sent])
                 with self._lock:
                     self._stalls += 1
@@ -490,7 +535,8 @@ class FaultProxy:
             self._trickles += 1
 
     @staticmethod
-    def _abort(client: socket.socket, reset: bool) -> None:
+    def _abort(client: "socket.socket | _Counting", reset: bool) -> None:
+        client = getattr(client, "sock", client)
         if reset:
             # SO_LINGER 0: close() sends RST, as a crashed middlebox would.
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -515,6 +561,21 @@ class FaultProxy:
             b"Connection: close",
         ]
         return _encode_head(head) + (b"" if method == "HEAD" else body)
+
+
+class _Counting:
+    """A client socket whose ``sendall`` counts the bytes it sends (the body's, for ``FaultProxy.sent``)."""
+
+    def __init__(self, sock: socket.socket, count):
+        self.sock = sock
+        self._count = count
+
+    def sendall(self, data) -> None:
+        self.sock.sendall(data)
+        self._count(len(data))
+
+    def shutdown(self, how: int) -> None:
+        self.sock.shutdown(how)
 
 
 class _Trickle:

@@ -12,12 +12,20 @@ dockerd that unlock loads its images into and that the soak stops and starts.
 
 One thread draws everything from ``random.Random(seed)``: the operations (cold and warm loads, bursts of
 loads of one model, uploads of new versions, logins as users of every role and with wrong passwords,
-unlocks, /status, /metrics), which model and user each concerns, the faults and their parameters, and how
-long each lasts; a pool of ``concurrency`` workers runs the operations. A failing run replays with the
+unlocks, prefetches followed through /downloads to their end and a load, reads of /downloads, /status,
+/metrics), which model and user each concerns, the faults and their parameters, and how long each lasts; a
+pool of ``concurrency`` workers runs the operations. A failing run replays with the
 same seed: the same operations and faults in the same order (the interleaving of the workers differs).
 A fault often brings the work it is meant to break: a cold load after a CDN fault, an upload after a
 refused POST, an unlock just before dockerd stops, an upload and loads just before the loader is killed.
 After each heal a probe of the route it broke measures how long recovery takes.
+
+The cache budget: the loader runs with a MODEL_CACHE_MAX_BYTES that holds only part of the models' big parts
+(``cache_fraction`` of them all, and at least the largest with room to spare), and MODEL_CACHE_MIN_FREE_BYTES
+0 (the disk's free space is no part of the rules), so parts are evicted as others are fetched. One more model,
+larger than the budget, is only ever prefetched: a 507 each time. A loader kill comes with a prefetch of a
+model of several blocks, held by the fault proxy after its first block: the restarted loader must resume it
+after its login, unasked, keeping the blocks it had.
 
 Liveness: the loader runs with small deadlines (API_DEADLINE, CDN_SPEED_TIME, CLIENT_STALL_TIMEOUT), so
 trickling upstreams and clients that stop reading are faults like the others. /health is asked every
@@ -29,13 +37,15 @@ Every answer is judged by devstack.soak_rules. Loader kills are drawn in the fir
 so its last incarnation lives through the whole second half: RSS and open descriptors, sampled at quiet
 checkpoints (every operation finished), are compared between that incarnation's first and last quarter.
 After the run every fault is healed, a model left refused by a failed upload is mended by one upload (the
-contract's remedy), and every model must then load its last committed version, and an unlock be ready.
+contract's remedy), and every model must then load its last committed version, and an unlock be ready. At
+every quiet checkpoint the parts on disk are within the budget.
 """
 
 import contextlib
 import json
 import os
 import random
+import re
 import tempfile
 import threading
 import time
@@ -48,24 +58,34 @@ from pathlib import Path
 from devstack.dockerd import import_image, remove_images
 from devstack.images import publish_images
 from devstack.loader import LoaderProcess, proc_field
-from devstack.soak_client import FOLDER, Client, KiB, MiB, content, digest_of
-from devstack.soak_faults import FAULTS, Faults, Liveness
+from devstack.soak_client import BLOCK, FOLDER, Client, KiB, MiB, big_size, content, digest_of
+from devstack.soak_faults import FAULTS, FOLLOW_EVERY, Faults, Liveness
 from devstack.soak_report import Report
 from devstack.soak_rules import (
     OK,
+    RUNNING_STATES,
+    Busy,
+    CacheView,
     Episode,
     Model,
+    Room,
     Session,
     User,
     Verdict,
     Version,
     excused,
+    judge_cache_disk,
+    judge_download_end,
+    judge_downloads,
     judge_health,
     judge_load,
     judge_login,
+    judge_prefetch,
     judge_simple,
     judge_upload,
     killed,
+    pinned,
+    status_problem,
     violation,
 )
 
@@ -80,19 +100,26 @@ STALL_SIZE = 8 * MiB + 1
 # more often: each request puts the idle loader's heap trim off by half a second.
 HEALTH_EVERY = 1.0
 HEALTH_TIMEOUT = 10.0
-COLD = ("load_cold", "probe_cold")  # loads that delete the model's cached big part first
+COLD = ("load_cold", "probe_cold", "prefetch_cold")  # delete the model's cached big part first
 RUNNING = ("authenticating", "downloading_key", "decrypting", "loading_images")
+# The loader's log line for a part it evicted (disk_budget), for the figures and the resume rule's excuse.
+EVICTED = re.compile(r"evicted (\S+) from the model cache to make room: (\d+) bytes, (.*)$")
 
-# Relative frequencies. A burst is 3-8 loads of one model at once (each counts as an operation).
+# Relative frequencies. A burst is 3-8 loads of one model at once (each counts as an operation). A prefetch
+# is followed to its download's end and then loaded; a cold one deletes the cached part first.
 OPERATIONS = {
-    "load_warm": 36,
-    "load_cold": 10,
+    "load_warm": 31,
+    "load_cold": 9,
     "load_burst": 4,
     "upload": 12,
     "login": 9,
     "unlock": 3,
-    "status": 7,
-    "metrics": 7,
+    "prefetch": 4,
+    "prefetch_cold": 4,
+    "prefetch_oversize": 1,
+    "downloads": 5,
+    "status": 6,
+    "metrics": 6,
 }
 ROLES = {
     "operator": "Operator",
@@ -125,6 +152,9 @@ class SoakConfig:
     cdn_speed_time: float = 2.0
     client_stall_timeout: float = 3.0
     liveness_margin: float = 5.0
+    # MODEL_CACHE_MAX_BYTES: this share of all the soak's big parts, at least the largest and a quarter more
+    # (every model fits alone). loader_env may set it (0: no cap; no oversize model then).
+    cache_fraction: float = 0.5
     request_timeout: float = 180.0  # the client's read timeout: longer means a hang
     unlock_timeout: float = 240.0  # an unlock still running this long after the Engine is up is stuck
     loader_env: dict = field(default_factory=dict)  # more of the loader's environment
@@ -207,6 +237,17 @@ class Soak(Faults):
         self.loader_errors: list[str] = []  # the loader's log lines about a 500 or a traceback
         self.health: Counter = Counter()  # /health answers by status (None: no answer)
         self.let_go: list[float] = []  # seconds from a stalled client's head until the loader let it go
+        self.busy: list[Busy] = []  # operations that keep a model's part from eviction (soak_rules.pinned)
+        self.budget = 0  # MODEL_CACHE_MAX_BYTES
+        self.sizes: dict[str, int] = {}  # big-part bytes by model name
+        self.slack = 0  # sidecars and records (soak_rules.Room)
+        self.oversize: Model | None = None
+        self.prefetches: Counter = Counter()  # POST /prefetch answers by status (None: no answer)
+        self.downloads_ended: Counter = Counter()  # the downloads the prefetches started, by how they ended
+        self.resumes: list[tuple[int, int]] = []  # interrupted prefetches: (bytes due, bytes resumed)
+        self.bytes_used_peak = 0  # the largest bytesUsed /downloads showed
+        self.evictions: list[tuple[str, int, str]] = []  # the loader's log: (part, bytes, what) each
+        self._last_look: tuple[str, str] | None = None  # the last verdict of a follow's /downloads
         self._inflight: set = set()
         self._watches: list[threading.Thread] = []
         self._stop_sampling = threading.Event()
@@ -251,8 +292,19 @@ class Soak(Faults):
             "CLIENT_STALL_TIMEOUT": self.cfg.client_stall_timeout,
             "DOCKER_HOST": self.engine.host,
             "IMAGES_PATH": self.archive,
+            "MODEL_CACHE_MAX_BYTES": self._budget(),
+            "MODEL_CACHE_MIN_FREE_BYTES": 0,
             **self.cfg.loader_env,
         }
+        self.budget = int(env["MODEL_CACHE_MAX_BYTES"])
+        if self.budget:  # only ever prefetched: a 507 each time
+            self.oversize = self._publish(-4, f"soak-oversize-{self.token}.bin", self.budget + MiB)
+        known = [*self.models, self.probe_model, self.stall_model] + (
+            [self.oversize] if self.oversize else []
+        )
+        self.sizes = {m.name: big_size(m.size) for m in known}
+        # A sidecar holds ~200 bytes and 68 a block, a download's record ~400 and a few a block.
+        self.slack = sum(KiB + 100 * -(-size // BLOCK) for size in self.sizes.values())
         self.liveness = Liveness(
             float(env["API_DEADLINE"]),
             float(env["CDN_SPEED_TIME"]),
@@ -272,6 +324,12 @@ class Soak(Faults):
         threading.Thread(target=self._sample_forever, daemon=True, name="soak-sampler").start()
         self._health_watch = threading.Thread(target=self._health_forever, daemon=True, name="soak-health")
         self._health_watch.start()
+
+    def _budget(self) -> int:
+        """MODEL_CACHE_MAX_BYTES: ``cache_fraction`` of every big part the soak loads, and at least the
+        largest and a quarter of it more."""
+        parts = [big_size(m.size) for m in (*self.models, self.probe_model, self.stall_model)]
+        return max(int(self.cfg.cache_fraction * sum(parts)), max(parts) * 5 // 4)
 
     def _publish(self, index: int, name: str, size: int) -> Model:
         with tempfile.TemporaryFile(dir=self.workdir) as f:
@@ -313,16 +371,140 @@ class Soak(Faults):
         with self.lock:
             return list(self.episodes)
 
+    @contextlib.contextmanager
+    def _busy(self, model: Model, kind: str = "read"):
+        """While the block runs, ``model``'s part is held from eviction (soak_rules.pinned)."""
+        busy = self._hold(model, kind)
+        try:
+            yield busy
+        finally:
+            busy.end = self.now()
+
+    def _hold(self, model: Model, kind: str = "read") -> Busy:
+        busy = Busy(model.name, self.sizes[model.name], kind, self.now())
+        with self.lock:
+            self.busy.append(busy)
+        return busy
+
+    def _room(self, model: Model, own: Busy | None, t0: float, t1: float) -> Room:
+        with self.lock:
+            held = pinned(self.busy, own, t0, t1)
+        return Room(self.sizes[model.name], self.budget, held, self.slack)
+
+    def _uncache(self, model: Model) -> None:
+        for suffix in (".meta", ""):  # the sidecar first: the loader then reads "not cached"
+            with contextlib.suppress(FileNotFoundError):
+                self._cache_file(model, suffix).unlink()
+
     def _load(self, model: Model, kind: str, final: bool = False) -> Verdict:
-        if kind in COLD:
-            for suffix in (".meta", ""):  # the sidecar first: the loader then reads "not cached"
-                with contextlib.suppress(FileNotFoundError):
-                    self._cache_file(model, suffix).unlink()
-        t0 = self.now()
-        a = self.client.load(model.name)
-        t1 = self.now()
-        verdict = judge_load(model, a, self.session, self._episodes(), t0, t1)
+        with self._busy(model) as busy:
+            if kind in COLD:
+                self._uncache(model)
+            t0 = self.now()
+            a = self.client.load(model.name)
+            t1 = self.now()
+        room = self._room(model, busy, t0, t1) if self.budget else None
+        verdict = judge_load(model, a, self.session, self._episodes(), t0, t1, room)
         return self._record(kind, "load", t0, t1, a, verdict, model, final)
+
+    # --- prefetches and /downloads ----------------------------------------------------------------
+
+    def _prefetch(self, model: Model, kind: str, final: bool = False) -> Verdict:
+        """POST /prefetch, judged; a download it started is followed through /downloads to its end; then the
+        model is loaded (byte-identical, as every load). The oversize model holds nothing: no download of it
+        may start."""
+        holds = model is not self.oversize
+        with self._busy(model) if holds else contextlib.nullcontext() as busy:
+            if kind in COLD:
+                self._uncache(model)
+            t0, a, verdict = self._prefetch_call(model, kind, busy, final)
+            following = a.status == 202 and verdict.outcome != "violation"
+            if following:
+                status = self._follow(model)
+            t1 = self.now()
+        if not following:
+            if a.status == 200 and verdict.outcome == "ok" and holds:
+                return self._load(model, "load_after_prefetch", final)
+            return verdict
+        verdict = judge_download_end(model, status, self._episodes(), t0, t1)
+        ended = "ran on" if isinstance(status, str) else "gone" if status is None else status["state"]
+        with self.lock:
+            self.downloads_ended[ended] += 1
+        self._record("prefetch_download", "download", t0, t1, None, verdict, model, final)
+        if verdict.outcome != "ok":
+            return verdict
+        return self._load(model, "load_after_prefetch", final)
+
+    def _prefetch_call(self, model: Model, kind: str, busy: Busy | None, final: bool = False):
+        """(its start, its answer, its verdict) of one POST /prefetch, judged and recorded."""
+        t0 = self.now()
+        a = self.client.prefetch(model.name)
+        t1 = self.now()
+        room = self._room(model, busy, t0, t1)
+        verdict = judge_prefetch(model, a, self.session, self._episodes(), t0, t1, room, FOLDER)
+        with self.lock:
+            self.prefetches[a.status] += 1
+        self._record(kind, "prefetch", t0, t1, a, verdict, model, final)
+        return t0, a, verdict
+
+    def _follow(self, model: Model):
+        """The last status of ``model``'s download once none of it runs (None: /downloads no longer lists
+        one, as after a restart; a string: it ran on past ``request_timeout``)."""
+        deadline = self.now() + self.cfg.request_timeout
+        while True:
+            listed = self._listed(model)
+            if listed is not None:
+                if not listed:
+                    return None
+                if not any(d["state"] in RUNNING_STATES for d in listed):
+                    return listed[-1]
+            if self.now() > deadline:
+                return f"the download still ran {self.cfg.request_timeout:g} s after its prefetch"
+            time.sleep(FOLLOW_EVERY)
+
+    def _listed(self, model: Model) -> list[dict] | None:
+        """The download statuses of ``model`` GET /downloads lists, oldest first (None: no answer, or
+        statuses out of shape; a cache over its budget is judged, and the list still used)."""
+        _, body = self._downloads(record=False)
+        downloads = body.get("downloads") if isinstance(body, dict) else None
+        if not isinstance(downloads, list) or any(status_problem(d, self.sizes, FOLDER) for d in downloads):
+            return None
+        return [d for d in downloads if d["name"] == model.name]
+
+    def _downloads(self, record: bool = True, final: bool = False) -> tuple[Verdict, object]:
+        """GET /downloads, judged; (verdict, its JSON). Recorded always, or (a follow's look) only when it is
+        not ok and says another thing than the last such look recorded: a follow looks ten times a second."""
+        t0 = self.now()
+        a = self.client.downloads()
+        t1 = self.now()
+        with self.lock:
+            staging = sum(b.size for b in self.busy if b.kind == "upload" and b.overlaps(t0, t1))
+        view = CacheView(self.budget, self.sizes, staging, self.slack)
+        verdict = judge_downloads(a, view, FOLDER, self._episodes(), t0, t1)
+        cache = a.json.get("cache") if a.status == 200 and isinstance(a.json, dict) else None
+        with self.lock:
+            if isinstance(cache, dict) and type(cache.get("bytesUsed")) is int:
+                self.bytes_used_peak = max(self.bytes_used_peak, cache["bytesUsed"])
+            if not record:
+                said, self._last_look = self._last_look, (verdict.outcome, verdict.why)
+                record = verdict.outcome != "ok" and said != self._last_look
+        if record:
+            self._record("downloads", "downloads", t0, t1, a, verdict, final=final)
+        return verdict, a.json
+
+    def _disk(self, final: bool = False) -> Verdict:
+        """At rest: the parts on disk (committed ``N.big`` and partial ``N.big.<hex>.part``, the staging
+        folder left out) within the budget, recorded."""
+        t0 = self.now()
+        folder = Path(self.loader.env["MODEL_CACHE_DIR"]) / FOLDER
+        parts = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(folder):
+                if entry.name.endswith(".big") or re.fullmatch(r".+\.big\.[0-9a-f]{32}\.part", entry.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        parts += entry.stat(follow_symlinks=False).st_size
+        verdict = judge_cache_disk(parts, self.budget)
+        return self._record("cache_disk", "cache_disk", t0, self.now(), None, verdict, final=final)
 
     def _upload(self, model: Model, number: int, final: bool = False) -> None:
         digest = digest_of(content(self.cfg.seed, model.index, number, model.size))
@@ -335,7 +517,10 @@ class Soak(Faults):
                 version = Version(number, digest, model.size, self.now())
                 with self.lock:
                     model.versions.append(version)
-                a = self.client.upload(model.name, content(self.cfg.seed, model.index, number, model.size))
+                with self._busy(model, "upload"):
+                    a = self.client.upload(
+                        model.name, content(self.cfg.seed, model.index, number, model.size)
+                    )
                 t1 = self.now()
                 version.end = t1
                 version.ok = a.status == 200 and a.json == {"status": "ok", "size": model.size}
@@ -497,8 +682,8 @@ class Soak(Faults):
             self._watches.append(thread)
         thread.start()
 
-    def _pick_model(self) -> Model:
-        weights = [max(1.0, 4.0 - i * 0.5) for i in range(len(self.models))]
+    def _pick_model(self, other_than: Model | None = None) -> Model:
+        weights = [max(1.0, 4.0 - i * 0.5) * (m is not other_than) for i, m in enumerate(self.models)]
         return self.rng.choices(self.models, weights)[0]
 
     def _dispatch(self, kind: str, model: Model | None = None) -> None:
@@ -517,6 +702,13 @@ class Soak(Faults):
             self._submit(self._login_alone, user, bad)
         elif kind == "unlock":
             self._submit(self._unlock)
+        elif kind in ("prefetch", "prefetch_cold"):
+            self._submit(self._prefetch, model, kind)
+        elif kind == "prefetch_oversize":
+            if self.oversize is not None:
+                self._submit(self._prefetch, self.oversize, kind)
+        elif kind == "downloads":
+            self._submit(self._downloads)
         else:
             self._submit(self._simple, kind)
 
@@ -595,6 +787,8 @@ class Soak(Faults):
             self._quiet.clear()
         if sample is not None:
             self.checkpoints.append(sample)
+        if self.budget:
+            self._disk()
 
     # --- the run ----------------------------------------------------------------------------------
 
@@ -621,10 +815,12 @@ class Soak(Faults):
                 self.engine.start()
             if self.loader is not None:
                 self.loader.stop()
-                self.loader_errors = [
-                    line
-                    for line in self.loader.log().splitlines()
-                    if "unhandled" in line or "Traceback" in line
+                log = self.loader.log().splitlines()
+                self.loader_errors = [line for line in log if "unhandled" in line or "Traceback" in line]
+                self.evictions = [
+                    (m.group(1), int(m.group(2)), m.group(3))
+                    for m in map(EVICTED.search, log)
+                    if m is not None
                 ]
         return Report(self, time.monotonic() - started, list(FAULTS))
 
@@ -652,7 +848,7 @@ class Soak(Faults):
 
     def _final(self) -> None:
         """Heal every fault; mend the models a failed upload left refused; every model must then load its
-        last committed version, and an unlock be ready."""
+        last committed version, /downloads answer as due, and an unlock be ready."""
         with self.lock:  # stalled clients are let go by the loader: _drain waits for their watch
             open_episodes = [e for e in self.episodes if e.heal is None and e.channel != "client"]
         for episode in open_episodes:
@@ -669,4 +865,5 @@ class Soak(Faults):
         for model in self.models:
             self._load(model, "load_warm", final=True)
             self._load(model, "load_cold", final=True)
+        self._downloads(final=True)
         self._unlock(final=True)

@@ -1,5 +1,6 @@
 """The soak's client side (devstack.soak): the models' plaintexts, and the loader's routes called the way
-an on-device app would, every answer an ``Answer`` (soak_rules), never an exception.
+an on-device app would, every answer an ``Answer`` (soak_rules), never an exception; and the size of a
+model's big part, which the cache budget and /downloads speak in.
 
 Bodies stream both ways: a load is hashed as it arrives, an upload is generated as it is sent, so a
 256 MiB model is never held whole. ``StalledLoad`` is the one client that misbehaves on purpose: it reads a
@@ -14,11 +15,21 @@ from urllib.parse import urlsplit
 import requests
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from devstack.crypto import encrypted_size
 from devstack.soak_rules import Answer
+from devstack.split import MANIFEST_BLOCK_SIZE, small_size
 
 KiB, MiB = 1024, 1024 * 1024
 CHUNK = MiB
 FOLDER = "soak"  # the folder (and CDN bucket) of the soak's models
+BLOCK = MANIFEST_BLOCK_SIZE  # a sealed big part's blocks: what a download verifies, records and resumes
+
+
+def big_size(size: int) -> int:
+    """Bytes of the big part of a model of ``size`` plaintext bytes (contract section 2: the blob less its
+    small part), the same for every version of it."""
+    blob = encrypted_size(size)
+    return blob - small_size(blob)
 
 
 def content(seed: int, index: int, version: int, size: int):
@@ -89,6 +100,12 @@ class Client:
                 a.error = type(exc).__name__
             a.digest = h.hexdigest()
             return a
+
+    def prefetch(self, name: str) -> Answer:
+        return self.call("POST", f"/prefetch/{name}", json={"folder": FOLDER})
+
+    def downloads(self) -> Answer:
+        return self.call("GET", "/downloads")
 
     def upload(self, name: str, chunks) -> Answer:
         """A multipart upload streamed from ``chunks`` (chunked: no length announced), the folder first."""

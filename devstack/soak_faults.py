@@ -16,7 +16,8 @@ of operations drawn with it, so a seed replays the same faults at the same point
     upload_small_refused       every upload POST of a small part answered 500              clearing the API
     upload_manifest_refused    one POST goes through, then 500: the manifest is refused    clearing the API
     cache_altered              a bit of a cached big part flipped on disk                  the loader itself
-    loader_kill                SIGKILL during an upload and loads, then a restart          restart, login
+    loader_kill                SIGKILL during an upload and loads, and a prefetch held     restart, login
+                               after its first block (it must resume after the login)
     dockerd_stop               dockerd stopped (SIGTERM) during an unlock                  starting it again
     client_stall               1-4 /load clients read the head, then nothing               the loader itself
 
@@ -31,8 +32,17 @@ import time
 from dataclasses import dataclass
 
 from devstack.faults import GARBAGE
-from devstack.soak_client import FOLDER, KiB, MiB
-from devstack.soak_rules import Episode, judge_let_go, judge_load, judge_recovery
+from devstack.soak_client import BLOCK, FOLDER, KiB, MiB
+from devstack.soak_rules import (
+    RESUME_SETTLE,
+    RUNNING_STATES,
+    Busy,
+    Episode,
+    judge_let_go,
+    judge_load,
+    judge_recovery,
+    judge_resumed,
+)
 
 FAULTS = {  # relative frequencies
     "cdn_cut": 3,
@@ -72,6 +82,30 @@ PROBE = {"cdn": "load_cold", "api": "load_warm", "docker": "unlock"}
 RECOVERY = {"cdn": "probe_cold", "api": "probe_warm", "kill": "probe_warm"}
 # The loader's constants.CDN_RESUMES: a CDN transfer that trickles is dropped and resumed that many times.
 CDN_RESUMES = 3
+# An interrupted prefetch (see Faults._interrupt_prefetch): the fault proxy holds its GETs at the end of the
+# first block this long (the kill comes within seconds); the soak waits this long for its first bytes.
+HOLD_SECONDS = 30.0
+HOLD_WAIT = 5.0
+# How often a download is looked at (GET /downloads) while the soak follows it.
+FOLLOW_EVERY = 0.1
+
+
+@dataclass
+class Interrupted:
+    """A prefetch a loader kill interrupts: its model (held from eviction until the resumption ends), the
+    bytes its download had written when the soak last looked before the kill, and when."""
+
+    model: object  # soak_rules.Model
+    busy: Busy
+    seen: int = 0
+    seen_at: float = 0.0
+    killed_at: float = 0.0
+    log_lines: int = 0  # the loader's log lines before the kill
+
+    @property
+    def due(self) -> int:
+        """The bytes the resumed download must hold again (see soak_rules.judge_resumed)."""
+        return self.seen if self.killed_at - self.seen_at >= RESUME_SETTLE else 0
 
 
 @dataclass(frozen=True)
@@ -214,23 +248,134 @@ class Faults:
         self._dispatch("load_warm", model)
 
     def _kill_loader(self) -> None:
-        """Kill the loader in the middle of work: an upload replacing a model that loads are reading."""
-        model = self._pick_model()
+        """Kill the loader in the middle of work: an upload replacing a model that loads are reading, and a
+        prefetch of another model held after its first block, which the restarted loader must resume after
+        its login."""
+        interrupted = self._interrupt_prefetch()
+        model = self._pick_model(other_than=interrupted.model if interrupted else None)
         self._dispatch("upload", model)
         self._dispatch("load_warm", model)
         self._dispatch("load_cold", model)
         time.sleep(self.rng.uniform(0.1, 1.5))
+        if interrupted is not None:
+            interrupted = self._still_interrupted(interrupted)
         episode = self._begin("loader_kill", f"during an upload of {model.name}")
         user = self.session.user or self.users["uploader"]
         self.loader.kill()
-        self.session.lose(self.now())
+        killed_at = self.now()
+        self.session.lose(killed_at)
+        if interrupted is not None:
+            self.proxy.clear_faults()  # the hold: no CDN fault was active (see _interrupt_prefetch)
+            interrupted.killed_at = killed_at
+            interrupted.log_lines = len(self.loader.log().splitlines())
         time.sleep(self.rng.uniform(0.0, 1.0))
         self._start_loader()
         with self.session_lock.alone():
             self._login(user, bad=False, kind="login_after_restart")
         episode.heal = self.now()
+        if interrupted is not None:
+            self._watch(self._resumed, episode, interrupted)
         self._dispatch("load_warm")
         self._watch(self._recover, episode, RECOVERY["kill"], self.probe_model)
+
+    def _interrupt_prefetch(self) -> Interrupted | None:
+        """A cold prefetch of the largest model of several blocks, whose CDN GETs the fault proxy holds at the
+        end of its first block; once /downloads lists bytes of it, ``RESUME_SETTLE`` s for them to be named in
+        its record. None when a CDN fault is active (its own faults come first, and a heal would clear the
+        hold), no model has several blocks, or the prefetch started no download."""
+        candidates = [m for m in self.models if self.sizes[m.name] > BLOCK]
+        if not candidates or self._active("cdn") is not None:
+            return None
+        model = max(candidates, key=lambda m: m.size)
+        busy = self._hold(model)
+        self._uncache(model)
+        self.proxy.hold_at(BLOCK, HOLD_SECONDS, path=f"/{FOLDER}/{model.name}.big")
+        _, a, verdict = self._prefetch_call(model, "prefetch_interrupted", busy)
+        if a.status != 202 or verdict.outcome == "violation":
+            self.proxy.clear_faults()
+            busy.end = self.now()
+            return None
+        interrupted = Interrupted(model, busy)
+        deadline = self.now() + HOLD_WAIT
+        while self.now() < deadline:
+            running = [d for d in self._listed(model) or [] if d["state"] in RUNNING_STATES]
+            if running and running[-1]["bytesDone"] > 0:
+                interrupted.seen, interrupted.seen_at = running[-1]["bytesDone"], self.now()
+                break
+            time.sleep(0.05)
+        time.sleep(RESUME_SETTLE)
+        return interrupted
+
+    def _still_interrupted(self, interrupted: Interrupted) -> Interrupted | None:
+        """Right before the kill: None when the held download committed after all (nothing to resume)."""
+        listed = self._listed(interrupted.model)
+        if listed and listed[-1]["state"] == "cached":
+            self.proxy.clear_faults()
+            interrupted.busy.end = self.now()
+            return None
+        return interrupted
+
+    def _leftover_news(self, interrupted: Interrupted) -> tuple[bool, bool]:
+        """What the loader's log says since the kill of the interrupted download's leftover: (evicted to make
+        room for another download, given up: discarded as of another manifest, or its resumption failed)."""
+        name = f"{FOLDER}/{interrupted.model.name}"
+        lines = self.loader.log().splitlines()[interrupted.log_lines :]
+        evicted = any(f"evicted {name}.big " in line and "unfinished download" in line for line in lines)
+        gone = any(
+            f"could not resume the prefetch of {name}" in line
+            or f"discarding the leftover download {interrupted.model.name}.big." in line
+            for line in lines
+        )
+        return evicted, gone
+
+    def _resumed(self, episode: Episode, interrupted: Interrupted) -> None:
+        """After the restart (on a watch thread): the first download of the interrupted model /downloads
+        lists, followed to its end, judged (soak_rules.judge_resumed); once cached, a load of the model."""
+        model = interrupted.model
+        login = self.session.login_after(interrupted.killed_at)
+        status = None
+        incarnation = self.incarnation
+        try:
+            if login is not None:
+                listed_by = self.now() + self.liveness.bound("kill")
+                deadline = self.now() + self.cfg.request_timeout
+                looked = 0.0
+                while self.now() < deadline and self.incarnation == incarnation:
+                    listed = self._listed(model)
+                    if listed and listed[0]["state"] not in RUNNING_STATES:
+                        status = listed[0]
+                        break
+                    if listed == [] and self.now() > listed_by:
+                        break
+                    if listed == [] and self.now() - looked > 1.0:  # no wait for what will not come
+                        looked = self.now()
+                        if any(self._leftover_news(interrupted)):
+                            break
+                    time.sleep(FOLLOW_EVERY)
+            t1 = self.now()
+        finally:
+            interrupted.busy.end = self.now()
+        others = [e for e in self._episodes() if e is not episode]  # the kill itself excuses nothing
+        room = self._room(model, interrupted.busy, login or interrupted.killed_at, t1)
+        evicted, _ = self._leftover_news(interrupted)
+        verdict = judge_resumed(
+            model,
+            status,
+            interrupted.seen,
+            interrupted.seen_at,
+            interrupted.killed_at,
+            login,
+            others,
+            t1,
+            room,
+            evicted,
+        )
+        if status is not None:
+            with self.lock:
+                self.resumes.append((interrupted.due, status["bytesResumed"]))
+        self._record("prefetch_resumed", "download", interrupted.killed_at, t1, None, verdict, model)
+        if status is not None and status["state"] == "cached":
+            self._load(model, "load_after_resume")
 
     def _stop_engine(self, lasts: int) -> None:
         """Stop dockerd, if possible during an unlock."""
@@ -298,6 +443,7 @@ class Faults:
             return
         bound = self.liveness.bound("client")
         t0 = self.now()
+        busy = self._hold(model)  # the stalled loads read the part: no eviction may take it
         clients = [self.client.stalled_load(model.name) for _ in range(n)]
         gone = None
         try:
@@ -314,6 +460,7 @@ class Faults:
         finally:
             for c in clients:
                 c.close()
+            busy.end = self.now()
         t1 = self.now()
         episode.heal = t1 if gone is None else gone
         let_go = judge_let_go(head, gone, bound, self._episodes(), t1)
@@ -321,7 +468,8 @@ class Faults:
             if a.status == 200:
                 self._record("load_stalled", "load", t0, t1, a, let_go, model)
             else:
-                verdict = judge_load(model, a, self.session, self._episodes(), t0, t)
+                room = self._room(model, busy, t0, t) if self.budget else None
+                verdict = judge_load(model, a, self.session, self._episodes(), t0, t, room)
                 self._record("load_stalled", "load", t0, t, a, verdict, model)
         if gone is not None and any(a.status == 200 for a, _ in heads):
             with self.lock:

@@ -1,5 +1,5 @@
-"""The soak's figures: operations and faults by kind, latencies, the loader's memory and descriptors, the
-violations, and the RESULT line (see devstack.soak)."""
+"""The soak's figures: operations and faults by kind, latencies, the cache budget's evictions and the
+prefetches, the loader's memory and descriptors, the violations, and the RESULT line (see devstack.soak)."""
 
 import re
 import statistics
@@ -140,6 +140,7 @@ class Report:
             f"loader: peak RSS {peak:.0f} MB; last incarnation ({g.checkpoints} quiet checkpoints): RSS "
             f"{g.rss_first_mb:.1f} -> {g.rss_last_mb:.1f} MB, open fds {g.fds_first:.0f} -> {g.fds_last:.0f} "
             "(first quarter -> last quarter, medians)",
+            self.cache_line(),
             f"after the run: {sum(r.verdict.outcome == 'ok' for r in self.final)}/{len(self.final)} checks "
             "ok "
             "(every model loaded warm and cold, an unlock ready)",
@@ -152,17 +153,43 @@ class Report:
         out.append(self.result())
         return out
 
+    def cache_line(self) -> str:
+        """The cache budget, what the loader evicted to keep to it (its log), the prefetches by answer, how
+        the downloads they started ended, and the interrupted prefetches resumed."""
+        s = self.soak
+        parts = sum(size for name, size in s.sizes.items() if s.oversize is None or name != s.oversize.name)
+        evicted = sum(n for _, n, _ in s.evictions)
+        leftovers = sum("unfinished" in what for _, _, what in s.evictions)
+        answers = ", ".join(
+            f"{'no answer' if k is None else k} x{n}" for k, n in sorted(s.prefetches.items(), key=str)
+        )
+        ended = ", ".join(f"{k} x{n}" for k, n in sorted(s.downloads_ended.items()))
+        resumed = ", ".join(f"{_mb(due)} -> {_mb(held)}" for due, held in s.resumes)
+        return (
+            f"cache: MODEL_CACHE_MAX_BYTES {_mb(s.budget)} for {_mb(parts)} of big parts, peak bytesUsed "
+            f"{_mb(s.bytes_used_peak)}; {len(s.evictions)} evictions ({_mb(evicted)}, {leftovers} unfinished "
+            f"downloads); {sum(s.prefetches.values())} prefetches ({answers or 'none'}), their downloads "
+            f"{ended or 'none'}; interrupted prefetches resumed {len(s.resumes)} (bytes due -> held again: "
+            f"{resumed or '-'})"
+        )
+
     def result(self) -> str:
         g = self.growth
+        s = self.soak
         return (
             f"RESULT soak_ops={len(self.records)} violations={len(self.violations)} "
-            f"rss_growth_mb={g.rss_mb:.1f} fd_growth={g.fds:.0f} p99_load_ms={self.p99_load_ms:.0f}"
+            f"rss_growth_mb={g.rss_mb:.1f} fd_growth={g.fds:.0f} p99_load_ms={self.p99_load_ms:.0f} "
+            f"evictions={len(s.evictions)} prefetches={sum(s.prefetches.values())}"
         )
 
 
 def _reason(why: str) -> str:
     """A failure's reason with its numbers and names left out, so alike ones count together."""
     return re.sub(r"soak\d+-\w+\.bin|\d+", "#", why)[:100]
+
+
+def _mb(n: int) -> str:
+    return f"{n / MiB:.1f} MiB"
 
 
 def _size(n: int) -> str:

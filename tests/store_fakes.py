@@ -2,9 +2,11 @@
 
 import threading
 
+import heap
 import security
 from binary_split import ModelStore, small_size
 from cdn_manager import CdnConfig, CdnManager
+from devstack.wait import until
 from errors import NotFound, NotLoggedIn, UpstreamError
 from model_cache import BigPartCache
 from user import User
@@ -56,6 +58,7 @@ class WrappedClient:
     def __init__(self, client, ranges="bytes="):
         self._c, self.ranges = client, ranges
         self.gets = []
+        self.pins = []  # each GET's IfMatch
         self._lock = threading.Lock()
 
     def __getattr__(self, name):
@@ -64,6 +67,7 @@ class WrappedClient:
     def get_object(self, **kw):
         with self._lock:
             self.gets.append(kw.get("Range"))
+            self.pins.append(kw.get("IfMatch"))
             wrapped = kw.get("Range", "").startswith(self.ranges) and self._takes()
         r = self._c.get_object(**kw)
         if wrapped:
@@ -72,6 +76,73 @@ class WrappedClient:
 
     def _takes(self):
         return True
+
+
+class RecordingClient(WrappedClient):
+    """Records each GET's Range and IfMatch; the bodies pass as they are."""
+
+    def _takes(self):
+        return False
+
+
+class CutAfter(WrappedClient):
+    """The CDN's link goes down for good once it has sent ``allowed`` bytes of bodies in all (whatever the
+    number of GETs): every read after that breaks off (ConnectionResetError), so a download fails after its
+    first blocks."""
+
+    def __init__(self, client, allowed):
+        super().__init__(client)
+        self.left = allowed
+
+    def wrap(self, body):
+        return _Rationed(body, self)
+
+
+class _Rationed:
+    def __init__(self, body, link):
+        self._body, self._link = body, link
+
+    def read(self, amt=None):
+        with self._link._lock:
+            n = self._link.left if amt is None else min(amt, self._link.left)
+            self._link.left -= n
+        if not n:
+            raise ConnectionResetError("the link went down")
+        return self._body.read(n)
+
+    def close(self):
+        self._body.close()
+
+
+class EndAfter(WrappedClient):
+    """The body of the first GET whose Range starts with ``ranges`` holds back its last bytes until
+    ``event`` is set (the other GETs pass as they are)."""
+
+    def __init__(self, client, event, ranges="bytes="):
+        super().__init__(client, ranges)
+        self._event = event
+        self._held = False
+
+    def _takes(self):
+        held, self._held = self._held, True
+        return not held
+
+    def wrap(self, body):
+        return _HeldEnd(body.read(), self._event)
+
+
+class _HeldEnd:
+    def __init__(self, data, event):
+        self._data, self._event = data, event
+
+    def read(self, amt=None):
+        if amt is None or amt >= len(self._data):
+            assert self._event.wait(30), "the event never came"
+        data, self._data = self._data[:amt], self._data[amt:]
+        return data
+
+    def close(self):
+        pass
 
 
 class FlakyClient(WrappedClient):
@@ -126,21 +197,28 @@ def make_store(
     api=None,
     built=None,
     cache_options=None,
+    memory=None,
+    cdn_options=None,
     **options,
 ):
     """A ModelStore on a FakeApi (``api``, or a new one for ``roles``) and moto's S3 (``options``:
     max_upload, require_manifest...), its uploads sealed in BLOCK-sized blocks; the cache (``cache_options``:
-    hasher, hash_grace) keeps format-1 parts in BLOCK-sized blocks too. The store builds its CDN clients for
-    the session's cdn.yaml as it does in the service: moto's S3 for YAML, real clients for any other;
-    ``built`` gets each cdn.yaml it built clients for."""
+    hasher, config, download, opener...) keeps format-1 parts in BLOCK-sized blocks too. The store's loads
+    and the cache's downloads share one memory budget: ``memory``, or a heap.Budget of their own (so no
+    test's buffers count in another's). The store builds its CDN clients for the session's cdn.yaml as it
+    does in the service: moto's S3 for YAML, real clients for any other; ``built`` gets each cdn.yaml it
+    built clients for; ``cdn_options`` are the CdnManager's (resumes...). A store made again on the same
+    ``tmp_path`` finds the cache as a restarted loader does."""
     api = api or FakeApi(roles)
-    cache = BigPartCache(tmp_path / "cache", block_size=BLOCK, **(cache_options or {}))
+    memory = memory or heap.Budget(160 * MIB)
+    cache = BigPartCache(tmp_path / "cache", block_size=BLOCK, **{"buffers": memory, **(cache_options or {})})
     cdn = CdnManager(
         download_client=download_client or s3,
         upload_client=upload_client or s3,
         chunk_size=64 * 1024,
         part_size=PART,
         resume_backoff=0,
+        **(cdn_options or {}),
     )
 
     def cdn_factory(text):
@@ -149,6 +227,7 @@ def make_store(
         return cdn if text == YAML else CdnManager(config=CdnConfig.from_yaml(text))
 
     options.setdefault("block_size", BLOCK)
+    options.setdefault("memory", memory)
     return ModelStore(api, cache, cdn_factory=cdn_factory, **options), api, cache
 
 
@@ -170,3 +249,11 @@ def publish(s3, api, data, name="m.bin"):
 def go_offline(api):
     """From now on the session's cdn.yaml names a CDN where nothing listens (127.0.0.1:1)."""
     api.yaml = OFFLINE_YAML
+
+
+def ended(cache, timeout=10):
+    """Wait until every download of ``cache`` has ended for good. ``settle`` returns once each is committed
+    or failed; a failed one then still joins its fetchers, keeps or removes its part and record, and gives
+    its first buffer back (its thread's ``_end``), which the cache books in ``_finished``."""
+    assert cache.settle(timeout)
+    until(lambda: not cache._running, timeout, "a download never ended")

@@ -14,13 +14,13 @@ import threading
 import pytest
 
 import aligned_io
-import download
+import model_cache
 import security
-from binary_split import small_size, validate_folder, validate_name
+from binary_split import LOAD_BUFFERS, small_size, validate_folder, validate_name
 from cdn_manager import CdnConfig, CdnManager, ObjectInfo
 from constants import CDN_ATTEMPTS, CDN_RESUMES
 from devstack.wait import until
-from download import FETCHING, SEGMENT, SMALL_SEGMENT, TAIL, Budget, Download, segments, tail_start
+from download import TAIL, Download, TransferConfig, segments, tail_start
 from errors import (
     BadRequest,
     DecryptionError,
@@ -31,14 +31,16 @@ from errors import (
     StorageError,
     UpstreamError,
 )
+from heap import Budget
 from model_cache import BigPartCache, Expect
 from tests.fakes import DROP, ApiServer
 from tests.store_fakes import (
     BLOCK,
     MIB,
     YAML,
+    EndAfter,
     FlakyClient,
-    WrappedClient,
+    ended,
     go_offline,
     load,
     make_store,
@@ -130,7 +132,7 @@ def deleted_after_its_commit(tmp_path, s3, release):
     assert load(store) == data
     committed = cache.downloading("models", "m.bin.big")
     until(lambda: committed.done)
-    assert committed.error is None and cache.downloading("models", "m.bin.big") is committed
+    assert committed.failure is None and cache.downloading("models", "m.bin.big") is committed
     for name in ("m.bin.big.meta", "m.bin.big"):
         os.unlink(cache.path("models", name))
     return store, api, cache, data
@@ -222,120 +224,143 @@ def test_offline_uses_the_verified_cache_only(tmp_path, s3):
 
 
 class RecordingSha256:
-    """hashlib.sha256 that records which thread (name, nice) hashed each block: injected as the cache's
-    hasher, it shows who took each block's digest."""
+    """hashlib.sha256 that records the name of the thread that hashed each block: injected as the cache's
+    hasher, it shows who took each block's digest, and how often."""
 
     def __init__(self, calls):
         self._h, self._calls = hashlib.sha256(), calls
 
     def update(self, data):
-        me = threading.current_thread()
-        self._calls.append((me.name, _nice(me)))
+        self._calls.append(threading.current_thread().name)
         self._h.update(data)
 
     def digest(self):
         return self._h.digest()
 
 
-def recording_store(tmp_path, s3, download_client=None, hash_grace=5.0):
+def recording_store(tmp_path, s3, download_client=None):
     calls = []
-    hashing = {"hasher": lambda: RecordingSha256(calls), "hash_grace": hash_grace}
+    hashing = {"hasher": lambda: RecordingSha256(calls)}
     store, api, cache = make_store(tmp_path, s3, download_client=download_client, cache_options=hashing)
     return store, api, cache, calls
-
-
-class EndAfter(WrappedClient):
-    """The body of a GET (whose Range starts with ``ranges``) holds back its last bytes until ``event`` is
-    set."""
-
-    def __init__(self, client, event, ranges="bytes="):
-        super().__init__(client, ranges)
-        self._event = event
-
-    def wrap(self, body):
-        return _HeldEnd(body.read(), self._event)
-
-
-class _HeldEnd:
-    def __init__(self, data, event):
-        self._data, self._event = data, event
-
-    def read(self, amt=None):
-        if amt is None or amt >= len(self._data):
-            assert self._event.wait(30), "the event never came"
-        data, self._data = self._data[:amt], self._data[amt:]
-        return data
-
-    def close(self):
-        pass
-
-
-def _nice(thread):
-    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[16])
 
 
 def block_digests(big, block_size=64 * 1024):
     return [hashlib.sha256(big[i : i + block_size]).hexdigest() for i in range(0, len(big), block_size)]
 
 
-def test_a_load_hashes_each_block_it_streams_and_the_commit_follows(tmp_path, s3):
+def fetchers_of(key="models/m.bin.big"):
+    """The name prefix of the fetcher threads of a download of ``key``."""
+    return f"cdn-{key}-"
+
+
+def test_a_cold_load_hashes_no_block_itself_the_fetchers_hash_each_block_once(tmp_path, s3):
+    """The fetchers hash each block as it comes and hand it to the load with its digest: the load (its own
+    thread or its read-ahead) hashes none a second time, and the download none after the load (no
+    hash_grace, no hashing of the rest: this replaces the tests of the download hashing what its loads
+    left)."""
     store, api, cache, calls = recording_store(tmp_path, s3)
     data = os.urandom(300_000)
     big = publish(s3, api, data)
     assert load(store) == data
     assert cache.settle(10)
-    # Every block was hashed once, by the load (its own thread or its read-ahead), none by the download.
-    assert len(calls) == len(block_digests(big)) and not [n for n, _ in calls if n.startswith("cdn-")]
+    assert len(calls) == len(block_digests(big))
+    assert all(name.startswith(fetchers_of()) for name in calls), calls
+    assert cache.handed == len(block_digests(big))
     meta = json.load(open(cache.path("models", "m.bin.big.meta")))
     assert meta["blocks"] == block_digests(big) and meta["version"] is None
     assert open(cache.path("models", "m.bin.big"), "rb").read() == big
     assert not list((tmp_path / "cache").rglob("*.part"))
+    assert not list((tmp_path / "cache").rglob("*.record"))
 
 
-def _streaming(tmp_path, s3, hash_grace, size=3 * MIB):
-    """A download whose every byte is fetched while a load has taken its first block and streams on (the
-    object's end comes first, in a segment of its own, for the format-1 check)."""
-    started = threading.Event()  # the object's start arrives in full only once a load streams it
-    store, api, cache, calls = recording_store(tmp_path, s3, EndAfter(s3, started, "bytes=0-"), hash_grace)
+def _streaming(tmp_path, s3, size=3 * MIB):
+    """A download held in flight while a load streams it: the segment from the object's start holds back its
+    last block until ``release`` is set (the object's end comes first, in a segment of its own, for the
+    check before the answer), and the load has taken its first block. Returns (store, api, cache, chunks,
+    big, data, first, calls, release) once every block but that last one is in."""
+    release = threading.Event()
+    store, api, cache, calls = recording_store(tmp_path, s3, EndAfter(s3, release, "bytes=0-"))
     data = os.urandom(size)
     big = publish(s3, api, data)
     plaintext = store.load("models", "m.bin")
     chunks = iter(plaintext)
     first = bytes(next(chunks))
-    started.set()
     download = cache.downloading("models", "m.bin.big")
-    until(lambda: download.state != FETCHING)  # every byte is in: the download would hash and commit next
-    return store, api, cache, chunks, big, data, first, calls
+    until(lambda: download.bytes_done == len(big) - BLOCK)
+    assert not download.done
+    return store, api, cache, chunks, big, data, first, calls, release
 
 
-def test_the_download_leaves_the_hashing_to_the_loads_that_still_stream(tmp_path, s3):
-    store, api, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
-    assert first + b"".join(bytes(c) for c in chunks) == data  # the load streams on to its end
+def test_a_load_that_leaves_early_leaves_nothing_to_hash(tmp_path, s3):
+    """A load gone after its first block: the download hashed each block as it came, so its commit hashes
+    nothing more, and every block was hashed exactly once."""
+    store, api, cache, chunks, big, data, first, calls, release = _streaming(tmp_path, s3)
+    chunks.close()
+    release.set()
     assert cache.settle(10)
-    # The download waited for the load: it hashed no block itself, the load hashed each one once.
-    assert not [n for n, _ in calls if n.startswith("cdn-")]
-    assert len(calls) == len(block_digests(big))
+    assert len(calls) == len(block_digests(big)) and all(n.startswith(fetchers_of()) for n in calls)
     assert json.load(open(cache.path("models", "m.bin.big.meta")))["blocks"] == block_digests(big)
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
 
 
-def test_a_load_that_leaves_early_has_the_download_hash_the_rest(tmp_path, s3):
-    store, api, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
-    before = len(calls)
-    chunks.close()  # the load is gone after its first blocks
-    assert cache.settle(10)
-    rest = calls[before:]
-    assert rest and all(c == ("cdn-models/m.bin.big", os.getpriority(os.PRIO_PROCESS, 0)) for c in rest)
-    assert json.load(open(cache.path("models", "m.bin.big.meta")))["blocks"] == block_digests(big)
-
-
-def test_a_load_that_outlasts_the_grace_has_the_rest_hashed_beside_it_at_the_lowest_priority(tmp_path, s3):
-    store, api, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=0.2)
-    assert cache.settle(10)  # the commit does not wait for a load paced by its client
-    assert ("cdn-models/m.bin.big", 19) in calls
-    assert _nice(threading.current_thread()) == os.getpriority(os.PRIO_PROCESS, 0)
-    assert json.load(open(cache.path("models", "m.bin.big.meta")))["blocks"] == block_digests(big)
+def test_the_commit_does_not_wait_for_a_load_that_stalls(tmp_path, s3):
+    """A load whose client stopped reading holds no commit back (nor any hashing: there is none left to
+    do); what it reads after the commit is still whole and right."""
+    store, api, cache, chunks, big, data, first, calls, release = _streaming(tmp_path, s3)
+    release.set()
+    assert cache.settle(10) and os.path.exists(cache.path("models", "m.bin.big.meta"))
     assert first + b"".join(bytes(c) for c in chunks) == data
+    # the fetchers hashed each block once; the load hashed only the blocks it read back from the disk (those
+    # not handed over to it in memory, the fetchers having gone on without it)
+    fetched = [n for n in calls if n.startswith(fetchers_of())]
+    assert len(fetched) == len(block_digests(big))
+    assert len(calls) - len(fetched) == len(block_digests(big)) - cache.handed
+
+
+def test_a_block_changed_on_the_disk_under_a_download_is_never_served_nor_committed(tmp_path, s3):
+    """A load that reads a block of a download back from the disk (none is handed over here) checks it
+    against the digest the fetcher took as it came: a block changed on the disk meanwhile stops the load
+    short of it, and fails the download, which is never committed."""
+    release = threading.Event()
+    store, api, cache = make_store(
+        tmp_path,
+        s3,
+        download_client=EndAfter(s3, release, "bytes=0-"),
+        cache_options={"config": TransferConfig(handoff_blocks=0)},
+    )
+    data = os.urandom(MIB)
+    big = publish(s3, api, data)
+    plaintext = store.load("models", "m.bin")
+    chunks = iter(plaintext)
+    got = bytes(next(chunks))
+    download = cache.downloading("models", "m.bin.big")
+    until(lambda: download.bytes_done == len(big) - BLOCK)
+    with open(download.part, "r+b") as f:
+        f.seek(10 * BLOCK + 7)
+        f.write(b"\x00\xff")
+    with pytest.raises(IntegrityError, match="block 10 of models/m.bin.big does not match"):
+        for chunk in chunks:
+            got += bytes(chunk)
+    assert data.startswith(got) and len(got) <= 3072 - 16 + 10 * BLOCK  # nothing that depends on block 10
+    release.set()
+    ended(cache)
+    assert cache.handed == 0 and not os.path.exists(cache.path("models", "m.bin.big.meta"))
+    (status,) = cache.transfers()
+    assert status["state"] == "failed" and "block 10" in status["error"]
+    assert load(store) == data and cache.downloads == 2
+
+
+def test_the_downloads_listed_are_those_under_way_and_the_last_that_ended(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    names = [f"m{i}.bin" for i in range(model_cache.ENDED_KEPT + 2)]
+    for name in names:
+        size = len(publish(s3, api, os.urandom(1000), name))
+        load(store, name)
+        ended(cache)
+    listed = cache.transfers()
+    assert [s["name"] for s in listed] == names[-model_cache.ENDED_KEPT :]
+    assert {(s["state"], s["bytesDone"], s["bytesTotal"]) for s in listed} == {("cached", size, size)}
 
 
 def _open_flags(path_part):
@@ -352,11 +377,11 @@ def _open_flags(path_part):
 
 
 def test_a_download_writes_its_part_past_the_page_cache(tmp_path, s3):
-    store, api, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
-    # The download (its commit held by the load) still has the .part open: one descriptor bypasses the
-    # page cache.
+    store, api, cache, chunks, big, data, first, calls, release = _streaming(tmp_path, s3)
+    # The download (held in flight) has the .part open: one descriptor bypasses the page cache.
     assert any(f & os.O_DIRECT for f in _open_flags(".part"))
     chunks.close()
+    release.set()
     assert cache.settle(10)
     assert open(cache.path("models", "m.bin.big"), "rb").read() == big
     assert load(store) == data and cache.hits == 1
@@ -437,8 +462,8 @@ def test_read_blocks_frees_its_buffers_without_the_cyclic_gc(tmp_path, stop):
 
 class HandingWriter:
     """The writer of a file for read_blocks (``source``): hands the even blocks over in memory, filled with
-    their index (not what the file holds), and has the odd ones read from the file. Records the buffers
-    it handed and the ones given back."""
+    their index (not what the file holds), with the digest it took of them as they came; has the odd ones
+    read from the file. Records the buffers it handed and the ones given back."""
 
     def __init__(self, block):
         self.size, self.handed, self.back = block, [], []
@@ -448,23 +473,29 @@ class HandingWriter:
             return True
         buf = memoryview(bytearray([index]) * self.size)
         self.handed.append(buf)
-        return buf
+        return buf, hashlib.sha256(bytes([index]) * (end - index * self.size)).digest()
 
     def give_back(self, buf):
         self.back.append(buf)
 
 
 @pytest.mark.parametrize("stop", [None, 1, 2])
-def test_read_blocks_hashes_what_was_handed_over_and_gives_every_buffer_back(tmp_path, stop):
-    """A block a download hands over in memory is the block the load checks and sends: its digest is taken
-    of those bytes, not of the file. Each buffer goes back once, also when the load stops early."""
+def test_read_blocks_takes_the_digest_of_a_block_handed_over_and_gives_every_buffer_back(tmp_path, stop):
+    """A block a download hands over in memory is the block the load checks and sends, with the digest the
+    download took of those very bytes as they came: read_blocks hashes it no second time (it hashes only
+    what it reads from the file). Each buffer goes back once, also when the load stops early."""
     block = 64 * 1024
     data = os.urandom(6 * block + 5)
     (tmp_path / "f").write_bytes(data)
     writer = HandingWriter(block)
-    seen = []
+    seen, hashed = [], []
+
+    def hasher():
+        hashed.append(1)
+        return hashlib.sha256()
+
     with aligned_io.open_reader(str(tmp_path / "f")) as f:
-        blocks = aligned_io.read_blocks(f.fileno(), len(data), block, hashlib.sha256, source=writer)
+        blocks = aligned_io.read_blocks(f.fileno(), len(data), block, hasher, source=writer)
         for i, view, digest in blocks:
             expected = data[i * block : (i + 1) * block] if i % 2 else bytes([i]) * len(view)
             assert bytes(view) == expected and digest == hashlib.sha256(expected).digest()
@@ -474,31 +505,60 @@ def test_read_blocks_hashes_what_was_handed_over_and_gives_every_buffer_back(tmp
         blocks.close()
     assert seen == list(range(7 if stop is None else stop + 1))
     assert writer.handed and sorted(map(id, writer.back)) == sorted(map(id, writer.handed))
+    # the file was read (and hashed) for the odd blocks only, those read ahead included
+    assert 0 < len(hashed) <= len([i for i in range(7) if i % 2])
+    assert len(hashed) >= len([i for i in seen if i % 2])
 
 
 def test_a_cold_load_takes_every_block_from_memory_and_the_budget_comes_back(tmp_path, s3):
     """The blocks a download fetches reach the load that follows it in memory: none is read back from the
-    disk (a cold GiB read the disk for a GiB while writing one, and was 20 % slower)."""
-    store, api, cache = make_store(tmp_path, s3)
+    disk (a cold GiB read the disk for a GiB while writing one, and was 20 % slower). The one memory budget
+    (the load's buffers, the download's first buffer, its other fetchers' and the hand-over's) is whole
+    again once both have ended."""
+    budget = Budget(64 * BLOCK)
+    # A lead of every block: however late the load asks on a busy machine, no block goes past the hand-over.
+    config = TransferConfig(handoff_blocks=64)
+    store, api, cache = make_store(tmp_path, s3, memory=budget, cache_options={"config": config})
     data = os.urandom(3 * MIB + 5)
     big = publish(s3, api, data)
     assert load(store) == data
-    assert cache.settle(10)
+    ended(cache)
     assert cache.handed == -(-len(big) // BLOCK)
     assert open(cache.path("models", "m.bin.big"), "rb").read() == big
-    assert download.handoff_budget.left == download.handoff_budget.total
+    assert budget.left == budget.total and budget.waiting == 0
 
 
-def with_budget(budget):
-    """A cache's download factory: Downloads that hold their blocks for the loads within ``budget``."""
-    return lambda *args, **kw: Download(*args, budget=budget, **kw)
+def test_a_download_holds_its_first_buffer_until_it_ends(tmp_path, s3):
+    """A download's first fetcher buffer comes from a reservation taken before it starts (waited for, so a
+    download always moves) and released at its end; the load's buffers are the load's own, released with
+    its stream."""
+    budget = Budget(64 * BLOCK)
+    release = threading.Event()
+    store, api, cache = make_store(
+        tmp_path, s3, memory=budget, download_client=EndAfter(s3, release, "bytes=0-")
+    )
+    data = os.urandom(MIB)
+    publish(s3, api, data)
+    plaintext = store.load("models", "m.bin")  # kept: the load's own reservation lives with it
+    chunks = iter(plaintext)
+    next(chunks)
+    assert budget.left <= budget.total - (LOAD_BUFFERS + 1) * BLOCK  # the load's, and the download's first
+    chunks.close()
+    assert budget.left <= budget.total - BLOCK
+    del plaintext, chunks
+    download = cache.downloading("models", "m.bin.big")
+    assert not download.done
+    assert budget.left <= budget.total - BLOCK  # the load is gone: the download still holds its own
+    release.set()
+    assert cache.settle(10)
+    until(lambda: budget.left == budget.total, what="the download's buffers never came back")
 
 
 def test_a_load_that_stalls_does_not_hold_its_download_back(tmp_path, s3):
     """The fetchers keep near a load only while it moves on: one whose client stopped reading leaves them
-    free within PACE_STALL, and the download commits."""
-    budget = Budget(16 * BLOCK)  # the fetchers keep within 12 blocks of the load
-    store, api, cache = make_store(tmp_path, s3, cache_options={"download": with_budget(budget)})
+    free within pace_stall, and the download commits."""
+    budget = Budget(16 * BLOCK)  # the load's 7 blocks, the download's first; the hand-over gets what is left
+    store, api, cache = make_store(tmp_path, s3, memory=budget)
     data = os.urandom(3 * MIB)  # 48 blocks
     big = publish(s3, api, data)
     chunks = iter(store.load("models", "m.bin"))
@@ -506,20 +566,21 @@ def test_a_load_that_stalls_does_not_hold_its_download_back(tmp_path, s3):
     assert cache.settle(10)
     assert first + b"".join(bytes(c) for c in chunks) == data
     assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+    ended(cache)
     assert budget.left == budget.total
 
 
 def test_a_failed_download_gives_its_budget_back(tmp_path, s3):
     budget = Budget(16 * BLOCK)
     flaky = FlakyClient(s3, failures=100, after=3 * BLOCK)  # each GET breaks off after 3 blocks
-    store, api, cache = make_store(
-        tmp_path, s3, download_client=flaky, cache_options={"download": with_budget(budget)}
-    )
+    store, api, cache = make_store(tmp_path, s3, download_client=flaky, memory=budget)
     publish(s3, api, os.urandom(MIB))
     with pytest.raises(UpstreamError):
         load(store)
-    assert cache.settle(10)
-    assert budget.left == budget.total and not list((tmp_path / "cache").rglob("*.part"))
+    ended(cache)
+    assert budget.left == budget.total
+    # a format-1 part is never resumed: nothing of it is kept
+    assert not list((tmp_path / "cache").rglob("*.part")) and not list((tmp_path / "cache").rglob("*.record"))
 
 
 class BrokenCdn:
@@ -534,7 +595,7 @@ class BrokenCdn:
 def test_a_load_joining_a_download_as_it_fails_gets_its_error(tmp_path):
     """The soak found a 500 (FileNotFoundError): a load joined a download in the moment it failed, after
     its .part file was deleted but before the failure was told, and opened the missing file. The load
-    must get the download's failure, a clear status."""
+    must get the download's failure, a clear status: the failure is set before the part goes."""
     joined = []
 
     def join():
@@ -543,20 +604,21 @@ def test_a_load_joining_a_download_as_it_fails_gets_its_error(tmp_path):
         except Exception as exc:  # noqa: BLE001 - what the load would have met
             joined.append(exc)
 
-    def unlink_then_join(path):
-        """Removes the .part file, then lets a load join right after it is gone."""
-        os.unlink(path)
-        reader = threading.Thread(target=join)
-        reader.start()
-        reader.join(0.5)  # the old code let it in here, before the failure was set
+    class JoinedAsItsPartGoes(Download):
+        def _remove(self):
+            """Lets a load join right before the .part file goes, and removes it right after."""
+            reader = threading.Thread(target=join)
+            reader.start()
+            reader.join(0.5)
+            super()._remove()
 
     cache = BigPartCache(str(tmp_path))
     info = ObjectInfo(10_000, '"e"')
-    failing = Download(cache, "models", "m.bin.big", info, None, None, 4096, unlink=unlink_then_join)
+    failing = JoinedAsItsPartGoes(cache, "models", "m.bin.big", info, None, None, 4096)
     failing.run(failing.prepare(), BrokenCdn())
     until(lambda: joined)
     assert isinstance(joined[0], UpstreamError), joined
-    assert failing.error is joined[0] and not os.path.exists(failing.part)
+    assert failing.failure is joined[0] and not os.path.exists(failing.part)
 
 
 def test_a_download_whose_file_cannot_be_opened_for_a_load_is_a_storage_error(tmp_path):
@@ -596,7 +658,7 @@ def test_a_download_that_commits_as_a_load_opens_it_with_its_part_deleted_is_fet
     data = os.urandom(200_000)
     publish(s3, api, data)
     assert load(store) == data
-    assert opened[0].error is None and cache.downloads == 2
+    assert opened[0].failure is None and cache.downloads == 2
     assert cache.settle(10)
 
 
@@ -655,10 +717,29 @@ def test_a_ranged_get_answered_with_the_wrong_length_is_refused(s3):
         list(cdn.fill("models", "x.big", info, memoryview(bytearray(cdn.chunk_size)), 1000, 2000))
 
 
+def in_background(call):
+    """``call`` on a thread of its own; the list it leaves its result (or exception) in."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(call())
+        except Exception as exc:  # noqa: BLE001 - what the caller met
+            outcome.append(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return outcome
+
+
 def test_offline_follows_a_download_still_in_flight(tmp_path, s3):
-    store, api, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
+    store, api, cache, chunks, big, data, first, calls, release = _streaming(tmp_path, s3)
     go_offline(api)
-    assert load(store) == data  # the download is not committed yet, but every byte of it is in
+    offline = in_background(lambda: load(store))
+    until(lambda: cache.misses == 2)  # it follows the download, not committed yet
+    assert not offline
+    release.set()
+    until(lambda: offline)
+    assert offline == [data]
     chunks.close()
     assert cache.settle(10) and cache.downloads == 1
     assert load(store) == data and cache.hits == 1
@@ -677,21 +758,24 @@ def test_offline_a_download_that_has_ended_is_not_followed(tmp_path, s3):
 
 
 def test_a_part_discarded_in_flight_is_never_committed(tmp_path, s3):
-    store, api, cache, chunks, big, data, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
+    store, api, cache, chunks, big, data, first, calls, release = _streaming(tmp_path, s3)
     cache.discard("models", "m.bin.big")
+    release.set()
     assert first + b"".join(bytes(c) for c in chunks) == data  # it finishes for its load
     assert cache.settle(10)
-    assert not list((tmp_path / "cache").rglob("m.bin.big*"))  # no part, no cache file, no sidecar
+    assert not list((tmp_path / "cache").rglob("m.bin.big*"))  # no part, no record, no cache file, no sidecar
 
 
 def test_a_newer_version_is_not_overwritten_by_an_older_download(tmp_path, s3):
-    # the older download's commit waits for its load
-    store, api, cache, chunks, old_big, old, first, calls = _streaming(tmp_path, s3, hash_grace=30.0)
+    # the older download is held in flight until the newer one has committed
+    store, api, cache, chunks, old_big, old, first, calls, release = _streaming(tmp_path, s3)
     big = publish(s3, api, b"new" * 60_000)
     assert load(store) == b"new" * 60_000
-    chunks.close()
+    assert cache.settle(0.1) is False  # the older one is still in flight
+    release.set()
+    assert first + b"".join(bytes(c) for c in chunks) == old  # it finishes for its load...
     assert cache.settle(10) and cache.downloads == 2
-    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big  # ...and never lands
     assert load(store) == b"new" * 60_000 and cache.hits == 1
 
 
@@ -746,6 +830,8 @@ def test_large_objects_are_fetched_as_segments_in_parallel(tmp_path, s3):
 )
 @pytest.mark.parametrize("block", [MIB, 4 * MIB])
 def test_segments_cover_the_object_once_its_end_first(size, block):
+    config = TransferConfig()
+    big, small = config.segment, config.small_segment
     order = segments(size, block)
     covered = sorted(order)
     assert [s for s, _ in covered] == [0, *[e for _, e in covered[:-1]]] or not covered
@@ -757,13 +843,70 @@ def test_segments_cover_the_object_once_its_end_first(size, block):
         assert order[1:] == covered[:-1]
         # then from the start: large segments, the last few small
         lengths = [e - s for s, e in order[1:]]
-        assert all(x == SEGMENT or x <= SMALL_SEGMENT for x in lengths)
-        large = [x == SEGMENT for x in lengths]
+        assert all(x == big or x <= small for x in lengths)
+        large = [x == big for x in lengths]
         assert large == sorted(large, reverse=True)
-        assert sum(x for x in lengths if x <= SMALL_SEGMENT) >= min(sum(lengths), 3 * SMALL_SEGMENT)
-        assert any(large) or sum(lengths) < SEGMENT + 3 * SMALL_SEGMENT
+        assert sum(x for x in lengths if x <= small) >= min(sum(lengths), config.fetchers * small)
+        assert any(large) or sum(lengths) < big + config.fetchers * small
     elif size:
         assert order == [(0, size)]
+
+
+def test_segments_of_the_missing_blocks_only_in_runs_of_whole_blocks_the_tail_first():
+    b = BLOCK
+    size = 20 * b + 5  # 21 blocks; the last TAIL bytes lie in blocks 19 and 20
+    config = TransferConfig(fetchers=1, segment=2 * b, small_segment=b)
+    order = segments(size, b, {20, 0, 1, 2, 5, 6, 19}, config)
+    # the tail's blocks, then runs of consecutive blocks, each cut into segments of whole blocks: large ones
+    # while enough is left for the fetchers' small ones at the end
+    assert order == [(19 * b, size), (0, 2 * b), (2 * b, 3 * b), (5 * b, 6 * b), (6 * b, 7 * b)]
+    assert segments(size, b, {3}, config) == [(3 * b, 4 * b)]
+    assert segments(size, b, {20}, config) == [(20 * b, size)]
+    assert segments(size, b, set(), config) == []
+    assert segments(size, b, None, config) == segments(size, b, range(21), config)
+
+
+def test_segment_sizes_come_from_the_transfer_config():
+    size = 100 * BLOCK + 1
+    config = TransferConfig(fetchers=2, segment=10 * BLOCK, small_segment=3 * BLOCK)
+    lengths = [e - s for s, e in segments(size, BLOCK, config=config)[1:]]
+    assert sum(lengths) == tail_start(size, BLOCK)
+    assert lengths[0] == 10 * BLOCK and set(lengths) <= {10 * BLOCK, 3 * BLOCK, BLOCK, 2 * BLOCK}
+    # segments of less than a block are whole blocks all the same
+    tiny = TransferConfig(segment=1, small_segment=1)
+    assert all(e - s == BLOCK for s, e in segments(size, BLOCK, config=tiny)[1:])
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("fetchers", 0),
+        ("fetchers", True),
+        ("segment", 0),
+        ("small_segment", -1),
+        ("segment", 1.5),
+        ("memory_bytes", -1),
+        ("handoff_blocks", "12"),
+        ("max_bytes_per_s", -1),
+        ("cache_max_bytes", None),
+        ("cache_min_free", -1),
+        ("checkpoint_bytes", -1),
+    ],
+)
+def test_a_transfer_config_refuses_what_is_no_count(option, value):
+    with pytest.raises(ValueError, match=option):
+        TransferConfig(**{option: value})
+
+
+def test_a_transfer_config_from_the_settings():
+    class Settings:
+        load_memory_bytes, cdn_max_bytes_per_s = 64 * MIB, 1000
+        model_cache_max_bytes, model_cache_min_free_bytes = 5 * MIB, 7
+
+    config = TransferConfig.from_settings(Settings())
+    assert (config.memory_bytes, config.max_bytes_per_s) == (64 * MIB, 1000)
+    assert (config.cache_max_bytes, config.cache_min_free) == (5 * MIB, 7)
+    assert config.fetchers == TransferConfig().fetchers
 
 
 def test_a_transfer_that_keeps_breaking_fails_and_leaves_no_partial_file(tmp_path, s3):
@@ -772,6 +915,7 @@ def test_a_transfer_that_keeps_breaking_fails_and_leaves_no_partial_file(tmp_pat
     publish(s3, api, os.urandom(100_000))
     with pytest.raises(UpstreamError):
         load(store)
+    ended(cache)  # the load is told at once; the part goes once the fetchers have ended
     assert not list((tmp_path / "cache").rglob("*.part"))
     assert not os.path.exists(cache.path("models", "m.bin.big"))
 

@@ -136,3 +136,49 @@ def test_a_reservation_larger_than_the_budget_takes_the_whole_budget_instead_of_
     whole.release()
     budget.resize(300)
     assert budget.reserve(250).size == 250 and budget.left == 50
+
+
+def test_try_take_takes_only_room_that_is_free_and_that_nobody_waits_for():
+    """What helps but is not needed (a second fetcher's buffer, a block held for a load) never keeps room
+    from a holder that needs it: try_take refuses while anyone waits, even with room left."""
+    budget = heap.Budget(100)
+    taken = budget.try_take(30)
+    assert taken is not None and taken.size == 30 and budget.left == 70
+    assert budget.try_take(71) is None and budget.left == 70  # not free
+    first = budget.reserve(60)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(budget.reserve(60)), daemon=True)
+    waiter.start()
+    until(lambda: budget.waiting == 1)
+    assert budget.left == 10 and budget.try_take(10) is None  # free, but someone waits for room
+    taken.release()
+    first.release()
+    waiter.join(5)
+    assert got and budget.waiting == 0 and budget.left == 40
+    more = budget.try_take(40)
+    assert more is not None and budget.left == 0
+    for r in (more, got[0]):
+        r.release()
+    assert budget.left == 100
+
+
+def test_a_reservation_that_must_not_wait_goes_beyond_the_budget():
+    """reserve(wait=False) (a load mid-stream that must start a download) takes its room at once, even past
+    the budget; nothing else gets room until the budget is back under."""
+    budget = heap.Budget(100)
+    held = budget.reserve(80)
+    over = budget.reserve(50, wait=False)
+    assert over.size == 50 and budget.left == -30
+    assert budget.try_take(1) is None
+    held.release()
+    assert budget.left == 50 and budget.try_take(50) is not None
+    over.release()
+    assert budget.left == 50
+
+
+def test_downloads_and_loads_share_the_one_budget(tmp_path):
+    import binary_split
+    import model_cache
+
+    assert binary_split.ModelStore(None, None)._memory is heap.buffers
+    assert model_cache.BigPartCache(tmp_path).buffers is heap.buffers

@@ -1,10 +1,12 @@
 """The HTTP edge: error mapping in one table, lazy imports, no credential ever echoed."""
 
+import asyncio
 import contextlib
 import http.client
 import inspect
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -90,15 +92,19 @@ class SigningIn:
 
 
 class Preparing:
-    """A store that sets ``prepared`` when asked to prepare the CDN clients, and notes on which thread."""
+    """A store that notes each call of what a login starts in the background, with its thread, and sets
+    ``resumed`` once the interrupted prefetches were resumed."""
 
     def __init__(self):
-        self.prepared = threading.Event()
-        self.thread = None
+        self.calls = []
+        self.resumed = threading.Event()
 
     def prepare(self):
-        self.thread = threading.current_thread()
-        self.prepared.set()
+        self.calls.append(("prepare", threading.current_thread()))
+
+    def resume_prefetches(self):
+        self.calls.append(("resume_prefetches", threading.current_thread()))
+        self.resumed.set()
 
 
 def fake_services(**parts):
@@ -161,13 +167,35 @@ def test_a_stop_lets_the_downloads_in_flight_commit(loader_env):
     assert cache.settled == [main.SETTLE_SECONDS]
 
 
-def test_a_login_prepares_the_cdn_clients_in_the_background():
-    # The first load then finds cdn.yaml fetched and the CDN clients built.
+def test_a_login_prepares_the_cdn_clients_then_resumes_the_prefetches_in_the_background():
+    # The first load then finds cdn.yaml fetched and the CDN clients built; then the prefetches a restart
+    # interrupted go on, with the clients ready.
     store = Preparing()
     svc = fake_services(api=SigningIn(), store=store)
     assert svc.authenticate("u@example.com", "pw") == "the user"
-    assert store.prepared.wait(5)
-    assert store.thread is not threading.current_thread()
+    assert store.resumed.wait(5)
+    assert [name for name, _ in store.calls] == ["prepare", "resume_prefetches"]
+    threads = {thread for _, thread in store.calls}
+    assert len(threads) == 1 and threading.current_thread() not in threads
+
+
+class RefusingSignIn:
+    """A Resource API session whose every login is refused."""
+
+    def login(self, creds):
+        raise errors.AuthError("invalid email or password")
+
+
+def test_a_failed_login_resumes_no_prefetch():
+    store = Preparing()
+    svc = fake_services(api=RefusingSignIn(), store=store)
+    with pytest.raises(errors.AuthError):
+        svc.authenticate("u@example.com", "wrong")
+    svc.api = SigningIn()
+    svc.authenticate("u@example.com", "pw")
+    assert store.resumed.wait(5)
+    # One prepare and one resume, those of the login that succeeded (started after the failed one).
+    assert [name for name, _ in store.calls] == ["prepare", "resume_prefetches"]
 
 
 def test_a_newline_in_a_request_path_cannot_forge_a_log_line(client, caplog):
@@ -242,6 +270,7 @@ def test_metrics_read_the_modules_counters_at_each_scrape(client):
     svc.bytes_loaded, svc.bytes_uploaded = 5_000_000_123, 7
     svc.cache.hits, svc.cache.misses, svc.cache.downloads, svc.cache.refetches = 3, 4, 5, 6
     svc.store.format1_loads = 8
+    svc.cache.bytes_resumed = 10
     families = scrape()
     counters = {
         "loader_bytes_loaded": 5_000_000_123,
@@ -251,6 +280,8 @@ def test_metrics_read_the_modules_counters_at_each_scrape(client):
         "loader_cdn_downloads": 5,
         "loader_cache_refetches": 6,
         "loader_format1_loads": 8,
+        "loader_cache_evictions": 0,  # a fresh cache has evicted nothing
+        "loader_cdn_bytes_resumed": 10,
     }
     for family, value in counters.items():
         assert families[family].type == "counter"
@@ -275,8 +306,219 @@ def test_metrics_read_the_modules_counters_at_each_scrape(client):
     svc.workers.end(stream)
     import heap
 
-    free = families["loader_load_memory_free_bytes"]
-    assert free.type == "gauge" and free.samples[0].value == heap.loads.left
+    free = families["loader_buffer_memory_free_bytes"]
+    assert free.type == "gauge" and free.samples[0].value == heap.buffers.left
+    assert "loader_load_memory_free_bytes" not in families
+    for gauge in ("loader_cache_bytes_used", "loader_cache_bytes_max", "loader_downloads_in_progress"):
+        assert families[gauge].type == "gauge"
+    assert [s.value for s in families["loader_downloads_in_progress"].samples] == [0]
+
+
+# --- field transfers: /prefetch, /downloads and their metrics (contract section 8) --------------------
+
+GIB = 1024**3
+
+
+def download_status(name, state, done=0, total=5 * GIB, resumed=0, error=None):
+    return {
+        "folder": "models",
+        "name": name,
+        "state": state,
+        "bytesDone": done,
+        "bytesTotal": total,
+        "bytesResumed": resumed,
+        "error": error,
+    }
+
+
+def on_event_loop():
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class BudgetCache(IdleCache):
+    """A cache with a download in each state and half its budget used; notes whether each call of
+    ``usage`` or ``transfers`` ran on the event loop."""
+
+    hits = misses = downloads = handed = refetches = 0
+    evictions, bytes_resumed = 2, 3 * 2**20
+    USAGE = {"bytesUsed": 5 * GIB, "bytesMax": 10 * GIB, "bytesFree": 4 * GIB}
+    TRANSFERS = [
+        download_status("a.bin", "fetching", done=GIB, resumed=GIB // 2),
+        download_status("b.bin", "verifying", done=5 * GIB),
+        download_status("c.bin", "cached", done=5 * GIB),
+        download_status("d.bin", "failed", error="the CDN answered 503"),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self.on_loop = []
+
+    def usage(self):
+        self.on_loop.append(on_event_loop())
+        return dict(self.USAGE)
+
+    def transfers(self):
+        self.on_loop.append(on_event_loop())
+        return [dict(t) for t in self.TRANSFERS]
+
+
+class PrefetchStore:
+    """A store whose prefetch of a name answers ``answers[name]``: (status, download status), or an error
+    it raises; a name in ``held`` waits for ``go`` first. ``calls`` notes each (folder, name) and whether it
+    ran on the event loop."""
+
+    format1_loads = 0
+
+    def __init__(self, answers, held=()):
+        self.answers = answers
+        self.held = held
+        self.go = threading.Event()
+        self.calls = []
+
+    def prefetch(self, folder, name):
+        self.calls.append((folder, name, on_event_loop()))
+        if name in self.held:
+            self.go.wait(30)
+        answer = self.answers[name]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+STARTED = download_status("big.bin", "fetching", done=0)
+CACHED = download_status("warm.bin", "cached", done=5 * GIB)
+NO_ROOM = "no room in the cache for models/huge.bin: 5368709120 bytes needed, 1073741824 bytes available"
+PREFETCH_ANSWERS = {
+    "big.bin": (202, STARTED),
+    "warm.bin": (200, CACHED),
+    "..bad": errors.BadRequest("invalid name: ..bad"),
+    "anonymous.bin": errors.NotLoggedIn(),
+    "missing.bin": errors.NotFound("no such resource: models/missing.bin"),
+    "huge.bin": errors.StorageError(NO_ROOM),
+    "crawling.bin": errors.UpstreamTimeout("the CDN made less than 16384 bytes/s for 30 s"),
+}
+
+
+@pytest.fixture
+def prefetching(loader_env):
+    """A client of an app whose store prefetches from PREFETCH_ANSWERS, its cache a BudgetCache."""
+    store, cache = PrefetchStore(PREFETCH_ANSWERS, held={"held.bin"}), BudgetCache()
+    main.use_services(
+        lambda s: fake_services(store=store, cache=cache, api=NoSession(), unlock_status=FakeUnlockStatus())
+    )
+    with TestClient(main.app, raise_server_exceptions=False) as c:
+        yield c, store, cache
+
+
+def test_a_prefetch_answers_202_with_its_download_status_or_200_when_already_cached(prefetching):
+    client, store, _ = prefetching
+    r = client.post("/prefetch/big.bin", json={"folder": "models"})
+    assert r.status_code == 202 and r.json() == STARTED
+    r = client.post("/prefetch/warm.bin", json={"folder": "models"})
+    assert r.status_code == 200 and r.json() == CACHED
+    # The store's call blocks (Resource API calls): it runs on a worker thread, never on the event loop.
+    assert store.calls == [("models", "big.bin", False), ("models", "warm.bin", False)]
+    responses = main.app.openapi()["paths"]["/prefetch/{filename}"]["post"]["responses"]
+    assert {"200", "202", "400", "401", "404", "502", "504", "507"} <= set(responses)
+
+
+@pytest.mark.parametrize(
+    "name,status",
+    [("..bad", 400), ("anonymous.bin", 401), ("missing.bin", 404), ("huge.bin", 507), ("crawling.bin", 504)],
+)
+def test_a_prefetch_that_fails_is_its_errors_status_with_a_json_detail(prefetching, name, status):
+    client, _, _ = prefetching
+    r = client.post(f"/prefetch/{name}", json={"folder": "models"})
+    assert r.status_code == status and r.json() == {"detail": PREFETCH_ANSWERS[name].detail}
+
+
+def test_a_prefetch_without_a_folder_is_422_and_never_reaches_the_store(prefetching):
+    client, store, _ = prefetching
+    r = client.post("/prefetch/big.bin", json={})
+    assert r.status_code == 422 and r.json()["detail"].startswith("invalid request: body.folder")
+    assert store.calls == []
+
+
+def test_a_prefetch_runs_on_the_load_pool_and_shows_in_status_while_it_runs(prefetching):
+    client, store, _ = prefetching
+    store.answers["held.bin"] = (202, download_status("held.bin", "fetching"))
+    answers = []
+    thread = threading.Thread(
+        target=lambda: answers.append(client.post("/prefetch/held.bin", json={"folder": "models"}))
+    )
+    thread.start()
+    try:
+        until(lambda: client.get("/status").json()["operations"], what="the prefetch never showed in /status")
+        [op] = client.get("/status").json()["operations"]
+        assert (op["kind"], op["what"]) == ("load", "models/held.bin")
+    finally:
+        store.go.set()
+        thread.join(30)
+    assert answers[0].status_code == 202
+    assert client.get("/status").json()["operations"] == []
+
+
+def test_downloads_lists_every_download_and_the_cache_budget(prefetching):
+    client, _, cache = prefetching
+    r = client.get("/downloads")
+    assert r.status_code == 200
+    assert r.json() == {"downloads": BudgetCache.TRANSFERS, "cache": BudgetCache.USAGE}
+    assert cache.on_loop == [False, False]  # usage() reads the disk: never on the event loop
+
+
+def test_metrics_show_the_cache_budget_evictions_resumed_bytes_and_downloads_in_progress(prefetching):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client, _, cache = prefetching
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+
+    def value(name, kind):
+        assert families[name].type == kind, name
+        [sample] = families[name].samples
+        return sample.value
+
+    assert value("loader_cache_bytes_used", "gauge") == 5 * GIB
+    assert value("loader_cache_bytes_max", "gauge") == 10 * GIB
+    assert value("loader_downloads_in_progress", "gauge") == 2  # fetching and verifying; not cached, failed
+    assert value("loader_cache_evictions", "counter") == 2
+    assert value("loader_cdn_bytes_resumed", "counter") == 3 * 2**20
+    assert cache.on_loop and not any(cache.on_loop)  # the scrape reads the disk off the event loop
+
+
+@pytest.mark.parametrize(
+    "name", ["CDN_MAX_BYTES_PER_S", "MODEL_CACHE_MAX_BYTES", "MODEL_CACHE_MIN_FREE_BYTES"]
+)
+def test_the_transfer_settings_refuse_a_negative_value(monkeypatch, name):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv(name, "-1")
+    with pytest.raises(ValidationError, match=name.lower()):
+        main.Settings()
+    monkeypatch.setenv(name, "5000000000")
+    assert main.Settings().model_dump()[name.lower()] == 5_000_000_000
+
+
+def test_the_transfer_settings_defaults(monkeypatch):
+    for name in ("CDN_MAX_BYTES_PER_S", "MODEL_CACHE_MAX_BYTES", "MODEL_CACHE_MIN_FREE_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    s = main.Settings()
+    assert (s.cdn_max_bytes_per_s, s.model_cache_max_bytes, s.model_cache_min_free_bytes) == (0, 0, 2**30)
+
+
+def test_a_negative_setting_stops_the_start_up_with_a_clear_message():
+    env = {**os.environ, "MODEL_CACHE_MIN_FREE_BYTES": "-5", "LOADER_PORT": "0"}
+    out = subprocess.run(
+        [sys.executable, "main.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode != 0
+    assert "invalid configuration" in out.stderr and "model_cache_min_free_bytes" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 class CutOffStore:
@@ -455,6 +697,8 @@ class NoSession:
 
 
 class FakeUnlockStatus:
+    duration = None
+
     def snapshot(self):
         return {"state": "idle", "error": None, "bytesDone": 0, "bytesTotal": 0, "images": []}
 

@@ -8,13 +8,18 @@ import logging
 import os
 import shutil
 import stat
+import threading
 from pathlib import Path
 
 import pytest
 
+import heap
+import main
 from constants import MAX_SIDECAR_BYTES
 from devstack import wait
-from tests.store_fakes import BLOCK, load, make_store, publish
+from download import TransferConfig
+from errors import StorageError
+from tests.store_fakes import BLOCK, EndAfter, ended, load, make_store, publish
 
 SIZE = 5 * BLOCK + 5000  # a big part of six blocks, the last one short
 BOUND = 20  # seconds a load may take here before it counts as hung
@@ -312,3 +317,157 @@ def test_a_fifo_leftover_is_swept_without_blocking_and_links_are_not_followed(tm
     bounded(lambda: BigPartCache(root))
     assert not (root / "models" / "m.bin.big.0123.part").exists()
     assert (target / "x.big.0123.part").read_bytes() == b"not the loader's"
+
+
+# --- leftovers at start (contract section 8.1) ---------------------------------------------------
+
+
+HEX = "0123456789abcdef" * 2  # the middle of a download's file names
+
+
+def test_the_sweep_keeps_a_part_with_its_record_and_removes_a_lone_part_or_record(tmp_path):
+    from model_cache import BigPartCache
+
+    folder = tmp_path / "cache" / "models"
+    folder.mkdir(parents=True)
+    names = {
+        "pair": (f"a.big.{HEX}.part", f"a.big.{HEX}.record"),
+        "lone part": (f"b.big.{HEX}.part",),
+        "lone record": (f"c.big.{HEX}.record",),
+        "upload's part": ("d.big.0123.part",),
+        "cached": ("e.big", "e.big.meta"),
+    }
+    for group in names.values():
+        for name in group:
+            (folder / name).write_bytes(b"x")
+    BigPartCache(tmp_path / "cache")
+    left = {p.name for p in folder.iterdir()}
+    assert left == set(names["pair"]) | set(names["cached"])
+
+
+# --- the disk budget (contract section 8.3) ------------------------------------------------------
+
+
+def budgeted(tmp_path, s3, max_bytes, **options):
+    """A store whose cache keeps within ``max_bytes`` (and asks nothing of the free space)."""
+    config = TransferConfig(cache_max_bytes=max_bytes, cache_min_free=0)
+    return make_store(tmp_path, s3, cache_options={"config": config}, **options)
+
+
+def cached(cache, name):
+    return os.path.exists(cache.path("models", name + ".big")), os.path.exists(
+        cache.path("models", name + ".big.meta")
+    )
+
+
+def three_models(s3, api):
+    """Three format-1 models of SIZE bytes: {name: plaintext}, and the size of each big part."""
+    models = {name: os.urandom(SIZE) for name in ("a.bin", "b.bin", "c.bin")}
+    sizes = {len(publish(s3, api, data, name)) for name, data in models.items()}
+    (big,) = sizes
+    return models, big
+
+
+def test_the_least_recently_loaded_part_is_evicted_when_a_download_needs_room(tmp_path, s3):
+    store, api, cache = budgeted(tmp_path, s3, 0)
+    models, big = three_models(s3, api)
+    cache.disk.max_bytes = 2 * big + 2 * 4096  # two parts and their sidecars, never three
+    for name in ("a.bin", "b.bin", "a.bin"):  # a is loaded last: b is the least recently loaded
+        assert load(store, name) == models[name]
+        ended(cache)
+    assert cache.downloads == 2 and cache.hits == 1
+    assert load(store, "c.bin") == models["c.bin"]
+    ended(cache)
+    assert cached(cache, "b.bin") == (False, False) and cache.evictions == 1
+    assert cached(cache, "a.bin") == (True, True) and cached(cache, "c.bin") == (True, True)
+    assert cache.usage()["bytesUsed"] <= cache.disk.max_bytes
+    assert load(store, "a.bin") == models["a.bin"] and cache.hits == 2
+
+
+def test_a_part_being_streamed_is_never_evicted(tmp_path, s3):
+    store, api, cache = budgeted(tmp_path, s3, 0)
+    models, big = three_models(s3, api)
+    cache.disk.max_bytes = big + 4096  # one part and its sidecar
+    assert load(store, "a.bin") == models["a.bin"]
+    ended(cache)
+    plaintext = store.load("models", "a.bin")  # a warm load of a, streaming
+    chunks = iter(plaintext)
+    first = bytes(next(chunks))
+    with pytest.raises(StorageError, match=r"no room in the model cache for models/b\.bin\.big: it needs"):
+        store.load("models", "b.bin")
+    assert cached(cache, "a.bin") == (True, True) and cache.evictions == 0
+    assert first + b"".join(bytes(c) for c in chunks) == models["a.bin"]
+    del plaintext, chunks
+    assert load(store, "b.bin") == models["b.bin"]  # a's stream has ended: a may go now
+    ended(cache)
+    assert cached(cache, "a.bin") == (False, False) and cache.evictions == 1
+
+
+def test_a_part_being_downloaded_is_never_evicted(tmp_path, s3):
+    release = threading.Event()
+    store, api, cache = budgeted(tmp_path, s3, 0, download_client=EndAfter(s3, release, "bytes=0-"))
+    models, big = three_models(s3, api)
+    cache.disk.max_bytes = big + 4096
+    plaintext = store.load("models", "a.bin")  # its download is held in flight
+    chunks = iter(plaintext)
+    first = bytes(next(chunks))
+    with pytest.raises(StorageError, match="no room in the model cache"):
+        store.load("models", "b.bin")
+    assert cache.evictions == 0 and len(list(Path(cache.root).rglob("a.bin.big.*.part"))) == 1
+    release.set()
+    assert first + b"".join(bytes(c) for c in chunks) == models["a.bin"]
+    ended(cache)
+    assert cached(cache, "a.bin") == (True, True)
+
+
+def test_a_part_larger_than_the_budget_is_refused_with_the_bytes(tmp_path, s3):
+    memory = heap.Budget(64 * BLOCK)
+    store, api, cache = budgeted(tmp_path, s3, 0, memory=memory)
+    models, big = three_models(s3, api)
+    cache.disk.max_bytes = big - 1
+    with pytest.raises(StorageError) as refused:
+        store.load("models", "a.bin")
+    assert f"it needs {big} bytes, {big - 1} are available" in refused.value.detail
+    assert main.status_of(refused.value) == 507
+    with pytest.raises(StorageError, match="no room"):
+        store.prefetch("models", "a.bin")
+    assert cache.downloads == 0 and not list(Path(cache.root).rglob("*.part"))
+    assert memory.left == memory.total  # the download's first buffer went back
+    assert cache.usage() == {"bytesUsed": 0, "bytesMax": big - 1, "bytesFree": big - 1}
+
+
+def upload(store, name, data):
+    up = store.begin_upload(name)
+    up.write(data)
+    up.finish("models")
+
+
+def test_an_upload_s_part_joins_the_cache_within_its_budget(tmp_path, s3):
+    """An upload's size is known only once it is staged: its commit evicts the least recently loaded parts
+    until the cache fits its budget again (the soak found uploads taking the cache over it)."""
+    store, api, cache = budgeted(tmp_path, s3, 0)
+    models, big = three_models(s3, api)
+    for name in ("a.bin", "b.bin"):
+        assert load(store, name) == models[name]
+        ended(cache)
+    cache.disk.max_bytes = 2 * big + 2 * 4096  # two parts and their sidecars, never three
+    data = os.urandom(SIZE)
+    upload(store, "d.bin", data)
+    assert cached(cache, "d.bin") == (True, True)  # the newest
+    assert cached(cache, "a.bin") == (False, False)  # the least recently loaded, evicted
+    assert cached(cache, "b.bin") == (True, True)
+    assert cache.evictions == 1 and cache.disk.usage() <= cache.disk.max_bytes
+
+
+def test_an_upload_larger_than_the_budget_is_not_kept_in_the_cache(tmp_path, s3):
+    store, api, cache = budgeted(tmp_path, s3, 0)
+    models, big = three_models(s3, api)
+    assert load(store, "a.bin") == models["a.bin"]
+    ended(cache)
+    cache.disk.max_bytes = big + 4096  # a's part fits, d's never can
+    data = os.urandom(2 * SIZE)
+    upload(store, "d.bin", data)  # the upload itself succeeds
+    assert cached(cache, "d.bin") == (False, False)
+    assert cached(cache, "a.bin") == (True, True)  # nothing evicted for a part that can never fit
+    with pytest.raises(StorageError, match="no room"):  # and a load of it is the clear 507
+        store.load("models", "d.bin")

@@ -17,9 +17,10 @@ import security
 from aligned_io import READ_AHEAD
 from binary_split import LOAD_BUFFERS
 from devstack.wait import until
+from download import BlockRecord
 from errors import IntegrityError, PayloadTooLarge, StorageError, UpstreamError
 from manifest import ManifestError, blob_size, small_size
-from tests.store_fakes import BLOCK, PART, WrappedClient, go_offline, load, make_store
+from tests.store_fakes import BLOCK, PART, WrappedClient, ended, go_offline, load, make_store
 
 SIZE = 5 * BLOCK + 5000  # a big part of six blocks, the last one short
 
@@ -92,11 +93,22 @@ def test_a_bit_flipped_on_the_cdn_is_never_served(sealed, s3, where):
         assert len(got) < len(data) and data.startswith(got)
         # Nothing that depends on the bad block left: every byte handed out lies before it.
         assert len(got) <= 3072 - 16 + offset - offset % BLOCK
-    assert cache.settle(10)
+    ended(cache)
     assert not os.path.exists(cache.path("models", "m.bin.big.meta"))  # never committed
-    assert not list(Path(cache.root).rglob("*.part"))
-    flip(s3, offset)  # restored: it loads again
+    # The fetcher failed the download at the bad block, before writing it: the part is kept with its record
+    # for a resume, and neither holds the block nor claims it.
+    (part,) = Path(cache.root).rglob("*.part")
+    (path,) = Path(cache.root).rglob("*.record")
+    record = BlockRecord.read(str(path))
+    record.close()
+    bad = offset // BLOCK
+    assert bad not in record.claimed
+    assert part.read_bytes()[bad * BLOCK : (bad + 1) * BLOCK].count(0) == min(BLOCK, big_size - bad * BLOCK)
+    flip(s3, offset)  # restored (another ETag: the leftover of the flipped one is discarded): it loads again
     assert load(store) == data
+    ended(cache)
+    assert not list(Path(cache.root).rglob("*.part")) and not list(Path(cache.root).rglob("*.record"))
+    assert cache.transfers()[-1]["bytesResumed"] == 0
 
 
 def test_a_changed_small_part_is_refused_before_anything(sealed):
@@ -340,24 +352,48 @@ def test_an_upload_into_a_folder_the_cdn_does_not_have_yet_creates_its_bucket(
     assert load(store, folder="fresh") == data
 
 
-def test_a_disk_error_under_a_load_is_a_storage_error_never_a_bare_oserror(sealed):
-    store, api, cache, data = sealed
+def failing_hasher(cache, nth):
+    """Have the cache's ``nth`` hash (and every one after it) fail with EIO."""
     calls = []
     real = cache.hasher
 
     def failing():
         calls.append(1)
-        if len(calls) == 4:  # past the checks before the answer: the load has begun to stream
+        if len(calls) >= nth:
             raise OSError(errno.EIO, "Input/output error")
         return real()
 
     cache.hasher = failing
+
+
+def test_a_disk_error_under_a_load_is_a_storage_error_never_a_bare_oserror(sealed):
+    """A warm load (a cold one hashes nothing itself: its download's fetchers do) whose read-ahead fails
+    once it has begun to stream."""
+    store, api, cache, data = sealed
+    assert load(store) == data and cache.settle(10)
+    # the part's end (1), then blocks 0 and 1 read ahead before the answer; block 2's read fails
+    failing_hasher(cache, 4)
     got = b""
     plaintext = store.load("models", "m.bin")
     with pytest.raises(StorageError, match="the model cache failed on .* [(]EIO[)]"):
         for chunk in plaintext:
             got += bytes(chunk)
     assert len(got) < len(data) and data.startswith(got)
+
+
+def test_a_disk_error_under_a_download_is_a_storage_error_for_its_load(sealed):
+    """A fetcher's disk error (here its hash of the third block) fails the download: its load gets a
+    StorageError, before or after its first byte, never a bare OSError."""
+    store, api, cache, data = sealed
+    failing_hasher(cache, 3)
+    got = b""
+    with pytest.raises(StorageError, match="the model cache failed on models/m.bin.big [(]EIO[)]"):
+        for chunk in store.load("models", "m.bin"):
+            got += bytes(chunk)
+    assert len(got) < len(data) and data.startswith(got)
+    ended(cache)
+    assert cache.transfers()[-1]["state"] == "failed" and "EIO" in cache.transfers()[-1]["error"]
+    assert not os.path.exists(cache.path("models", "m.bin.big.meta"))
 
 
 def test_a_disk_error_before_the_answer_is_a_storage_error(sealed):
@@ -485,3 +521,18 @@ def test_a_load_waits_for_room_in_the_memory_budget_and_never_fails_for_it(seale
     assert b"".join(first) == data
     second.join(10)
     assert got == [data]
+
+
+def test_a_cold_sealed_load_has_each_block_hashed_once(sealed):
+    """The fetchers hash each block as it comes and check it against the manifest; the load that follows
+    takes the blocks with those digests and hashes none a second time."""
+    store, api, cache, data = sealed
+    names = []
+    real = cache.hasher
+    cache.hasher = lambda: names.append(threading.current_thread().name) or real()
+    assert load(store) == data
+    ended(cache)
+    count = len(json.loads(api.store[("models", "m.bin.manifest")])["blocks"])
+    fetched = [n for n in names if n.startswith("cdn-models/m.bin.big-")]
+    assert len(fetched) == count
+    assert names == fetched, names

@@ -4,22 +4,32 @@ something."""
 
 import pytest
 
-from devstack.soak_client import content, digest_of
+from devstack.soak_client import big_size, content, digest_of
 from devstack.soak_rules import (
     GRACE,
+    RESUME_SETTLE,
     Answer,
+    Busy,
+    CacheView,
     Episode,
     Model,
+    Room,
     Session,
     User,
     Version,
+    judge_cache_disk,
+    judge_download_end,
+    judge_downloads,
     judge_health,
     judge_let_go,
     judge_load,
     judge_login,
+    judge_prefetch,
     judge_recovery,
+    judge_resumed,
     judge_simple,
     judge_upload,
+    pinned,
 )
 
 UPLOADER = User("up@x", "pw", "ResourceUploader")
@@ -223,3 +233,263 @@ def test_content_is_the_same_for_the_same_seed_and_differs_by_version(size):
     if size:
         assert b"".join(content(7, 1, 3, size)) != first
         assert b"".join(content(8, 1, 2, size)) != first
+
+
+# --- the cache budget, prefetches and /downloads ------------------------------------------------------------
+
+BIG = 100  # the big part of model_with()'s model in these tests
+NO_ROOM = Answer(
+    status=507, detail="no room in the model cache for soak/m.bin.big: it needs 100 bytes, 40 are available"
+)
+
+
+def status(state="fetching", done=40, total=BIG, resumed=0, error=None, name="m.bin", folder="soak"):
+    return {
+        "folder": folder,
+        "name": name,
+        "state": state,
+        "bytesDone": done,
+        "bytesTotal": total,
+        "bytesResumed": resumed,
+        "error": error,
+    }
+
+
+def room(pinned=0, budget=1000, needed=BIG):
+    return Room(needed, budget, pinned, slack=10)
+
+
+def prefetch(a, m=None, s=None, faults=(), r=None, t0=1.0, t1=2.0):
+    return outcome(
+        judge_prefetch(m or model_with(), a, s or logged_in(), list(faults), t0, t1, r or room(), "soak")
+    )
+
+
+def test_a_prefetch_answers_200_cached_or_202_fetching_or_verifying_with_the_parts_status():
+    assert prefetch(Answer(status=200, json=status("cached", BIG))) == "ok"
+    assert prefetch(Answer(status=202, json=status("fetching", 0))) == "ok"
+    assert prefetch(Answer(status=202, json=status("verifying", BIG))) == "ok"
+    assert prefetch(Answer(status=200, json=status("fetching"))) == "violation"  # 200 only when cached
+    assert prefetch(Answer(status=202, json=status("cached", BIG))) == "violation"  # 202 only while it runs
+    assert prefetch(Answer(status=202, json=status("failed", error="x"))) == "violation"
+    assert prefetch(Answer(status=202, json=status(total=BIG + 1, done=0))) == "violation"  # another size
+    assert prefetch(Answer(status=202, json=status(name="other.bin"))) == "violation"  # another model
+    assert prefetch(Answer(status=202, json=status(folder="models"))) == "violation"
+    no_key = status()
+    del no_key["bytesResumed"]
+    assert prefetch(Answer(status=202, json=no_key)) == "violation"
+    assert prefetch(Answer(status=202, json={**status(), "extra": 1})) == "violation"
+
+
+def test_a_prefetch_fails_only_as_a_load_may():
+    s = logged_in()
+    assert prefetch(Answer(status=401, detail="x"), s=s) == "violation"
+    s.lose(1.5)
+    assert prefetch(Answer(status=401, detail="x"), s=s) == "failed"  # the restarted loader had no session
+    for code in (502, 504):
+        assert prefetch(Answer(status=code, detail="x")) == "violation"
+        assert prefetch(Answer(status=code, detail="x"), faults=[cdn_fault(0.0, None)]) == "failed"
+        assert (
+            prefetch(Answer(status=code, detail="x"), faults=[Episode("api_failing", "api", 0.0)]) == "failed"
+        )
+        assert prefetch(Answer(status=code, detail="x"), faults=[Episode("dockerd_stop", "docker", 0.0)]) == (
+            "violation"
+        )
+    # a 502 while an upload changes the model (manifest and CDN object disagree for a moment)
+    assert prefetch(Answer(status=502, detail="x"), m=model_with((0.5, 3.0, True))) == "failed"
+    assert prefetch(Answer(status=502, detail="x"), m=model_with((0.1, 0.5, True))) == "violation"
+    for code in (400, 404, 409, 500, 503):
+        assert prefetch(Answer(status=code, detail="x"), faults=[cdn_fault(0.0, None)]) == "violation"
+    gone = Answer(error="ConnectionError")
+    assert prefetch(gone) == "violation"
+    assert prefetch(gone, faults=[Episode("loader_kill", "kill", 0.0, heal=1.5)]) == "failed"
+
+
+def test_a_507_needs_a_part_that_cannot_fit_beside_what_no_eviction_may_take():
+    # budget 1000: 100 bytes fit beside 880 held (and 10 of slack), not beside 900
+    assert prefetch(NO_ROOM, r=room(pinned=0)) == "violation"  # eviction could have made room
+    assert prefetch(NO_ROOM, r=room(pinned=880)) == "violation"
+    assert prefetch(NO_ROOM, r=room(pinned=900)) == "failed"
+    assert prefetch(NO_ROOM, r=room(needed=1001)) == "failed"  # larger than the budget: never fits
+    assert prefetch(Answer(status=507, detail="no room"), r=room(pinned=900)) == "violation"  # no bytes named
+    # a part larger than the budget is never admitted
+    too_big = room(needed=1001)
+    assert prefetch(Answer(status=202, json=status(total=1001)), r=too_big) == "violation"
+    # faults excuse no 507: the disk budget is no upstream
+    assert prefetch(NO_ROOM, faults=[cdn_fault(0.0, None)], r=room(pinned=0)) == "violation"
+    # loads: the same rule, and without a budget a 507 is always a violation
+    m, s = model_with(), logged_in()
+    assert outcome(judge_load(m, NO_ROOM, s, [], 1.0, 2.0, room(pinned=900))) == "failed"
+    assert outcome(judge_load(m, NO_ROOM, s, [], 1.0, 2.0, room(pinned=0))) == "violation"
+    assert outcome(judge_load(m, NO_ROOM, s, [], 1.0, 2.0)) == "violation"
+    assert outcome(judge_load(m, NO_ROOM, s, [], 1.0, 2.0, Room(BIG, 0, 10**9))) == "violation"  # no cap
+
+
+def test_what_no_eviction_may_take_is_every_other_operations_model_once_per_kind():
+    own = Busy("a", 100, "read", 1.0)
+    busy = [
+        own,
+        Busy("b", 200, "read", 0.0, 3.0),
+        Busy("b", 200, "read", 1.5, None),  # the same part twice: held once
+        Busy("c", 300, "read", 0.0, 1.0 - GRACE - 0.1),  # ended, and its commit too, before the operation
+        Busy("d", 400, "read", 0.0, 1.0 - GRACE / 2),  # its download may still commit
+        Busy("e", 500, "read", 2.5, None),  # began after the operation ended
+    ]
+    assert pinned(busy, own, 1.0, 2.0) == 200 + 400
+    # another load of the operation's own model holds its (maybe older) part
+    assert pinned([own, Busy("a", 100, "read", 0.5, 1.5)], own, 1.0, 2.0) == 100
+    # an upload stages its part; with a read of the same model both versions are held, and a download of it
+    assert pinned([Busy("f", 50, "upload", 0.0, None)], own, 1.0, 2.0) == 50
+    assert (
+        pinned([Busy("f", 50, "upload", 0.0, None), Busy("f", 50, "read", 0.0, None)], own, 1.0, 2.0) == 150
+    )
+
+
+def downloads_answer(*statuses, used=500, most=1000, free=None):
+    free = max(0, most - used) if free is None else free
+    cache = {"bytesUsed": used, "bytesMax": most, "bytesFree": free}
+    return Answer(status=200, json={"downloads": list(statuses), "cache": cache})
+
+
+VIEW = CacheView(1000, {"m.bin": BIG, "n.bin": 7}, staging=0, slack=10)
+
+
+def downloads(a, view=VIEW, faults=()):
+    return outcome(judge_downloads(a, view, "soak", list(faults), 1.0, 2.0))
+
+
+def test_downloads_is_always_200_with_the_contracts_shape():
+    assert downloads(downloads_answer()) == "ok"
+    good = [
+        status("fetching", 0),
+        status("verifying", BIG, resumed=60),
+        status("cached", BIG, resumed=BIG),
+        status("failed", 30, error="the CDN failed"),
+        status("cached", 7, 7, name="n.bin"),
+    ]
+    assert downloads(downloads_answer(*good)) == "ok"
+    bad = [
+        status(done=BIG + 1),  # more done than the part holds
+        status(done=30, resumed=40),  # resumed bytes count as done
+        status("cached", 90),  # cached with bytes missing
+        status("failed", 30),  # failed without an error
+        status("fetching", error="x"),  # an error while it runs
+        status("paused"),
+        status(total=BIG - 1),  # not the part's size
+        status(name="unknown.bin"),
+        status(folder="other"),
+        status(done=-1),
+        status(done=1.5),
+        {k: v for k, v in status().items() if k != "error"},
+    ]
+    for one in bad:
+        assert downloads(downloads_answer(*good, one)) == "violation", one
+    assert downloads(Answer(status=200, json={"downloads": []})) == "violation"
+    assert downloads(Answer(status=200, json={"downloads": {}, "cache": {}})) == "violation"
+    for code in (500, 503, 507):
+        assert downloads(Answer(status=code, detail="x"), faults=[cdn_fault(0.0, None)]) == "violation"
+    gone = Answer(error="ConnectionError")
+    assert downloads(gone) == "violation"
+    assert downloads(gone, faults=[Episode("loader_kill", "kill", 0.0)]) == "failed"
+
+
+def test_downloads_keeps_to_the_budget_but_for_uploads_staging_and_metadata():
+    assert downloads(downloads_answer(used=1000)) == "ok"
+    assert downloads(downloads_answer(used=1010)) == "ok"  # a sidecar and a record past the reservation
+    assert downloads(downloads_answer(used=1011)) == "violation"
+    staging = CacheView(1000, VIEW.sizes, staging=300, slack=10)
+    assert downloads(downloads_answer(used=1310), staging) == "ok"  # an upload stages its part meanwhile
+    assert downloads(downloads_answer(used=1311), staging) == "violation"
+    assert downloads(downloads_answer(most=2000)) == "violation"  # not MODEL_CACHE_MAX_BYTES
+    assert downloads(downloads_answer(used=400, free=601)) == "violation"  # more free than the budget leaves
+    assert downloads(downloads_answer(used=400, free=100)) == "ok"  # the disk may leave less
+    assert downloads(downloads_answer(used=1005, free=0)) == "ok"
+    assert downloads(downloads_answer(used=1005, free=1)) == "violation"
+    assert downloads(downloads_answer(used=-1)) == "violation"
+    # without a cap, only the shape
+    assert downloads(downloads_answer(used=10**9, most=0, free=10**6), CacheView(0, VIEW.sizes)) == "ok"
+
+
+def test_a_prefetched_download_ends_cached_and_fails_only_under_a_fault():
+    m = model_with()
+    assert outcome(judge_download_end(m, status("cached", BIG), [], 1.0, 2.0)) == "ok"
+    broke = status("failed", 30, error="the CDN failed")
+    assert outcome(judge_download_end(m, broke, [], 1.0, 2.0)) == "violation"
+    assert outcome(judge_download_end(m, broke, [cdn_fault(0.0, None)], 1.0, 2.0)) == "failed"
+    assert outcome(judge_download_end(m, broke, [Episode("api_failing", "api", 0.0)], 1.0, 2.0)) == "failed"
+    assert (
+        outcome(judge_download_end(m, broke, [Episode("dockerd_stop", "docker", 0.0)], 1.0, 2.0))
+        == "violation"
+    )
+    assert outcome(judge_download_end(model_with((0.5, 1.5, True)), broke, [], 1.0, 2.0)) == "failed"
+    assert outcome(judge_download_end(m, None, [], 1.0, 2.0)) == "violation"  # vanished
+    assert (
+        outcome(judge_download_end(m, None, [Episode("loader_kill", "kill", 1.5, heal=1.6)], 1.0, 2.0))
+        == "failed"
+    )
+    assert (
+        outcome(judge_download_end(m, "still ran after 180 s", [cdn_fault(0.0, None)], 1.0, 2.0))
+        == "violation"
+    )
+
+
+def resumed(st, seen=60, seen_at=5.0, killed_at=10.0, login=11.0, faults=(), m=None, r=None, evicted=False):
+    verdict = judge_resumed(
+        m or model_with(), st, seen, seen_at, killed_at, login, list(faults), 20.0, r or room(), evicted
+    )
+    return outcome(verdict)
+
+
+def test_an_interrupted_prefetch_resumes_after_the_login_with_the_blocks_it_had():
+    assert resumed(status("cached", BIG, resumed=60)) == "ok"
+    assert resumed(status("cached", BIG, resumed=BIG)) == "ok"
+    assert resumed(status("cached", BIG, resumed=40)) == "violation"  # blocks on disk fetched again
+    assert resumed(status("cached", BIG, resumed=0)) == "violation"
+    # bytes seen too shortly before the kill need not be on disk yet
+    late = 10.0 - RESUME_SETTLE / 2
+    assert resumed(status("cached", BIG, resumed=0), seen_at=late) == "ok"
+    # ... nor those of a leftover evicted for another download, or of a manifest an upload replaced
+    assert resumed(status("cached", BIG, resumed=0), evicted=True) == "failed"
+    assert resumed(status("cached", BIG, resumed=0), m=model_with((12.0, 14.0, True))) == "failed"
+
+
+def test_an_interrupted_prefetch_that_does_not_resume_needs_an_excuse():
+    assert resumed(None) == "violation"
+    assert resumed(status("failed", 60, resumed=60, error="x")) == "violation"
+    for fault in (
+        cdn_fault(12.0, 13.0),
+        Episode("api_failing", "api", 11.0),
+        Episode("loader_kill", "kill", 15.0),
+    ):
+        assert resumed(None, faults=[fault]) == "failed"
+        assert resumed(status("failed", 60, resumed=60, error="x"), faults=[fault]) == "failed"
+    assert resumed(None, faults=[Episode("dockerd_stop", "docker", 11.0)]) == "violation"
+    assert resumed(None, faults=[cdn_fault(1.0, 2.0)]) == "violation"  # healed long before the kill
+    assert resumed(None, evicted=True) == "failed"
+    assert resumed(None, r=room(pinned=900)) == "failed"  # no room to resume it
+    # no login after the restart: only a fault that reaches a login excuses that
+    assert resumed(None, login=None) == "violation"
+    assert resumed(None, login=None, faults=[Episode("api_trickle", "api", 9.0)]) == "failed"
+
+
+def test_the_parts_on_disk_at_rest_are_within_the_budget():
+    assert outcome(judge_cache_disk(1000, 1000)) == "ok"
+    assert outcome(judge_cache_disk(1001, 1000)) == "violation"
+    assert outcome(judge_cache_disk(10**12, 0)) == "ok"  # no cap
+
+
+def test_a_session_knows_its_logins():
+    s = Session()
+    assert s.login_after(0.0) is None
+    s.log_in(UPLOADER, 1.0)
+    s.lose(2.0)
+    s.log_in(OPERATOR, 3.0)
+    assert s.login_after(0.5) == 1.0
+    assert s.login_after(2.0) == 3.0
+    assert s.login_after(3.0) is None
+
+
+@pytest.mark.parametrize("size", [1, 1024, 70_000, 4 * 1024 * 1024 + 17, 8 * 1024 * 1024])
+def test_the_big_part_is_the_blob_less_its_small_part(size):
+    blob = 16 + (size // 16 + 1) * 16  # IV, then PKCS#7
+    assert big_size(size) == blob - min(3072, blob * 3 // 10)

@@ -100,6 +100,9 @@ def test_truncated_body_every_time_is_never_a_whole_file(stack, loader, user, pr
                     got += chunk
         assert status == (200 if streamed else 502)
         assert got == data[: len(got)] and len(got) < len(data)
-        assert not any(f.endswith(".big") or f.endswith(".part") for f in cached_files(loader))
+        files = cached_files(loader)
+        # Never a file under the final name; a .part only with its record, kept to resume (contract 8.1).
+        assert not any(f.endswith(".big") for f in files)
+        assert all(f.removesuffix(".part") + ".record" in files for f in files if f.endswith(".part"))
         proxy.clear_faults()
     assert loader.load(n, "models").content == data

@@ -16,7 +16,9 @@ def test_disk_full_on_load_is_507_and_leaves_nothing(tmp_path, stack, user, prox
     big_name, small_name = model_name(), model_name()
     stack.publish("models", big_name, big)
     stack.publish("models", small_name, small)
-    with start_loader(tmp_path / "loader", stack, MODEL_CACHE_DIR=small_disk.path) as loader:
+    # No free space kept beyond the disk's own (the default keeps 1 GiB free: nothing would fit on 8 MiB).
+    env = {"MODEL_CACHE_DIR": small_disk.path, "MODEL_CACHE_MIN_FREE_BYTES": 0}
+    with start_loader(tmp_path / "loader", stack, **env) as loader:
         assert loader.login(user, PASSWORD).status_code == 200
 
         r = loader.load(big_name, "models")

@@ -32,6 +32,8 @@ OPERATIONS = [
     ("GET", "/status"),
     ("POST", "/login"),
     ("POST", "/load/{filename}"),
+    ("POST", "/prefetch/{filename}"),
+    ("GET", "/downloads"),
     ("POST", "/upload/{filename}"),
     ("POST", "/unlock"),
     ("GET", "/unlock/status"),
@@ -187,7 +189,7 @@ def assert_refused_unread(loader, sent, before_kib):
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-@pytest.mark.parametrize("path", ["/login", "/load/m.bin", "/unlock"])
+@pytest.mark.parametrize("path", ["/login", "/load/m.bin", "/prefetch/m.bin", "/unlock"])
 def test_oversized_json_is_413_unread(limited, path, chunked):
     """Reliability: 200 MB JSON body over MAX_JSON_BYTES, with Content-Length or chunked | 413 before the body
     is read; the loader's memory does not grow by the body"""

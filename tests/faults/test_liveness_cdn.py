@@ -85,7 +85,15 @@ def test_a_trickling_cdn_is_a_504_in_bounded_time_and_a_later_load_downloads_afr
     assert len({t.headers.get("if-match") for t in transfers}) == 1
     assert CDN_RESUMES + 1 <= len(transfers) <= 2 * (CDN_RESUMES + 1)
     cache = loader.env["MODEL_CACHE_DIR"]
-    until(lambda: not any(f.endswith(".part") for f in files_under(cache)), 10, "a .part file was left")
+
+    # What the download held is kept to resume (contract 8.1): a .part only with its record, no final file.
+    def kept_to_resume():
+        files = [f for f in files_under(cache) if f.startswith(f"models/{n}.big")]
+        parts = [f for f in files if f.endswith(".part")]
+        paired = all(f.removesuffix(".part") + ".record" in files for f in parts)
+        return paired and f"models/{n}.big" not in files
+
+    until(kept_to_resume, 10, "a .part file was left without its record, or a final file appeared")
 
     proxy.clear_faults()
     proxy.reset_counts()

@@ -16,14 +16,16 @@ SEED = int(os.environ.get("SOAK_SEED", "20"))
 
 def test_short_soak_loses_nothing(tmp_path, stack, cdn_proxy, private_dockerd):
     """Reliability: about 150 mixed operations (cold, warm and parallel loads, uploads of new versions,
-    logins of every role, unlocks, /status, /metrics) with faults drawn at random between them: the CDN cut
+    logins of every role, unlocks, prefetches followed to their end, /downloads, /status, /metrics) under a
+    cache budget that holds only part of the models, with faults drawn at random between them: the CDN cut
     mid-transfer, 503 bursts, truncated bodies, the Resource API slow, failing or answering garbage, an
-    upload's small-part or manifest POST refused, a cached file altered, the loader killed and restarted,
-    dockerd stopped and started, the CDN or the API trickling, clients that stop reading | no violation:
-    every whole 200 load is a version an upload committed, every upload answered 200 loads afterwards,
-    no 500, failures only while a fault is active, no unlock left running, /health never 503, stalled
-    clients let go and every heal followed by a working load within its bound; with the faults healed
-    every model loads and an unlock is ready"""
+    upload's small-part or manifest POST refused, a cached file altered, the loader killed and restarted in
+    a prefetch, dockerd stopped and started, the CDN or the API trickling, clients that stop reading | no
+    violation: every whole 200 load is a version an upload committed, every upload answered 200 loads
+    afterwards, no 500, failures only while a fault is active, a 507 only without room, /downloads in shape
+    and within the budget, an interrupted prefetch resumed, no unlock left running, /health never 503,
+    stalled clients let go and every heal followed by a working load within its bound; with the faults
+    healed every model loads and an unlock is ready"""
     config = SoakConfig(
         seed=SEED, ops=150, sizes=SMALL_SIZES, unlock_mib=4, fault_rate=0.15, checkpoint_every=30
     )
@@ -33,6 +35,7 @@ def test_short_soak_loses_nothing(tmp_path, stack, cdn_proxy, private_dockerd):
     assert report.violations == [], figures
     kinds = {r.kind for r in report.records}
     assert {"load_warm", "load_cold", "upload", "login", "unlock", "status", "metrics"} <= kinds, figures
+    assert {"prefetch", "prefetch_cold", "downloads"} <= kinds, figures
     after = Counter(r.kind for r in report.final)  # each of them ok, or it would be a violation
     assert (after["load_warm"], after["load_cold"], after["unlock"]) == (len(SMALL_SIZES),) * 2 + (1,), (
         figures

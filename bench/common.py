@@ -38,3 +38,21 @@ def awscli(stack, identity, *args, **run):
 
 def runs(values):
     return " ".join(f"{v:.1f}" for v in values)
+
+
+def curl_argv(url, name, folder="models"):
+    """The argv of a /load of ``name`` with curl to /dev/null that prints ``status size ttfb``: a native
+    client, so the Python of a client does not take the CPU the loader needs."""
+    return [
+        "curl",
+        "-sS",
+        "-o",
+        os.devnull,
+        "-w",
+        "%{http_code} %{size_download} %{time_starttransfer}",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        f'{{"folder": "{folder}"}}',
+        f"{url}/load/{name}",
+    ]

@@ -27,7 +27,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import MIB, arguments, awscli, random_file, runs  # noqa: E402
+from common import MIB, arguments, awscli, curl_argv, random_file, runs  # noqa: E402
 
 from devstack.loader import LoaderProcess  # noqa: E402
 from devstack.stack import Stack  # noqa: E402
@@ -41,19 +41,7 @@ def timed_load(loader, name, expected):
     Returns (MiB/s, time to the first byte in ms)."""
     start = time.perf_counter()
     out = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "-o",
-            os.devnull,
-            "-w",
-            "%{http_code} %{size_download} %{time_starttransfer}",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            '{"folder": "models"}',
-            f"{loader.url}/load/{name}",
-        ],
+        curl_argv(loader.url, name),
         capture_output=True,
         text=True,
         timeout=600,

@@ -43,7 +43,10 @@ def test_disk_full_on_upload_is_507_and_leaves_nothing(tmp_path, stack, uploader
     reaches the CDN or the API"""
     data = os.urandom(12 * MiB)
     n = model_name()
-    with start_loader(tmp_path / "loader", stack, MODEL_CACHE_DIR=small_disk.path) as loader:
+    # No free-space floor: the disk is full for real here, and the budget of the default 1 GiB floor would
+    # keep the upload's part out of the 64 MiB cache afterwards (a 507 of its own, tested elsewhere).
+    env = {"MODEL_CACHE_DIR": small_disk.path, "MODEL_CACHE_MIN_FREE_BYTES": 0}
+    with start_loader(tmp_path / "loader", stack, **env) as loader:
         assert loader.login(uploader, PASSWORD).status_code == 200
         r = loader.post(f"/upload/{n}", files={"data": (n, data)}, data={"folder": "models"})
         assert r.status_code == 507, (r.status_code, r.text[:200])

@@ -402,13 +402,7 @@ def judge_prefetch(
     verdict = _common("prefetch", a, episodes, t0, t1)
     if verdict is not None:
         return verdict
-    if a.status == 502 and model.unsettled(t0, t1):
-        return failed(f"502 while an upload changed the model: {a.detail}")
-    if a.status in UPSTREAM_FAILURES:
-        return violation(f"unexplained {a.status}: {a.detail}")
-    if a.status == 401 and session.maybe_none(t0, t1):
-        return failed("401 while the restarted loader had no session")
-    return violation(f"{a.status} is not an answer a prefetch may give here: {a.detail}")
+    return _otherwise("prefetch", a, model.unsettled(t0, t1), session, t0, t1)
 
 
 def judge_download_end(
@@ -546,13 +540,19 @@ def judge_load(
     verdict = _common("load", a, episodes, t0, t1)
     if verdict is not None:
         return verdict
-    if a.status == 502 and not settled:
+    return _otherwise("load", a, not settled, session, t0, t1)
+
+
+def _otherwise(kind: str, a: Answer, unsettled: bool, session, t0: float, t1: float) -> Verdict:
+    """The last rules of a load's or a prefetch's answer, once the faults in play explained nothing: a 502
+    while an upload changed the model, a 401 while a restarted loader had no session."""
+    if a.status == 502 and unsettled:
         return failed(f"502 while an upload changed the model: {a.detail}")
     if a.status in UPSTREAM_FAILURES:
         return violation(f"unexplained {a.status}: {a.detail}")
     if a.status == 401 and session.maybe_none(t0, t1):
         return failed("401 while the restarted loader had no session")
-    return violation(f"{a.status} is not an answer a load may give here: {a.detail}")
+    return violation(f"{a.status} is not an answer a {kind} may give here: {a.detail}")
 
 
 def judge_upload(

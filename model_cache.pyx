@@ -40,7 +40,7 @@ import heap
 from aligned_io import NotRegularFile, aligned_buffer, open_reader, read_blocks, read_hashed, read_tail
 from constants import BIG_SUFFIX, MANIFEST_BLOCK_SIZE, MAX_MANIFEST_BLOCK_SIZE, MAX_RESOURCE_BYTES, MAX_SIDECAR_BYTES
 from disk_budget import DiskBudget
-from download import CACHED, PART_SUFFIX, RECORD_SUFFIX, TAIL, BlockRecord, Download, TransferConfig, tail_start
+from download import CACHED, FAILED, PART_SUFFIX, RECORD_SUFFIX, TAIL, BlockRecord, Download, TransferConfig, tail_start
 from errors import IntegrityError, NotFound, StorageError, UpstreamError, storage_error
 
 log = logging.getLogger("loader.cdn")
@@ -738,6 +738,8 @@ class BigPartCache:
                     if download is not None:
                         download.mark_prefetch()
                         status = download.status()  # it may have ended since: then as it ended
+                        if status["state"] == FAILED:
+                            raise download.failure  # its error status, as a load's would be
                         return (200 if status["state"] == CACHED else 202), status
                     memory = self.buffers.reserve(expect.block_size)
             finally:

@@ -808,3 +808,27 @@ def test_the_hand_over_takes_no_room_a_load_waits_for():
     held.release()
     waiter.join(5)
     assert got and budget.left == BLOCK_SIZE
+
+
+class FailsBeforeItsAnswer(Download):
+    """A download that has failed and ended before the prefetch that started it answers."""
+
+    def mark_prefetch(self):
+        self.ended.wait(10)
+        super().mark_prefetch()
+
+
+def test_a_prefetch_whose_download_failed_before_its_answer_is_that_error(tmp_path, s3):
+    """Not a 202 that says "failed" (the soak met one under a CDN 503 burst): the download's failure, with
+    the status a load would get."""
+    options = {"config": CONFIG, "download": FailsBeforeItsAnswer}
+    store, api, cache = make_store(
+        tmp_path, s3, download_client=CutAfter(s3, 0), cdn_options={"resumes": 0}, cache_options=options
+    )
+    up = store.begin_upload("m.bin")
+    up.write(os.urandom(MODEL))
+    up.finish("models")
+    cache.discard("models", "m.bin.big")
+    with pytest.raises(UpstreamError):
+        store.prefetch("models", "m.bin")
+    assert [d["state"] for d in cache.transfers()] == ["failed"]

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 # The exception hierarchy and the heap are the compiled modules imported eagerly: they are tiny, the error
 # handlers must be registered before the first request, and the heap is set up before any thread starts.
@@ -360,6 +361,17 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     return JSONResponse({"detail": "invalid request: " + "; ".join(parts)}, status_code=422)
 
 
+async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    # The client left while its body was read (an upload it gave up on): nobody reads the answer, and it is
+    # no fault of the loader's, so one line says so, not an ERROR with a traceback.
+    log.info(
+        "%s %s: the client went away before its request was read",
+        request.method,
+        _printable(request.url.path),
+    )
+    return JSONResponse({"detail": "the client went away before its request was read"}, status_code=400)
+
+
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code)
 
@@ -368,6 +380,7 @@ HANDLERS = (
     (errors.LoaderError, loader_error),
     (Exception, unexpected_error),
     (RequestValidationError, invalid_request),
+    (ClientDisconnect, client_gone),
     (StarletteHTTPException, http_error),
 )
 

@@ -157,6 +157,41 @@ def test_a_malformed_multipart_body_is_400(loader_env):
     assert r.status_code == 400 and r.json() == {"detail": "the upload is not valid multipart/form-data"}
 
 
+def test_a_client_that_goes_away_mid_upload_is_one_line_not_a_traceback(loader_env, caplog):
+    """The soak met it: an upload whose client gave up while the loader waited for the Resource API was a
+    500 with an ERROR and a traceback once its body was read."""
+    main.use_services(lambda s: fake_services(store=UploaderStore()))
+    part = b'--xyz\r\nContent-Disposition: form-data; name="folder"\r\n\r\nmodels\r\n'
+    messages = [{"type": "http.request", "body": part, "more_body": True}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/upload/m.bin",
+        "raw_path": b"/upload/m.bin",
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "http",
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8080),
+        "client": ("127.0.0.1", 40000),
+        "headers": [(b"content-type", b"multipart/form-data; boundary=xyz")],
+    }
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main.app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"]) == {"detail": "the client went away before its request was read"}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("went away" in r.getMessage() for r in caplog.records)
+
+
 def test_a_stop_lets_the_downloads_in_flight_commit(loader_env):
     # A load ends with its last byte, before its big part is hashed and committed: a stop waits for that.
     cache = IdleCache()

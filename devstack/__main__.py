@@ -29,6 +29,7 @@ def describe(stack: Stack) -> str:
         f"Resource API  {stack.api_url}\n"
         f"S3 (CDN)      {stack.s3_endpoint}\n"
         f"admin secret  {stack.admin_secret}  (header X-Devstack-Admin for {stack.api_url}/_devstack/)\n"
+        f"publisher     {stack.publisher_key_files[1]}  (TRUSTED_PUBLISHERS: it signed the demo model)\n"
         f"data          {stack.data_dir}\n"
         f"demo users\n{users}"
     )

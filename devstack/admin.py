@@ -92,6 +92,24 @@ class AdminClient:
                 return None
             raise
 
+    # --- compromise (an attacker who controls the API) -----------------------------------------------
+
+    def put_substitute(self, folder: str | None, name: str, data: bytes) -> dict:
+        """``POST /resources/get`` serves ``data`` for ``folder``/``name`` instead of the stored file."""
+        return self._call("PUT", "/compromise" + self._file_path(folder, name), data=data).json()
+
+    def withhold(self, folder: str | None, name: str) -> None:
+        """``POST /resources/get`` answers 404 for ``folder``/``name`` (the stored file stays)."""
+        path = f"/compromise/withheld/{folder}/{name}" if folder else f"/compromise/withheld/{name}"
+        self._call("PUT", path)
+
+    def compromised(self) -> dict[str, list[str]]:
+        """``{"files": ["<folder>/<name>", ...], "withheld": [...]}`` (the root folder is ``_root``)."""
+        return self._call("GET", "/compromise").json()
+
+    def end_compromise(self) -> None:
+        self._call("DELETE", "/compromise")
+
     # --- counters and faults --------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:

@@ -163,6 +163,56 @@ def delete_file(folder: str, name: str, store: StoreDep) -> None:
     _delete_file(store, folder, name)
 
 
+# --- compromise: an attacker who controls the API (contract section 9) ---------------------------------
+# The files installed here are what POST /resources/get serves in place of the real ones (a withheld one is a
+# 404), encrypted for the caller exactly as real ones are; GET /files still shows the real ones, and DELETE
+# /compromise ends it all, so the real files are served again.
+
+
+def _compromise(store: Store, folder: str | None, name: str, action) -> None:
+    try:
+        store.resource_path(folder, name)
+    except InvalidName as exc:
+        raise HTTPException(400, str(exc)) from exc
+    action(folder, name)
+
+
+async def _put_substitute(request: Request, store: Store, folder: str | None, name: str) -> dict:
+    body = await request.body()  # a small part, a manifest or a cdn.yaml: small
+    _compromise(store, folder, name, lambda f, n: store.put_substitute(f, n, body))
+    return {"folder": folder, "fileName": name, "size": len(body)}
+
+
+@guarded.get("/compromise")
+def compromised(store: StoreDep) -> dict[str, list[str]]:
+    return store.compromised()
+
+
+@guarded.delete("/compromise", status_code=204)
+def end_compromise(store: StoreDep) -> None:
+    store.end_compromise()
+
+
+@guarded.put("/compromise/files/{name}", status_code=201)
+async def substitute_root_file(name: str, request: Request, store: StoreDep) -> dict:
+    return await _put_substitute(request, store, None, name)
+
+
+@guarded.put("/compromise/files/{folder}/{name}", status_code=201)
+async def substitute_file(folder: str, name: str, request: Request, store: StoreDep) -> dict:
+    return await _put_substitute(request, store, folder, name)
+
+
+@guarded.put("/compromise/withheld/{name}", status_code=204)
+def withhold_root_file(name: str, store: StoreDep) -> None:
+    _compromise(store, None, name, store.withhold)
+
+
+@guarded.put("/compromise/withheld/{folder}/{name}", status_code=204)
+def withhold_file(folder: str, name: str, store: StoreDep) -> None:
+    _compromise(store, folder, name, store.withhold)
+
+
 @guarded.get("/counters")
 def counters(request: Request) -> dict[str, int]:
     return request.app.state.faults.counters()

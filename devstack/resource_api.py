@@ -4,6 +4,9 @@
 
 The admin secret for ``/_devstack/`` comes from ``--admin-secret``, else ``$DEVSTACK_ADMIN_SECRET``, else
 ``config.json``. Passwords and tokens are never logged: uvicorn's access log has no bodies or headers.
+
+``/_devstack/compromise`` (devstack.admin_routes) plays an attacker who controls this API: the files it
+installs are served by ``POST /resources/get`` in place of the real ones, encrypted for the caller alike.
 """
 
 import argparse
@@ -119,7 +122,7 @@ def create_app(data_dir: Path | str, admin_secret: str | None = None) -> FastAPI
 
     def get_resource(folder: str | None, body: ResourceRequest, user: dict) -> Response:
         try:
-            path = store.resource_path(folder, body.fileName)
+            path = store.served_path(folder, body.fileName)  # a substitute while compromised
         except InvalidName as exc:
             raise HTTPException(400, str(exc)) from exc
         if not store.password_matches(user, body.password):
@@ -127,6 +130,8 @@ def create_app(data_dir: Path | str, admin_secret: str | None = None) -> FastAPI
         if not store.bind_hardware(user["id"], body.hardware):
             raise HTTPException(409, "the account is bound to other hardware")
         try:
+            if path is None:  # withheld
+                raise FileNotFoundError(body.fileName)
             source = open(path, "rb")  # closed by the streaming generator below
         except (FileNotFoundError, IsADirectoryError) as exc:
             raise HTTPException(404, "no such file") from exc

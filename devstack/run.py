@@ -1,10 +1,11 @@
 """`python -m devstack run` (what `make run` calls): the whole local setup in the foreground.
 
-SeaweedFS + the reference Resource API (seeded with demo users, a format-2 demo model, a format-1 legacy
-model and a key fragment), a Docker Engine (the one DOCKER_HOST or the default socket names, else a
-private dockerd), a demo image published as the encrypted archive, and the loader itself on LOADER_PORT
-(default 8080) — then the curl commands that log in, load, upload and unlock. Ctrl-C stops everything
-this command started.
+SeaweedFS + the reference Resource API (seeded with demo users, a format-2 demo model signed by the stack's
+publisher key, a format-1 legacy model and a key fragment), a Docker Engine (the one DOCKER_HOST or the
+default socket names, else a private dockerd), a demo image published as the encrypted archive, and the
+loader itself on LOADER_PORT (default 8080), which trusts the stack's publisher key and signs its uploads
+with it (contract section 9) — then the curl commands that log in, load, upload and unlock. Ctrl-C stops
+everything this command started.
 """
 
 import json
@@ -76,6 +77,19 @@ Try it:
 """
 
 
+def signature_notes(private_key: Path, public_key: Path) -> str:
+    """How the loader started here treats signed manifests, and how to make it refuse unsigned ones."""
+    return f"""
+Signed manifests (contract section 9):
+  the loader trusts   TRUSTED_PUBLISHERS={public_key}
+  and signs uploads   PUBLISHER_KEY_FILE={private_key}
+  {DEMO_MODEL} and what you upload through it are signed; {LEGACY_MODEL} (format 1) is not.
+  To refuse every model no trusted publisher signed, stop (Ctrl-C) and start again with
+    REQUIRE_SIGNATURE=true make run
+  then {LEGACY_MODEL} is a 502 and {DEMO_MODEL} still loads.
+"""
+
+
 def run(data_dir: Path, port: int) -> int:
     from devstack.__main__ import _wait_for_signal, describe
 
@@ -87,6 +101,7 @@ def run(data_dir: Path, port: int) -> int:
             host, engine = _engine(data_dir)
             archive = data_dir / "images.enc"
             _demo_archive(host, archive, seeded.key_fragment)
+            private_key, public_key = stack.publisher_key_files
             env = {
                 **os.environ,
                 "RESOURCE_API_URL": stack.api_url,
@@ -95,6 +110,8 @@ def run(data_dir: Path, port: int) -> int:
                 "MODEL_CACHE_DIR": str(data_dir / "model-cache"),
                 "IMAGES_PATH": str(archive),
                 "DOCKER_HOST": host,
+                "TRUSTED_PUBLISHERS": str(public_key),
+                "PUBLISHER_KEY_FILE": str(private_key),
             }
             loader = subprocess.Popen([sys.executable, str(REPO_ROOT / "main.py")], cwd=REPO_ROOT, env=env)
             url = f"http://127.0.0.1:{port}"
@@ -104,6 +121,7 @@ def run(data_dir: Path, port: int) -> int:
                 flush=True,
             )
             print(curl_examples(url), flush=True)
+            print(signature_notes(private_key, public_key), flush=True)
             print("Ctrl-C stops everything.", flush=True)
             _wait_for_signal()
         finally:

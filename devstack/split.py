@@ -6,6 +6,9 @@ the CDN as bucket ``F``, key ``N.big``, and then a manifest ``N.manifest`` (plai
 ``D`` in Base64, the sizes, the SHA-256 of the small part, of the big part and of each 4 MiB block of the
 big part. Order: big part, small part, manifest — the manifest is the commit point.
 
+With a ``signer`` (a devstack.signing.Publisher, contract section 9) ``N.manifest`` is instead a DSSE
+envelope over ``M``: that manifest with ``"folder"`` and ``"name"``.
+
 Format 1 (models uploaded before format 2): ``E = blob(resource key, R)``, the same split, no manifest.
 
 ``len(E)`` follows from ``len(R)``, so ``k`` is known before encrypting and nothing is ever held whole in
@@ -26,7 +29,7 @@ from typing import BinaryIO
 
 from botocore.exceptions import ClientError
 
-from devstack import crypto
+from devstack import crypto, signing
 from devstack.admin import AdminClient
 from devstack.store import valid_name
 
@@ -54,7 +57,21 @@ class Published:
     big_sha256: str = ""  # hex
     block_sha256: tuple[str, ...] = ()  # hex, one per MANIFEST_BLOCK_SIZE of the big part
     data_key: bytes | None = field(default=None, repr=False)  # D (format 2); format 1: None
-    manifest: dict | None = field(default=None, repr=False)  # what was stored as N.manifest (format 2)
+    manifest: dict | None = field(default=None, repr=False)  # the section 7 manifest (format 2)
+    # Signed (section 9): M, the exact bytes signed, and the envelope stored as N.manifest; else None.
+    payload: bytes | None = field(default=None, repr=False)
+    envelope: bytes | None = field(default=None, repr=False)
+
+    @property
+    def signed(self) -> bool:
+        return self.envelope is not None
+
+    @property
+    def stored_manifest(self) -> bytes | None:
+        """The bytes stored as ``N.manifest``: the envelope, the plain JSON, or None (format 1)."""
+        if self.envelope is not None:
+            return self.envelope
+        return None if self.manifest is None else json.dumps(self.manifest).encode("utf-8")
 
     @property
     def key(self) -> bytes:
@@ -137,16 +154,20 @@ def publish_resource(
     tmp_dir: Path | None = None,
     *,
     format: int = 2,
+    signer: signing.Publisher | None = None,
 ) -> Published:
     """Splits and uploads one resource. ``data_or_file``: bytes, a path, or a seekable binary file.
 
     ``format=2``: sealed under a fresh data key, with a manifest (contract section 7). ``format=1``: the
     old split under the resource key (section 2); a stale ``N.manifest`` from an earlier format-2 publish
-    is deleted last, so until then the new parts are refused against the old manifest, never spliced."""
+    is deleted last, so until then the new parts are refused against the old manifest, never spliced.
+    ``signer``: the manifest is stored as its DSSE envelope over M (section 9); format 2 only."""
     if not (valid_name(folder) and BUCKET.fullmatch(folder)) or not valid_name(name):
         raise ValueError("folder must be a valid name and S3 bucket name, and name a valid name")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}")
+    if signer is not None and format != 2:
+        raise ValueError("only a format 2 manifest can be signed")
     data_key = os.urandom(DATA_KEY_SIZE) if format == 2 else None
     key = data_key if data_key is not None else crypto.resource_key()
     size, chunks = _open_source(data_or_file)
@@ -171,7 +192,7 @@ def publish_resource(
     big_sha256, blocks = digests.finish()
     small_sha256 = hashlib.sha256(small).hexdigest()
     api_admin.put_file(folder, name + ".small", bytes(small))
-    manifest = None
+    manifest = payload = envelope = None
     if format == 2:
         manifest = {
             "format": 2,
@@ -183,7 +204,11 @@ def publish_resource(
             "blockSize": MANIFEST_BLOCK_SIZE,
             "blocks": blocks,
         }
-        api_admin.put_file(folder, manifest_name(name), json.dumps(manifest).encode("utf-8"))
+        stored = json.dumps(manifest).encode("utf-8")
+        if signer is not None:
+            payload = signing.payload(manifest, folder, name)
+            stored = envelope = signing.envelope(payload, [signer.signature(payload)])
+        api_admin.put_file(folder, manifest_name(name), stored)
     else:
         api_admin.delete_file(folder, manifest_name(name))
     etag = s3_admin_client.head_object(Bucket=folder, Key=name + ".big")["ETag"]
@@ -201,4 +226,6 @@ def publish_resource(
         block_sha256=tuple(blocks),
         data_key=data_key,
         manifest=manifest,
+        payload=payload,
+        envelope=envelope,
     )

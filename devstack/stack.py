@@ -4,12 +4,16 @@
         stack.add_user("op@x", "pw", ["Operator"])
         stack.publish("models", "m.bin", b"...")              # format 2: sealed, with a manifest
         stack.publish("models", "old.bin", b"...", format=1)  # the old split under the resource key
+        stack.publish("models", "s.bin", b"...", signer=stack.publisher)  # a signed manifest (section 9)
+        stack.compromise("models", "s.bin", b"evil")  # the API serves an attacker's model (see compromise)
 
 The API runs as its own process (``python -m devstack.resource_api``) so a test can stop and restart it
 like a real upstream; both servers come back on the same ports and the same data.
 
     data_dir/api/   the API's state (see devstack.store)
     data_dir/s3/    SeaweedFS data, its S3 identities and its log
+    data_dir/publisher/         the stack's publisher key: publisher.key (PKCS#8 PEM), publisher.pub
+    data_dir/attacker-s3/       a second SeaweedFS, the attacker's CDN (started by the first compromise)
 """
 
 import json
@@ -20,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from devstack import signing
 from devstack.admin import AdminClient
 from devstack.ports import free_port
 from devstack.seaweed import SeaweedFS
@@ -44,6 +49,8 @@ class Stack:
         self.admin = AdminClient(self.api_url, self.admin_secret)
         self._api: subprocess.Popen | None = None
         self._s3_clients: dict = {}
+        self.attacker_s3: SeaweedFS | None = None  # the attacker's CDN, once a compromise needs it
+        self._publisher: signing.Publisher | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -69,6 +76,8 @@ class Stack:
     def stop(self) -> None:
         self.stop_api()
         self.s3.stop()
+        if self.attacker_s3 is not None:
+            self.attacker_s3.stop()
 
     def __enter__(self) -> "Stack":
         return self.start()
@@ -165,8 +174,16 @@ class Stack:
     def reset_hardware(self, email: str) -> None:
         self.admin.reset_hardware(email)
 
-    def publish(self, folder: str, name: str, data_or_path: Source, format: int = 2) -> Published:
-        """Publishes ``name`` in format 2 (sealed, with ``name.manifest``) or, ``format=1``, the old way."""
+    def publish(
+        self,
+        folder: str,
+        name: str,
+        data_or_path: Source,
+        format: int = 2,
+        signer: signing.Publisher | None = None,
+    ) -> Published:
+        """Publishes ``name`` in format 2 (sealed, with ``name.manifest``) or, ``format=1``, the old way.
+        ``signer`` (e.g. ``self.publisher``): the manifest is a DSSE envelope signed by it (section 9)."""
         return publish_resource(
             self.admin,
             self.s3_admin_client(),
@@ -175,6 +192,7 @@ class Stack:
             data_or_path,
             tmp_dir=self.data_dir,
             format=format,
+            signer=signer,
         )
 
     def put_file(self, folder: str | None, name: str, data: Source) -> dict:
@@ -185,14 +203,101 @@ class Stack:
         return self.admin.delete_file(folder, name)
 
     def manifest(self, folder: str, name: str) -> dict | None:
-        """The manifest stored for resource ``name`` (parsed JSON), or None when it has none (format 1)."""
+        """The manifest stored for resource ``name`` (parsed JSON: a signed one is its envelope), or None when
+        it has none (format 1)."""
         stored = self.admin.get_file(folder, manifest_name(name))
         return None if stored is None else json.loads(stored)
+
+    def stored_manifest(self, folder: str, name: str) -> bytes | None:
+        """The bytes stored as ``name.manifest`` (plain JSON or an envelope), or None."""
+        return self.admin.get_file(folder, manifest_name(name))
+
+    def open_manifest(self, folder: str, name: str, trusted: signing.TrustedKeys | None = None) -> dict:
+        """``M`` of the signed manifest stored for ``name`` (e.g. one a loader uploaded), verified under
+        ``trusted`` (default: the stack's publisher key); ValueError when it is missing, unsigned or bad."""
+        stored = self.stored_manifest(folder, name)
+        if stored is None:
+            raise ValueError(f"{folder}/{name} has no manifest")
+        return signing.open_envelope(
+            stored, self.publisher.public_key if trusted is None else trusted, folder, name
+        )
 
     def put_manifest(self, folder: str, name: str, manifest: bytes | dict) -> None:
         """Stores ``manifest`` as ``name.manifest``: bytes as they are (a broken one), a dict as JSON."""
         data = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode("utf-8")
         self.admin.put_file(folder, manifest_name(name), data)
+
+    # --- the stack's publisher (contract section 9) --------------------------------------------------
+
+    @property
+    def publisher_key_files(self) -> tuple[Path, Path]:
+        """``(private, public)`` PEM files of the stack's publisher key, made once in the data directory:
+        a loader's PUBLISHER_KEY_FILE and TRUSTED_PUBLISHERS."""
+        return signing.new_publisher_key(self.data_dir / "publisher")
+
+    @property
+    def publisher(self) -> signing.Publisher:
+        if self._publisher is None:
+            self._publisher = signing.Publisher(self.publisher_key_files[0])
+        return self._publisher
+
+    # --- an attacker who controls the Resource API (contract section 9) ------------------------------
+
+    def start_attacker_s3(self) -> SeaweedFS:
+        """The attacker's own S3 server, a second SeaweedFS beside the stack's (stopped with the stack)."""
+        if self.attacker_s3 is None:
+            self.attacker_s3 = SeaweedFS(self.data_dir / "attacker-s3")
+        return self.attacker_s3.start()
+
+    def compromise(
+        self,
+        folder: str,
+        name: str,
+        data: Source,
+        *,
+        signer: signing.Publisher | None = None,
+        format: int = 2,
+        cdn_host: str | None = None,
+    ) -> Published:
+        """The whole attack of one who controls only the Resource API: the attacker's model ``data`` is
+        published as ``folder``/``name`` on the attacker's S3 server (start_attacker_s3), its small part and
+        manifest are served by the API in place of the real ones, and so is a ``cdn.yaml`` that points at the
+        attacker's server (``cdn_host``: e.g. a proxy in front of it) with keys valid there. The real files
+        stay stored; end_compromise() serves them again.
+
+        ``format=2``: a fresh data key and an unsigned manifest (the attacker has no publisher key), or one
+        signed by ``signer`` (a key of the attacker's own, e.g. ``signing.Publisher.generate()``).
+        ``format=1``: the attacker's model under the resource key, and the manifest withheld (a 404).
+
+        A loader reads cdn.yaml after its login: log in again after this (and after end_compromise)."""
+        attacker = self.start_attacker_s3()
+        published = publish_resource(
+            _Substitutes(self.admin),
+            attacker.client("admin"),
+            folder,
+            name,
+            data,
+            tmp_dir=self.data_dir,
+            format=format,
+            signer=signer,
+        )
+        self.admin.put_substitute(None, "cdn.yaml", attacker.cdn_yaml(cdn_host).encode())
+        return published
+
+    def substitute(self, folder: str | None, name: str, data: bytes) -> None:
+        """One file of a compromise: the API serves ``data`` for ``folder``/``name`` (None: the root)."""
+        self.admin.put_substitute(folder, name, data)
+
+    def withhold(self, folder: str | None, name: str) -> None:
+        """One file of a compromise: the API answers 404 for ``folder``/``name``."""
+        self.admin.withhold(folder, name)
+
+    def compromised(self) -> dict[str, list[str]]:
+        return self.admin.compromised()
+
+    def end_compromise(self) -> None:
+        """The API serves the real files again (the attacker's S3 server keeps running until stop())."""
+        self.admin.end_compromise()
 
     # --- the CDN's objects (as admin) -----------------------------------------------------------
 
@@ -240,3 +345,17 @@ class Stack:
 
     def clear_faults(self) -> None:
         self.admin.clear_faults()
+
+
+class _Substitutes:
+    """What publish_resource writes to the API, installed as a compromise's substitutes instead."""
+
+    def __init__(self, admin: AdminClient):
+        self._admin = admin
+
+    def put_file(self, folder: str | None, name: str, data: bytes) -> dict:
+        return self._admin.put_substitute(folder, name, data)
+
+    def delete_file(self, folder: str | None, name: str) -> bool:
+        self._admin.withhold(folder, name)
+        return True

@@ -6,6 +6,9 @@ restarted API picks up where it stopped.
     key_fragment.bin    the key fragment, when one is set
     resources/_root/    the root folder (a leading underscore can never be a valid folder name)
     resources/<folder>/<file>
+    compromise/files/<folder>/<file>     what the API serves in place of resources/<folder>/<file>
+    compromise/withheld/<folder>/<file>  (empty) the API answers 404 for that file
+                                         (both: the root folder as _root; see "compromise" below)
 """
 
 import contextlib
@@ -39,6 +42,28 @@ def valid_name(name: str) -> bool:
 
 def _hash_password(password: str, salt: bytes) -> bytes:
     return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=2**14, r=8, p=1, dklen=32)
+
+
+@contextlib.contextmanager
+def _writer(path: Path) -> Iterator[BinaryIO]:
+    """A file renamed to ``path`` only when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _copy(source: BinaryIO | bytes, out: BinaryIO) -> int:
+    if isinstance(source, bytes | bytearray | memoryview):
+        out.write(source)
+    else:
+        shutil.copyfileobj(source, out, 1024 * 1024)
+    return out.tell()
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -152,24 +177,12 @@ class Store:
     def resource_writer(self, folder: str | None, name: str) -> Iterator[BinaryIO]:
         """A file to write the resource into; it is renamed into place only when the block succeeds, so
         a reader never sees half an upload."""
-        path = self.resource_path(folder, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                yield out
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _writer(self.resource_path(folder, name)) as out:
+            yield out
 
     def write_resource(self, folder: str | None, name: str, source: BinaryIO | bytes) -> int:
         with self.resource_writer(folder, name) as out:
-            if isinstance(source, bytes | bytearray | memoryview):
-                out.write(source)
-            else:
-                shutil.copyfileobj(source, out, 1024 * 1024)
-            return out.tell()
+            return _copy(source, out)
 
     def delete_resource(self, folder: str | None, name: str) -> bool:
         """False when there was no such file."""
@@ -179,6 +192,53 @@ class Store:
         except FileNotFoundError:
             return False
         return True
+
+    # --- compromise ----------------------------------------------------------------------------
+    # An attacker who controls the API (contract section 9) serves files of their own in place of the real
+    # ones, or withholds them. Only what POST /resources/get serves changes: the real files stay, so ending
+    # the compromise restores them, and the admin routes keep showing the real ones.
+
+    def _compromise_path(self, kind: str, folder: str | None, name: str) -> Path:
+        real = self.resource_path(folder, name)  # validates both names
+        return self.data_dir / "compromise" / kind / real.parent.name / real.name
+
+    def served_path(self, folder: str | None, name: str) -> Path | None:
+        """The file POST /resources/get serves for ``folder``/``name``: a substitute, the real file, or
+        None when it is withheld."""
+        substitute = self._compromise_path("files", folder, name)
+        if substitute.exists():
+            return substitute
+        if self._compromise_path("withheld", folder, name).exists():
+            return None
+        return self.resource_path(folder, name)
+
+    def put_substitute(self, folder: str | None, name: str, source: BinaryIO | bytes) -> int:
+        path = self._compromise_path("files", folder, name)
+        self._compromise_path("withheld", folder, name).unlink(missing_ok=True)
+        with _writer(path) as out:
+            return _copy(source, out)
+
+    def withhold(self, folder: str | None, name: str) -> None:
+        self._compromise_path("files", folder, name).unlink(missing_ok=True)
+        path = self._compromise_path("withheld", folder, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+    def compromised(self) -> dict[str, list[str]]:
+        """``{"files": [...], "withheld": [...]}``, each ``"<folder>/<name>"`` (the root: ``_root``)."""
+        root = self.data_dir / "compromise"
+        return {
+            kind: sorted(
+                f"{p.parent.name}/{p.name}"
+                for p in (root / kind).glob("*/*")
+                if p.is_file() and not p.name.startswith(".upload-")
+            )
+            for kind in ("files", "withheld")
+        }
+
+    def end_compromise(self) -> None:
+        with self._lock:
+            shutil.rmtree(self.data_dir / "compromise", ignore_errors=True)
 
     # --- key fragment ---------------------------------------------------------------------------
 

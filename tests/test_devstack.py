@@ -1,6 +1,7 @@
 """The dev stack itself: the reference Resource API against contract section 3, the publisher's split
-against sections 2 and 7 (format 1 and the sealed format 2), SeaweedFS's identities, and the fault proxy.
-One stack serves the whole module."""
+against sections 2 and 7 (format 1 and the sealed format 2) and its signed manifests (section 9), the API's
+compromised mode, SeaweedFS's identities, and the fault proxy. One stack serves the whole module (the
+compromise test runs a stack of its own)."""
 
 import base64
 import hashlib
@@ -19,7 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, ResponseStreamingError
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from devstack import crypto
+from devstack import crypto, signing
 from devstack.faultproxy import FaultProxy
 from devstack.seaweed import SeaweedFS
 from devstack.seed import (
@@ -31,7 +32,7 @@ from devstack.seed import (
     LEGACY_MODEL_SHA256,
     seed,
 )
-from devstack.split import MANIFEST_BLOCK_SIZE, publish_resource
+from devstack.split import MANIFEST_BLOCK_SIZE, Published, publish_resource
 from devstack.stack import Stack
 from devstack.wait import until
 
@@ -366,6 +367,43 @@ def test_publish_refuses_an_unknown_format(stack):
         stack.publish("sealed", "nope.bin", b"x", format=3)
 
 
+def test_a_signed_publish_stores_an_envelope_over_m(stack, http, account):
+    data = hashlib.shake_256(b"signed").digest(100_000)
+    published = stack.publish("sealed", "signed.bin", data, signer=stack.publisher)
+    stored = stack.stored_manifest("sealed", "signed.bin")
+    assert published.signed and stored == published.envelope == published.stored_manifest
+    envelope = json.loads(stored)
+    assert envelope["payloadType"] == signing.PAYLOAD_TYPE
+    assert base64.b64decode(envelope["payload"], validate=True) == published.payload
+    m = stack.open_manifest("sealed", "signed.bin")
+    assert (
+        m == json.loads(published.payload) == {**published.manifest, "folder": "sealed", "name": "signed.bin"}
+    )
+    small, big = stored_parts(stack, "sealed", "signed.bin")
+    assert m["small"] == sha256(small) and m["big"] == sha256(big) and m["blocks"] == [sha256(big)]
+    assert crypto.decrypt(base64.b64decode(m["key"]), small + big) == data
+    with pytest.raises(ValueError, match="trusted"):
+        stack.open_manifest("sealed", "signed.bin", trusted=signing.Publisher.generate())
+    with pytest.raises(ValueError, match="for"):
+        signing.open_envelope(stored, stack.publisher.public_key, "sealed", "other.bin")
+
+    # The API hands the envelope out like every resource.
+    email, password = account
+    response = get_resource(
+        http, stack, login(http, stack, email, password), "sealed", "signed.bin.manifest", password, "HW"
+    )
+    assert crypto.decrypt(crypto.api_key(email, password, "HW"), response.content) == stored
+
+    unsigned = stack.publish("sealed", "signed.bin", data)  # the default stays unsigned
+    assert not unsigned.signed and unsigned.envelope is None and unsigned.payload is None
+    assert stack.stored_manifest("sealed", "signed.bin") == unsigned.stored_manifest
+    assert not signing.is_envelope(unsigned.stored_manifest)
+    with pytest.raises(ValueError):
+        stack.open_manifest("sealed", "signed.bin")
+    with pytest.raises(ValueError, match="format 2"):
+        stack.publish("sealed", "signed.bin", data, format=1, signer=stack.publisher)
+
+
 def test_stack_helpers_change_what_is_stored(stack):
     published = stack.publish("sealed", "helpers.bin", b"helpers" * 3000)
     big = stack.read_cdn("sealed", "helpers.bin.big")
@@ -450,8 +488,9 @@ def test_api_restart_keeps_its_state(stack, http, account):
     assert get_resource(http, stack, token, "models", "keep.small", password, "HW-2").status_code == 409
 
 
-def _seeded_model(http, stack, name: str) -> tuple[dict | None, bytes]:
-    """The manifest (None: format 1) and the decrypted model, fetched as an operator would."""
+def _seeded_model(http, stack, name: str) -> tuple[bytes | None, bytes]:
+    """The manifest as served (None: format 1) and the model decrypted under the key of the manifest the
+    stack's publisher signed, fetched as an operator would."""
     email, (password, _) = next(iter(DEMO_USERS.items()))
     token = login(http, stack, email, password)
     api_key = crypto.api_key(email, password, "HW")
@@ -463,28 +502,45 @@ def _seeded_model(http, stack, name: str) -> tuple[dict | None, bytes]:
         assert response.status_code == 200, response.text
         return crypto.decrypt(api_key, response.content)
 
-    manifest = fetch(name + ".manifest")
-    manifest = None if manifest is None else json.loads(manifest)
+    stored = fetch(name + ".manifest")
     small = fetch(name + ".small")
     big = stack.s3_client("downloader").get_object(Bucket=DEMO_FOLDER, Key=name + ".big")["Body"].read()
-    key = crypto.resource_key() if manifest is None else base64.b64decode(manifest["key"])
-    return manifest, crypto.decrypt(key, small + big)
+    if stored is None:
+        return None, crypto.decrypt(crypto.resource_key(), small + big)
+    manifest = signing.open_envelope(stored, stack.publisher.public_key, DEMO_FOLDER, name)
+    assert manifest["small"] == sha256(small) and manifest["big"] == sha256(big)
+    return stored, crypto.decrypt(base64.b64decode(manifest["key"]), small + big)
 
 
 def test_seed_is_repeatable(stack, http):
     first = seed(stack)
-    demo_manifest = stack.manifest(DEMO_FOLDER, DEMO_MODEL)
+    demo_manifest = stack.stored_manifest(DEMO_FOLDER, DEMO_MODEL)
     again = seed(stack)
     assert again.key_fragment == first.key_fragment
-    assert stack.manifest(DEMO_FOLDER, DEMO_MODEL) == demo_manifest  # not published again
+    assert stack.stored_manifest(DEMO_FOLDER, DEMO_MODEL) == demo_manifest  # not published again
 
     manifest, demo = _seeded_model(http, stack, DEMO_MODEL)
-    assert manifest is not None and manifest["format"] == 2
+    assert manifest == demo_manifest
     assert sha256(demo) == DEMO_MODEL_SHA256 == again.model_sha256
     manifest, legacy = _seeded_model(http, stack, LEGACY_MODEL)
     assert manifest is None
     assert sha256(legacy) == LEGACY_MODEL_SHA256 == again.legacy_model_sha256
     assert len(legacy) == 1024 * 1024 and again.legacy_model == LEGACY_MODEL
+
+
+def test_the_seeded_demo_model_is_signed_by_the_stack_publisher(stack):
+    seed(stack)
+    stored = stack.stored_manifest(DEMO_FOLDER, DEMO_MODEL)
+    envelope = json.loads(stored)
+    assert envelope["payloadType"] == signing.PAYLOAD_TYPE
+    assert [s["keyid"] for s in envelope["signatures"]] == [stack.publisher.keyid]
+    m = signing.open_envelope(stored, stack.publisher_key_files[1], DEMO_FOLDER, DEMO_MODEL)
+    assert m["format"] == 2 and (m["folder"], m["name"]) == (DEMO_FOLDER, DEMO_MODEL)
+    assert m["size"] == 5 * 1024 * 1024
+    with pytest.raises(ValueError, match="trusted"):
+        signing.open_envelope(stored, signing.Publisher.generate().public_key, DEMO_FOLDER, DEMO_MODEL)
+    with pytest.raises(ValueError, match="for"):
+        signing.open_envelope(stored, stack.publisher.public_key, DEMO_FOLDER, LEGACY_MODEL)
 
 
 def test_seed_brings_models_of_an_older_stack_to_their_format(stack, http):
@@ -497,6 +553,23 @@ def test_seed_brings_models_of_an_older_stack_to_their_format(stack, http):
     assert manifest is not None and sha256(demo) == DEMO_MODEL_SHA256
     manifest, legacy = _seeded_model(http, stack, LEGACY_MODEL)
     assert manifest is None and sha256(legacy) == LEGACY_MODEL_SHA256
+
+    # A stack seeded before section 9: an unsigned manifest, or one another key signed.
+    for signer in (None, signing.Publisher.generate()):
+        stack.publish(DEMO_FOLDER, DEMO_MODEL, b"an unsigned demo model", signer=signer)
+        seed(stack)
+        manifest, demo = _seeded_model(http, stack, DEMO_MODEL)  # opens under the stack's key
+        assert sha256(demo) == DEMO_MODEL_SHA256
+
+
+def test_the_stack_has_one_publisher_key(stack):
+    private, public = stack.publisher_key_files
+    assert private.parent == public.parent == stack.data_dir / "publisher"
+    assert (
+        signing.load_public_keys(public)[0].public_bytes_raw()
+        == stack.publisher.public_key.public_bytes_raw()
+    )
+    assert Stack(stack.data_dir).publisher.keyid == stack.publisher.keyid  # another Stack on the same data
 
 
 # --- the fault proxy in front of SeaweedFS ---------------------------------------------------------
@@ -647,3 +720,131 @@ def test_a_second_seaweedfs_runs_beside_the_first(stack, tmp_path):
         assert second.endpoint != stack.s3_endpoint
         second.client("admin").create_bucket(Bucket="second")
         assert "second" in [b["Name"] for b in second.client("downloader").list_buckets()["Buckets"]]
+
+
+# --- an attacker who controls the Resource API (contract section 9) --------------------------------------
+
+
+class _Device:
+    """What a device gets from an API: files decrypted with its API key, and the CDN its cdn.yaml names."""
+
+    def __init__(self, http, stack, email, password, hardware="HW-DEVICE"):
+        self.http, self.stack, self.password, self.hardware = http, stack, password, hardware
+        self.token = login(http, stack, email, password)
+        self.key = crypto.api_key(email, password, hardware)
+
+    def file(self, folder, name) -> bytes | None:
+        response = get_resource(self.http, self.stack, self.token, folder, name, self.password, self.hardware)
+        if response.status_code == 404:
+            return None
+        assert response.status_code == 200, response.text
+        return crypto.decrypt(self.key, response.content)
+
+    def cdn(self) -> tuple[str, object]:
+        cdn = yaml.safe_load(self.file(None, "cdn.yaml"))
+        client = boto3.client(
+            "s3",
+            endpoint_url=cdn["host"],
+            region_name=cdn.get("region", "us-east-1"),
+            aws_access_key_id=cdn["downloader_access_key"],
+            aws_secret_access_key=cdn["downloader_access_secret"],
+            config=Config(s3={"addressing_style": "path"}),
+        )
+        return cdn["host"], client
+
+    def model(self, folder, name, trusted=None) -> bytes:
+        """The model as served, under the key of its manifest (opened under ``trusted`` when signed)."""
+        manifest = self.file(folder, name + ".manifest")
+        if manifest is None:
+            key = crypto.resource_key()
+        elif signing.is_envelope(manifest):
+            key = base64.b64decode(signing.open_envelope(manifest, trusted, folder, name)["key"])
+        else:
+            key = base64.b64decode(json.loads(manifest)["key"])
+        _, s3 = self.cdn()
+        big = s3.get_object(Bucket=folder, Key=name + ".big")["Body"].read()
+        return crypto.decrypt(key, self.file(folder, name + ".small") + big)
+
+
+SUBSTITUTED = {"files": ["_root/cdn.yaml", "models/m.bin.manifest", "models/m.bin.small"], "withheld": []}
+
+
+def test_a_compromised_api_serves_the_attackers_model_until_the_compromise_ends(tmp_path, http):
+    real_data, evil_data = b"the real model" * 5000, b"the attacker's model" * 4000
+    with Stack(tmp_path / "victim") as victim:
+        victim.add_user("op@victim.local", "pw", ["Operator"])
+        real: Published = victim.publish("models", "m.bin", real_data, signer=victim.publisher)
+        device = _Device(http, victim, "op@victim.local", "pw")
+        assert device.model("models", "m.bin", victim.publisher) == real_data
+        assert victim.compromised() == {"files": [], "withheld": []}
+
+        # Unsigned: the attacker has no publisher key.
+        evil = victim.compromise("models", "m.bin", evil_data)
+        attacker = victim.attacker_s3
+        assert attacker.is_running and attacker.endpoint != victim.s3_endpoint
+        assert victim.compromised() == SUBSTITUTED
+        host, s3 = device.cdn()
+        assert host == attacker.endpoint  # with keys valid there: the device reads the attacker's big part
+        assert (
+            s3.get_object(Bucket="models", Key="m.bin.big")["Body"].read()
+            == attacker.client().get_object(Bucket="models", Key="m.bin.big")["Body"].read()
+        )
+        served = device.file("models", "m.bin.manifest")
+        assert served == evil.stored_manifest and not signing.is_envelope(served)
+        assert json.loads(served)["key"] == base64.b64encode(evil.data_key).decode()
+        assert evil.data_key != real.data_key
+        assert device.model("models", "m.bin") == evil_data
+        # The real files stay stored, and the admin routes show them.
+        assert victim.stored_manifest("models", "m.bin") == real.envelope
+        assert victim.admin.get_file(None, "cdn.yaml").decode() == victim.cdn_yaml()
+
+        # Signed with a key of the attacker's own: it opens under that key, never under the publisher's.
+        rogue = signing.Publisher.generate()
+        victim.compromise("models", "m.bin", evil_data, signer=rogue)
+        served = device.file("models", "m.bin.manifest")
+        assert signing.open_envelope(served, rogue.public_key, "models", "m.bin")
+        with pytest.raises(ValueError, match="trusted"):
+            signing.open_envelope(served, victim.publisher.public_key, "models", "m.bin")
+        assert device.model("models", "m.bin", rogue) == evil_data
+
+        # Format 1: the manifest is withheld, the model is under the resource key.
+        victim.compromise("models", "m.bin", evil_data, format=1)
+        assert device.file("models", "m.bin.manifest") is None
+        assert victim.compromised()["withheld"] == ["models/m.bin.manifest"]
+        assert device.model("models", "m.bin") == evil_data
+
+        victim.end_compromise()
+        assert victim.compromised() == {"files": [], "withheld": []}
+        assert device.cdn()[0] == victim.s3_endpoint
+        assert device.file("models", "m.bin.manifest") == real.envelope
+        assert device.model("models", "m.bin", victim.publisher) == real_data
+    assert not attacker.is_running  # stopped with the stack
+
+
+def test_compromise_routes_need_the_admin_secret_and_valid_names(stack, http):
+    url = f"{stack.api_url}/_devstack/compromise"
+    assert http.get(url, timeout=10).status_code == 403
+    assert http.put(f"{url}/files/models/x.small", data=b"x", timeout=10).status_code == 403
+    assert http.delete(url, timeout=10).status_code == 403
+    secret = {"X-Devstack-Admin": stack.admin_secret}
+    assert http.put(f"{url}/files/models/..x", data=b"x", headers=secret, timeout=10).status_code == 400
+    assert http.put(f"{url}/withheld/_root/x", headers=secret, timeout=10).status_code == 400
+    assert stack.compromised() == {"files": [], "withheld": []}
+
+
+def test_single_substitutes_and_withheld_files(stack, http, account):
+    email, password = account
+    device = _Device(http, stack, email, password)
+    stack.put_file("models", "one.small", b"real small")
+    try:
+        stack.substitute("models", "one.small", b"substitute")
+        assert device.file("models", "one.small") == b"substitute"
+        stack.substitute("models", "never-stored.bin", b"made up")  # a file the API never had
+        assert device.file("models", "never-stored.bin") == b"made up"
+        stack.withhold("models", "one.small")
+        assert device.file("models", "one.small") is None
+        assert stack.admin.get_file("models", "one.small") == b"real small"
+    finally:
+        stack.end_compromise()
+    assert device.file("models", "one.small") == b"real small"
+    assert device.file("models", "never-stored.bin") is None

@@ -40,9 +40,11 @@ def model_name(prefix="f"):
 
 
 def start_loader(workdir, stack, **env):
-    """A loader against the devstack; ``env`` overrides its configuration (API_TIMEOUT, limits...)."""
+    """A loader against the devstack; ``env`` overrides its configuration (API_TIMEOUT, limits...). It
+    trusts the stack's publisher key: models published with ``signer=stack.publisher`` load, unsigned too."""
     env.setdefault("RESOURCE_API_URL", stack.api_url)
     env.setdefault("API_TIMEOUT", 5)
+    env.setdefault("TRUSTED_PUBLISHERS", stack.publisher_key_files[1])
     return LoaderProcess(workdir, **env)
 
 

@@ -7,6 +7,12 @@
 #     -v azaion-models:/var/lib/azaion/models -v /opt/azaion:/opt/azaion:ro \
 #     azaion-loader
 #
+# Publish the port on 127.0.0.1 only: the loader holds a logged-in session and hands out plaintext
+# models to whoever reaches it. It answers only Host names it knows (localhost, 127.0.0.1, [::1],
+# ALLOWED_HOSTS) and refuses any request with an Origin header (contract section 10). Apps in other
+# containers: ALLOWED_HOSTS=<this container's name> on a user-defined network, or LOADER_SOCKET on a
+# shared volume. docs/container.md has the docker run lines.
+#
 # BASE_IMAGE is used by both stages: the extensions are compiled against the very Python that runs
 # them, and the venv built in the first stage points at that interpreter's path.
 # Any Debian-based image with python3 3.11 and python3-venv works (the tests use a debootstrap one).
@@ -57,8 +63,8 @@ ARG LOADER_UID=10001
 RUN groupadd --system --gid "${LOADER_UID}" loader \
     && useradd --system --uid "${LOADER_UID}" --gid loader --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin loader \
-    && mkdir -p /var/lib/azaion/models /opt/azaion \
-    && chown loader:loader /var/lib/azaion/models /opt/azaion
+    && mkdir -p /var/lib/azaion/models /opt/azaion /run/azaion \
+    && chown loader:loader /var/lib/azaion/models /opt/azaion /run/azaion
 
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
@@ -84,7 +90,9 @@ VOLUME ["/var/lib/azaion/models", "/opt/azaion"]
 USER ${LOADER_UID}:${LOADER_UID}
 
 EXPOSE 8080
+# GET /health with Host: localhost, on LOADER_SOCKET when it is set, else on the loopback at LOADER_PORT;
+# boundary imports only the standard library.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('LOADER_PORT', '8080'), timeout=4)"]
+    CMD ["python3", "-c", "import boundary; raise SystemExit(boundary.health_check())"]
 
 CMD ["python3", "main.py"]

@@ -6,9 +6,12 @@ sections 2, 5 and 7).
 Every upload is sealed (format 2): a data key of its own, the blob split as ever, and the manifest as the
 commit point. A load fetches the manifest with the small part, and nothing leaves the loader that the
 manifest does not vouch for. Models uploaded before (format 1: no manifest) still load under the resource
-key, with a warning, unless ``require_manifest`` refuses them.
+key, with a warning, unless ``require_manifest`` refuses them. A manifest a publisher signed (section 9)
+is read only once a key the device trusts verifies it (``signing.Trust``); uploads sign theirs when the store
+has a ``publisher``.
 """
 
+import json
 import logging
 import os
 import re
@@ -27,9 +30,10 @@ from constants import (BIG_SUFFIX, BUCKET_PATTERN, CHUNK_SIZE, ENGINE_LOAD_TIMEO
 from download import TAIL
 from errors import (BadRequest, DecryptionError, EngineError, Forbidden, IntegrityError, LoaderError, NotFound,
                     PayloadTooLarge, StorageError, storage_error)
-from manifest import Manifest, SealedParts, small_size
+from manifest import Manifest, SealedParts, document, small_size
 from model_cache import Expect
 from read_ahead import ReadAhead
+from signing import Trust, is_envelope
 from unlock_state import DECRYPTING, DOWNLOADING_KEY, LOADING_IMAGES
 
 log = logging.getLogger("loader.split")
@@ -79,8 +83,10 @@ class ModelStore:
     """Load and upload models over the split. ``api`` is a ResourceApi, ``cache`` a BigPartCache."""
 
     def __init__(self, api, cache, cdn_factory=None, max_upload=None, require_manifest=False,
-                 block_size=MANIFEST_BLOCK_SIZE, memory=None):
+                 block_size=MANIFEST_BLOCK_SIZE, memory=None, trust=None, publisher=None):
         self._api = api
+        self.trust = Trust() if trust is None else trust  # the publishers a load accepts (section 9)
+        self.publisher = publisher  # signs the manifests of uploads, when set
         self._memory = heap.buffers if memory is None else memory  # the buffers of every load and download
         self._cache = cache
         self._cdn_factory = cdn_factory or (lambda text: CdnManager(CdnConfig.from_yaml(text)))
@@ -170,10 +176,26 @@ class ModelStore:
             raw = manifest.result()
         except NotFound:
             raw = None
-        sealed = None if raw is None else Manifest.parse(raw, what)
-        if sealed is not None:
-            sealed.check_small(small, what)
+        if raw is None:
+            if self.require_manifest:
+                raise IntegrityError(f"{what} has no manifest (format 1), and REQUIRE_MANIFEST refuses that")
+            if self.trust.require:
+                self.trust.unsigned(what, "it has no manifest: format 1")
+            return what, small, None
+        doc = document(raw, what)
+        if is_envelope(doc):
+            doc = self.trust.open(doc, folder, name, what, lambda payload: document(payload, what))
+        else:
+            self.trust.unsigned(what)
+        sealed = Manifest.from_document(doc, what)
+        sealed.check_small(small, what)
         return what, small, sealed
+
+    def seal(self, manifest, folder, name):
+        """The bytes an upload stores as its manifest (a dict): the JSON, or the publisher's envelope."""
+        if self.publisher is None:
+            return json.dumps(manifest).encode("utf-8")
+        return self.publisher.sign(manifest, folder, name)
 
     @staticmethod
     def _expect(what, small, sealed, check=None):
@@ -183,8 +205,6 @@ class ModelStore:
         """Stage a resource's big part in the cache ahead of need (contract section 8.4): ``(200, status)``
         when it is cached already, ``(202, status)`` of the download started or joined."""
         what, small, sealed = self._resolve(folder, name)
-        if sealed is None and self.require_manifest:
-            raise IntegrityError(f"{what} has no manifest (format 1), and REQUIRE_MANIFEST refuses that")
         expect = Expect(what) if sealed is None else self._expect(what, small, sealed)
         return self._cache.prefetch(folder, name + BIG_SUFFIX, self.cdn(), expect)
 
@@ -209,8 +229,6 @@ class ModelStore:
     def _open_format1(self, folder, big_key, what, small):
         """(size, key, blocks) of a resource uploaded before manifests: under the resource key, checked
         only by its last block's padding."""
-        if self.require_manifest:
-            raise IntegrityError(f"{what} has no manifest (format 1), and REQUIRE_MANIFEST refuses that")
         log.warning("%s has no manifest: loading it as format 1, unverified", what)
         self.format1_loads += 1
         key = security.resource_key()
@@ -412,7 +430,7 @@ class StagedUpload:
             except OSError as exc:
                 log.debug("staging %s failed", self.name, exc_info=True)
                 raise storage_error(exc, "the upload") from exc
-            manifest = self._parts.manifest(self._key, self.size)
+            manifest = self._store.seal(self._parts.document(self._key, self.size), folder, self.name)
             self._store.publish(folder, self.name, self._part, self._small, self._parts, manifest,
                                 self._cdn_upload)
             self._cdn_upload = None

@@ -77,7 +77,8 @@ ENGINE_LOAD_TIMEOUT = 3600
 # --- Liveness: what a misbehaving peer may cost (docs/contract.md section 11) ----------------------------
 # Every answer read from the Resource API has a cap; past it the answer is refused with 502 "...is not
 # valid...". The small part is at most 3072 bytes and comes wrapped as a blob (IV and padding: 3104 bytes);
-# a manifest lists 67 bytes per 4 MiB block, about 4.4 MB for a resource of MAX_RESOURCE_BYTES.
+# a manifest lists 67 bytes per 4 MiB block, so 8 MiB hold the manifest of a 480 GiB resource, and its
+# signed envelope (section 9, the manifest in Base64) that of a 360 GiB one.
 MAX_LOGIN_ANSWER = 64 * 1024
 MAX_SMALL_ANSWER = 64 * 1024
 MAX_MANIFEST_ANSWER = 8 * 1024 * 1024

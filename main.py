@@ -18,13 +18,15 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-# The exception hierarchy and the heap are the compiled modules imported eagerly: they are tiny, the error
-# handlers must be registered before the first request, and the heap is set up before any thread starts.
+# The exception hierarchy, the heap and the boundary are the compiled modules imported eagerly: they are
+# tiny, the error handlers and the guard are in place before the first request, and the heap is set up
+# before any thread starts.
+import boundary
 import errors
 import heap
 
@@ -56,6 +58,23 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 20 * 1024**3
     max_json_bytes: int = 64 * 1024
     require_manifest: bool = False
+    trusted_publishers: str = ""  # a file of the PEM Ed25519 public keys whose signatures a load accepts
+    require_signature: bool = False  # refuse manifests no trusted publisher signed (and format 1)
+    publisher_key_file: str = ""  # a PEM PKCS#8 Ed25519 private key: uploads sign their manifests with it
+    allowed_hosts: str = ""
+    loader_socket: str = ""
+
+    @model_validator(mode="after")
+    def _key_files(self) -> "Settings":
+        """The key files are read at start: a bad one stops the loader with its reason, not the first load."""
+        import signing
+
+        if self.require_signature and not self.trusted_publishers:
+            raise ValueError("REQUIRE_SIGNATURE=true needs TRUSTED_PUBLISHERS (the publishers' public keys)")
+        signing.Trust.from_file(self.trusted_publishers)
+        if self.publisher_key_file:
+            signing.Publisher.from_file(self.publisher_key_file)
+        return self
 
 
 class Credentials(BaseModel):
@@ -113,6 +132,7 @@ class Services:
         import download
         import hardware_service
         import model_cache
+        import signing
         import unlock_state
 
         cdn_manager.warm_up()  # the CDN clients a login makes are then quick
@@ -156,7 +176,13 @@ class Services:
             api=api,
             cache=cache,
             store=binary_split.ModelStore(
-                api, cache, cdn, max_upload=s.max_upload_bytes, require_manifest=s.require_manifest
+                api,
+                cache,
+                cdn,
+                max_upload=s.max_upload_bytes,
+                require_manifest=s.require_manifest,
+                trust=signing.Trust.from_file(s.trusted_publishers, s.require_signature),
+                publisher=signing.Publisher.from_file(s.publisher_key_file) if s.publisher_key_file else None,
             ),
             unlock_status=unlock_status,
             # Unlock signs in with a session of its own: an unlock with other credentials never turns the
@@ -319,7 +345,7 @@ async def lifespan(_app: FastAPI):
 
 
 # 413 on every route: the middleware refuses any body over the limits before routing.
-routes = APIRouter(responses=errors_for(413))
+routes = APIRouter(responses=errors_for(403, 413, 421))  # 403 and 421: boundary.HostGuard, on every route
 
 
 # --- errors: the one place where exceptions become statuses ----------------------------------------
@@ -606,6 +632,10 @@ def create_app(memory: heap.MemoryTrim = heap.memory) -> FastAPI:
     for cls, handler in HANDLERS:
         app.add_exception_handler(cls, handler)
     app.add_middleware(Edge, memory=memory)
+    # The outermost: a request from elsewhere than this device's apps gets no further (contract section 10).
+    app.add_middleware(
+        boundary.HostGuard, allowed_hosts=lambda: (settings().loader_host, settings().allowed_hosts)
+    )
     return app
 
 
@@ -644,14 +674,11 @@ def main() -> None:
     except ValueError as exc:  # pydantic's ValidationError names each setting and why
         raise SystemExit(f"invalid configuration: {exc}") from None
     configure_logging(s.log_level)
-    uvicorn.run(
-        app,
-        host=s.loader_host,
-        port=s.loader_port,
-        log_level=s.log_level.lower(),
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
+    options = {"log_level": s.log_level.lower(), "access_log": False, "timeout_graceful_shutdown": 5}
+    if s.loader_socket:
+        boundary.serve_unix(app, s.loader_socket, **options)
+    else:
+        uvicorn.run(app, host=s.loader_host, port=s.loader_port, **options)
 
 
 if __name__ == "__main__":

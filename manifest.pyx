@@ -93,19 +93,14 @@ class Manifest:
     def parse(cls, raw, what):
         """The manifest in ``raw`` (UTF-8 JSON) of the resource ``what``; ManifestError when it is not
         valid JSON, lacks a key, or does not add up (sizes, digests, the number of blocks)."""
+        return cls.from_document(document(raw, what), what)
+
+    @classmethod
+    def from_document(cls, doc, what):
+        """The manifest in ``doc`` (a JSON object, as ``document`` gives it); ManifestError as ``parse``."""
         def bad(reason):
             return ManifestError(f"the manifest of {what} is not valid: {reason}")
 
-        raw = bytes(raw)
-        if json_nests_deeper(raw):
-            raise bad(f"JSON nested deeper than {MAX_JSON_DEPTH}")
-        try:
-            doc = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            # The manifest holds the data key, and a UnicodeDecodeError all of the text: not kept as the cause.
-            raise bad("not UTF-8 JSON") from None
-        if not isinstance(doc, dict):
-            raise bad("not a JSON object")
         missing = [k for k in ("format", "key", "size", "blobSize", "small", "big", "blockSize", "blocks")
                    if k not in doc]
         if missing:
@@ -151,6 +146,25 @@ class Manifest:
     def check_block(self, index, digest, what):
         if digest != self.blocks[index]:
             raise IntegrityError(f"block {index} of the big part of {what} does not match its manifest")
+
+
+def document(raw, what):
+    """The JSON object in ``raw`` (UTF-8 bytes from the Resource API, a manifest or its signed envelope);
+    ManifestError when it is none. Nesting is counted before the parser recurses."""
+    def bad(reason):
+        return ManifestError(f"the manifest of {what} is not valid: {reason}")
+
+    raw = bytes(raw)
+    if json_nests_deeper(raw):
+        raise bad(f"JSON nested deeper than {MAX_JSON_DEPTH}")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        # The manifest holds the data key, and a UnicodeDecodeError all of the text: not kept as the cause.
+        raise bad("not UTF-8 JSON") from None
+    if not isinstance(doc, dict):
+        raise bad("not a JSON object")
+    return doc
 
 
 def identity(big_digest):
@@ -229,10 +243,14 @@ class SealedParts:
 
     def manifest(self, key, size):
         """The manifest JSON (bytes) for ``key`` and a plaintext of ``size`` bytes; call once, at the end."""
+        return json.dumps(self.document(key, size)).encode("utf-8")
+
+    def document(self, key, size):
+        """The manifest as a dict (what ``manifest`` writes, or a publisher signs); call once, at the end."""
         self.close()
         if self._in_block:
             self._close_block()
-        return json.dumps({
+        return {
             "format": MANIFEST_FORMAT,
             "key": base64.b64encode(key).decode("ascii"),
             "size": size,
@@ -241,4 +259,4 @@ class SealedParts:
             "big": self._big.hexdigest(),
             "blockSize": self.block_size,
             "blocks": [d.hex() for d in self.blocks],
-        }).encode("utf-8")
+        }

@@ -69,6 +69,15 @@ class ServiceCounters:
                                 value=fetching)
         yield _counter("loader_format1_loads_total",
                        "Loads of resources without a manifest (format 1, unverified)", svc.store.format1_loads)
+        trust = svc.store.trust
+        yield _counter("loader_unsigned_manifest_loads_total",
+                       "Loads and prefetches of resources whose manifest no publisher signed (section 9)",
+                       trust.unsigned_loads)
+        yield _counter("loader_signed_manifest_loads_total",
+                       "Loads and prefetches whose manifest a trusted publisher's signature verified",
+                       trust.signed_loads)
+        yield _counter("loader_signature_refusals_total",
+                       "Loads and prefetches refused: no trusted publisher signed the manifest", trust.refusals)
         operations = GaugeMetricFamily("loader_operations_in_progress",
                                        "Operations in progress (see /status), by kind", labels=["kind"])
         kinds = Tally(op["kind"] for op in svc.workers.operations())

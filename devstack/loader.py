@@ -1,13 +1,17 @@
-"""The loader as a real process (``python main.py``) on a free loopback port, for integration tests."""
+"""The loader as a real process (``python main.py``) on a free loopback port, or on the Unix socket
+LOADER_SOCKET names, for integration tests."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
 
 from devstack.ports import free_port
 from devstack.wait import until
@@ -23,7 +27,46 @@ def proc_field(pid, name, file="status"):
     raise KeyError(name)
 
 
+class _UnixConnection(urllib3.connection.HTTPConnection):
+    """An HTTP connection to a Unix socket (the Host header stays the pool's: localhost)."""
+
+    def __init__(self, *args, socket_path, **kw):
+        super().__init__(*args, **kw)
+        self.socket_path = socket_path
+
+    def _new_conn(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout if isinstance(self.timeout, int | float) else None)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            message = f"cannot connect to {self.socket_path}: {exc}"
+            raise urllib3.exceptions.NewConnectionError(self, message) from exc
+        return sock
+
+
+class UnixSocketAdapter(HTTPAdapter):
+    """requests over the Unix socket at ``path``, whatever the URL's host (mount it on http://localhost)."""
+
+    def __init__(self, path):
+        super().__init__()
+        self._pool = urllib3.HTTPConnectionPool("localhost", maxsize=16)
+        self._pool.ConnectionCls = _UnixConnection
+        self._pool.conn_kw["socket_path"] = str(path)
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        return self._pool
+
+    def close(self):
+        self._pool.close()
+        super().close()
+
+
 class LoaderProcess:
+    """``env`` overrides the configuration; with LOADER_SOCKET the loader serves on that socket instead of
+    TCP, and ``url``, ``get`` and ``post`` go through it (``url`` is then http://localhost)."""
+
     def __init__(self, workdir, **env):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -37,8 +80,17 @@ class LoaderProcess:
             "MODEL_CACHE_DIR": str(self.workdir / "cache"),
             "IMAGES_PATH": str(self.workdir / "images.enc"),
             "LOG_LEVEL": "INFO",
+            "ALLOWED_HOSTS": "",  # not the test session's own (see tests/support/docker_fixtures.py)
+            "LOADER_SOCKET": "",
             **{k: str(v) for k, v in env.items()},
         }
+        self.socket = self.env["LOADER_SOCKET"] or None
+        self.http = requests  # the module: its get and post, as every TCP loader has always been called
+        if self.socket:
+            self.url = "http://localhost"
+            self.http = requests.Session()
+            self.http.trust_env = False  # no proxy from the environment for a socket
+            self.http.mount("http://localhost", UnixSocketAdapter(self.socket))
         self.proc = None
 
     def start(self, timeout=20):
@@ -59,7 +111,7 @@ class LoaderProcess:
         if self.proc.poll() is not None:
             raise RuntimeError(f"loader exited with {self.proc.returncode}: {self.log()[-2000:]}")
         try:
-            return requests.get(self.url + "/health", timeout=1).status_code == 200
+            return self.http.get(self.url + "/health", timeout=1).status_code == 200
         except requests.RequestException:
             return False
 
@@ -73,6 +125,8 @@ class LoaderProcess:
                 self.proc.wait()
         if getattr(self, "_log", None):
             self._log.close()
+        if self.http is not requests:
+            self.http.close()
 
     def kill(self):
         self.stop(signal.SIGKILL)
@@ -89,11 +143,11 @@ class LoaderProcess:
 
     def post(self, path, **kw):
         kw.setdefault("timeout", 120)
-        return requests.post(self.url + path, **kw)  # noqa: S113 - the timeout is set above
+        return self.http.post(self.url + path, **kw)  # noqa: S113 - the timeout is set above
 
     def get(self, path, **kw):
         kw.setdefault("timeout", 30)
-        return requests.get(self.url + path, **kw)  # noqa: S113 - the timeout is set above
+        return self.http.get(self.url + path, **kw)  # noqa: S113 - the timeout is set above
 
     def wait_unlock(self, timeout=600, done=lambda status: status["state"] in ("ready", "error"), every=0.1):
         """Poll /unlock/status until ``done(status)`` (by default: the unlock is ready or in error); that

@@ -105,7 +105,9 @@ def test_the_heap_is_trimmed_once_the_loader_is_idle_after_a_load(loader_env):
     the chunks loads and uploads freed. Once idle after a load or upload, the loader calls malloc_trim."""
     trims = []
     memory = heap.MemoryTrim(trim=trims.append, delay=0.05)
-    with TestClient(main.create_app(memory), raise_server_exceptions=False) as client:
+    with TestClient(
+        main.create_app(memory), base_url="http://localhost", raise_server_exceptions=False
+    ) as client:
         assert client.get("/health").status_code == 200
         assert not memory.dirty  # a light request leaves nothing to trim
         assert client.post("/load/m.bin", json={"folder": "models"}).status_code == 401

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
@@ -20,6 +21,8 @@ import main
 from credentials import Credentials
 from devstack.wait import until
 from tests.fakes import DROP, ApiServer, make_token
+
+LOCAL = "http://localhost"  # the loader answers its loopback names only (contract section 10)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +61,7 @@ def test_importing_main_imports_no_compiled_service_module():
 
 @pytest.fixture
 def client(loader_env):
-    with TestClient(main.app, raise_server_exceptions=False) as c:
+    with TestClient(main.app, base_url=LOCAL, raise_server_exceptions=False) as c:
         yield c
 
 
@@ -148,7 +151,7 @@ def test_upload_requires_multipart(client):
 
 def test_a_malformed_multipart_body_is_400(loader_env):
     main.use_services(lambda s: fake_services(store=UploaderStore()))
-    with TestClient(main.app, raise_server_exceptions=False) as client:
+    with TestClient(main.app, base_url=LOCAL, raise_server_exceptions=False) as client:
         r = client.post(
             "/upload/m.bin",
             content=b"not a multipart body",
@@ -182,7 +185,7 @@ def test_a_client_that_goes_away_mid_upload_is_one_line_not_a_traceback(loader_e
         "http_version": "1.1",
         "server": ("127.0.0.1", 8080),
         "client": ("127.0.0.1", 40000),
-        "headers": [(b"content-type", b"multipart/form-data; boundary=xyz")],
+        "headers": [(b"host", b"localhost"), (b"content-type", b"multipart/form-data; boundary=xyz")],
     }
     with caplog.at_level(logging.INFO):
         asyncio.run(main.app(scope, receive, send))
@@ -196,7 +199,7 @@ def test_a_stop_lets_the_downloads_in_flight_commit(loader_env):
     # A load ends with its last byte, before its big part is hashed and committed: a stop waits for that.
     cache = IdleCache()
     main.use_services(lambda s: fake_services(cache=cache))
-    with TestClient(main.app):
+    with TestClient(main.app, base_url=LOCAL):
         assert main.services().cache is cache
         assert not cache.settled
     assert cache.settled == [main.SETTLE_SECONDS]
@@ -305,6 +308,8 @@ def test_metrics_read_the_modules_counters_at_each_scrape(client):
     svc.bytes_loaded, svc.bytes_uploaded = 5_000_000_123, 7
     svc.cache.hits, svc.cache.misses, svc.cache.downloads, svc.cache.refetches = 3, 4, 5, 6
     svc.store.format1_loads = 8
+    trust = svc.store.trust
+    trust.unsigned_loads, trust.signed_loads, trust.refusals = 11, 12, 13
     svc.cache.bytes_resumed = 10
     families = scrape()
     counters = {
@@ -315,6 +320,9 @@ def test_metrics_read_the_modules_counters_at_each_scrape(client):
         "loader_cdn_downloads": 5,
         "loader_cache_refetches": 6,
         "loader_format1_loads": 8,
+        "loader_unsigned_manifest_loads": 11,
+        "loader_signed_manifest_loads": 12,
+        "loader_signature_refusals": 13,
         "loader_cache_evictions": 0,  # a fresh cache has evicted nothing
         "loader_cdn_bytes_resumed": 10,
     }
@@ -407,6 +415,7 @@ class PrefetchStore:
     ran on the event loop."""
 
     format1_loads = 0
+    trust = SimpleNamespace(unsigned_loads=0, signed_loads=0, refusals=0)
 
     def __init__(self, answers, held=()):
         self.answers = answers
@@ -445,7 +454,7 @@ def prefetching(loader_env):
     main.use_services(
         lambda s: fake_services(store=store, cache=cache, api=NoSession(), unlock_status=FakeUnlockStatus())
     )
-    with TestClient(main.app, raise_server_exceptions=False) as c:
+    with TestClient(main.app, base_url=LOCAL, raise_server_exceptions=False) as c:
         yield c, store, cache
 
 

@@ -15,10 +15,13 @@ import hashlib
 import os
 import re
 import shutil
+import stat
+import subprocess
 import tarfile
+import tempfile
 import time
 import uuid
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import httpx
 import pytest
@@ -120,13 +123,15 @@ def container(dockerd, arch, image, stack, cdn_proxy):
         )
     client = dockerd.client()
     port = free_port()
+    name = f"azaion-loader-test-{arch}-{uuid.uuid4().hex[:8]}"
     running = client.containers.run(
         image.id,
         detach=True,
         network_mode="host",
         platform=arch.platform,
-        environment={"LOADER_PORT": str(port), "RESOURCE_API_URL": stack.api_url},
-        name=f"azaion-loader-test-{arch}-{uuid.uuid4().hex[:8]}",
+        # Its own name, as an app in another container on its network would call it (docs/container.md).
+        environment={"LOADER_PORT": str(port), "RESOURCE_API_URL": stack.api_url, "ALLOWED_HOSTS": name},
+        name=name,
     )
     url = f"http://127.0.0.1:{port}"
 
@@ -180,6 +185,20 @@ def test_health_answers_from_the_host(container):
     response = httpx.get(url + "/health", timeout=5)
     assert response.status_code == 200
     assert response.json() == {"status": "healthy"}
+
+
+def test_answers_only_its_own_names_and_no_web_page(container):
+    """Contract section 10: it listens on 0.0.0.0 inside, and still answers only the loopback names and
+    the names in ALLOWED_HOSTS (here: the container's own), never a request that carries Origin."""
+    running, url = container
+    for host in ("attacker.example", "127.0.0.1.nip.io", f"{running.name}.attacker.example"):
+        r = httpx.get(url + "/health", headers={"Host": host}, timeout=5)
+        assert r.status_code == 421 and "ALLOWED_HOSTS" in r.json()["detail"], (host, r.text)
+    r = httpx.post(url + "/login", headers={"Origin": "http://attacker.example"}, json={}, timeout=5)
+    assert r.status_code == 403 and r.headers["content-type"] == "application/json", r.text
+    r = httpx.get(url + "/health", headers={"Host": f"{running.name}:8080"}, timeout=5)
+    assert r.status_code == 200 and r.json() == {"status": "healthy"}
+    assert httpx.get(url.replace("127.0.0.1", "localhost") + "/health", timeout=5).status_code == 200
 
 
 def test_runs_on_its_architecture(container, image, arch):
@@ -259,6 +278,89 @@ def test_healthcheck_command_passes_inside(container, image):
     assert check[0] == "CMD", check
     result = running.exec_run(check[1:])
     assert result.exit_code == 0, result.output.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def socket_container(dockerd, arch, image):
+    """The image run with LOADER_SOCKET in a directory of this machine mounted into it, with no network at
+    all: (container, the socket's path on this machine). The directory belongs to the image's user, as a
+    volume shared with the apps would (docs/container.md)."""
+    if not dockerd.host.startswith("unix://"):
+        unavailable(f"the socket must be in a directory of this machine; {dockerd.host} is not on it")
+    uid, gid = (int(n) for n in image.attrs["Config"]["User"].split(":"))
+    shared = Path(tempfile.mkdtemp(prefix="azaion-sock-", dir="/tmp"))  # a socket path fits 108 bytes
+    os.chown(shared, uid, gid)
+    shared.chmod(0o750)
+    running = dockerd.client().containers.run(
+        image.id,
+        detach=True,
+        network_mode="none",
+        platform=arch.platform,
+        environment={"LOADER_SOCKET": "/run/azaion/loader.sock"},
+        volumes={str(shared): {"bind": "/run/azaion", "mode": "rw"}},
+        name=f"azaion-loader-socket-{arch}-{uuid.uuid4().hex[:8]}",
+    )
+    path = shared / "loader.sock"
+
+    def answers():
+        running.reload()
+        if running.status == "exited":
+            pytest.fail(f"the container exited:\n{running.logs().decode(errors='replace')}", pytrace=False)
+        return path.exists() and _curl_socket(path, "/health")[0] == 200
+
+    try:
+        until(answers, 180, lambda: f"no answer on {path}:\n{running.logs().decode(errors='replace')}", 0.5)
+        yield running, path
+    finally:
+        running.remove(force=True, v=True)
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _curl_socket(path, route, *args):
+    """curl --unix-socket from this machine: (status, body)."""
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+            str(path),
+            *args,
+            f"http://localhost{route}",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    body, _, status = out.stdout.rpartition(b"\n")
+    return int(status or 0), body
+
+
+def test_serves_on_a_socket_in_a_shared_directory(socket_container, image):
+    """LOADER_SOCKET (contract section 10): curl on this machine reaches the loader through the socket, whose
+    mode is 0660 and group the image's user's; it refuses a foreign Host there too, and listens on no TCP
+    port; the HEALTHCHECK command passes in this mode."""
+    running, path = socket_container
+    st = path.lstat()
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660, oct(st.st_mode)
+    assert st.st_gid == int(image.attrs["Config"]["User"].split(":")[1])
+    assert _curl_socket(path, "/health") == (200, b'{"status":"healthy"}')
+    assert _curl_socket(path, "/health", "-H", "Host: attacker.example")[0] == 421
+    listening = running.exec_run(["python3", "-c", LISTENING])
+    assert listening.exit_code == 0 and listening.output.decode().strip() == "[]", listening.output
+    check = image.attrs["Config"]["Healthcheck"]["Test"]
+    result = running.exec_run(check[1:])
+    assert result.exit_code == 0, result.output.decode(errors="replace")
+
+
+# The local ports in state LISTEN (0A) of the container's TCP sockets, from /proc (no ss or netstat there).
+LISTENING = (
+    "import os; print([l.split()[1] for f in ('/proc/net/tcp', '/proc/net/tcp6') if os.path.exists(f)"
+    " for l in open(f).read().splitlines()[1:] if l.split()[3] == '0A'])"
+)
 
 
 def test_runs_as_non_root(container, image):

@@ -29,9 +29,11 @@ test: system-deps build
 unit: build
 	$(PY) -m pytest -q -m "not integration and not docker"
 
+# ruff reads the Python files, cython-lint the compiled modules (it runs pycodestyle from PATH: the venv's).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/cython-lint $(PYX)
 
 check: lint test
 

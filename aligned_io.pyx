@@ -26,6 +26,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
+from constants import READ_AHEAD
 from errors import IntegrityError
 
 cdef extern from "fcntl.h" nogil:
@@ -39,8 +40,6 @@ cdef extern from "fcntl.h" nogil:
 # O_DIRECT wants offsets, lengths and buffer addresses aligned to the logical block size; a page covers
 # every device.
 DIRECT_ALIGN = 4096
-# Blocks read and hashed ahead of the one a load sends (a buffer each, and one for the load).
-READ_AHEAD = 2
 # How often a read-ahead waiting for a download's bytes looks whether its load has gone.
 WAIT_STEP = 0.1
 
@@ -92,7 +91,8 @@ def regular_file(int fd, path):
 
 
 def open_reader(path, opener=os.open):
-    """The regular file at ``path``, open for read_at (unbuffered; O_DIRECT where allowed); see open_direct."""
+    """The regular file at ``path``, open for read_at (unbuffered; O_DIRECT where allowed); see
+    open_direct."""
     return os.fdopen(open_direct(path, os.O_RDONLY, opener), "rb", buffering=0)
 
 

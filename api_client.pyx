@@ -93,7 +93,9 @@ class _Deadline:
             self.passed = True
 
     def error(self):
-        return UpstreamTimeout(f"the Resource API did not answer {self.what} in time (within {self.seconds:g} s)")
+        return UpstreamTimeout(
+            f"the Resource API did not answer {self.what} in time (within {self.seconds:g} s)"
+        )
 
 
 def _current():
@@ -177,7 +179,8 @@ class _Watched:
     connects or sends a request, so the watchdog can shut it."""
 
     _deadline = None  # the _Deadline of the call using it (guarded by _lock)
-    _watch = None  # a duplicate of its socket: still valid once TLS has taken the socket over (guarded by _lock)
+    # A duplicate of its socket: still valid once TLS has taken the socket over (guarded by _lock).
+    _watch = None
 
     def _new_conn(self):
         deadline = _current()
@@ -257,7 +260,7 @@ class _Adapter(HTTPAdapter):
 class _LoggedRetry(Retry):
     """urllib3's Retry, telling each retry in the loader's own words: the method, the path (no host, no
     query), the attempt and why; never a header or a body. urllib3 tells a retried status only at DEBUG, and
-    its warning of a retried connection is silenced by main.configure_logging, so each retry is told once.
+    its warning of a retried connection is silenced by logs.configure_logging, so each retry is told once.
     No try starts past the call's deadline, nor one whose wait (backoff or Retry-After) would end past it."""
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
@@ -413,7 +416,8 @@ class ResourceApi:
     # --- calls --------------------------------------------------------------------------------
 
     def get_resource(self, folder, file_name, *, cap=None):
-        """Bytes of a resource (a small part, a manifest, cdn.yaml): the API's blob unwrapped with the API key.
+        """Bytes of a resource (a small part, a manifest, cdn.yaml): the API's blob unwrapped with the API
+        key.
         ``cap``: the largest answer taken; by default the one its name tells (MAX_*_ANSWER)."""
         creds = self.credentials()
         hardware = self._hardware()

@@ -1,7 +1,7 @@
 # cython: language_level=3, embedsignature=True
 """The binary split: models stored as a small part (Resource API) and a big part (CDN), sealed by a
-manifest on the Resource API, and the Docker image archive unlocked with a key fragment (contract
-sections 2, 5 and 7).
+manifest on the Resource API (contract sections 2 and 7). Loads and uploads of models; the Docker unlock is
+``unlock.pyx``'s.
 
 Every upload is sealed (format 2): a data key of its own, the blob split as ever, and the manifest as the
 commit point. A load fetches the manifest with the small part, and nothing leaves the loader that the
@@ -22,26 +22,19 @@ from itertools import chain
 
 import heap
 import security
-from aligned_io import READ_AHEAD, read_tail
 from cdn_manager import CdnConfig, CdnManager, ObjectInfo
-from constants import (BIG_SUFFIX, BUCKET_PATTERN, CHUNK_SIZE, ENGINE_LOAD_TIMEOUT, ENGINE_TIMEOUT, MANIFEST_BLOCK_SIZE,
-                       MANIFEST_SUFFIX, NAME_PATTERN, SMALL_SUFFIX, SPLIT_SMALL_DENOMINATOR, SPLIT_SMALL_MAX,
-                       SPLIT_SMALL_NUMERATOR)
-from download import TAIL
-from errors import (BadRequest, DecryptionError, EngineError, Forbidden, IntegrityError, LoaderError, NotFound,
+from constants import (BIG_SUFFIX, BUCKET_PATTERN, MANIFEST_BLOCK_SIZE, MANIFEST_SUFFIX, NAME_PATTERN,
+                       READ_AHEAD, SMALL_SUFFIX, SPLIT_SMALL_MAX)
+from errors import (BadRequest, DecryptionError, Forbidden, IntegrityError, LoaderError, NotFound,
                     PayloadTooLarge, StorageError, storage_error)
 from manifest import Manifest, SealedParts, document, small_size
 from model_cache import Expect
-from read_ahead import ReadAhead
 from signing import Trust, is_envelope
-from unlock_state import DECRYPTING, DOWNLOADING_KEY, LOADING_IMAGES
 
 log = logging.getLogger("loader.split")
 
-# Decrypted chunks of the image archive waiting to be sent to the Docker Engine, at most.
-PIPELINE_DEPTH = 4
 # Blocks of buffers a streaming load holds at most, reserved from the one memory budget (heap.buffers):
-# the read-ahead ring (READ_AHEAD + 1), the decrypted chunks waiting to be sent (main.LOAD_AHEAD, 2), the
+# the read-ahead ring (READ_AHEAD + 1), the decrypted chunks waiting to be sent (streaming.LOAD_AHEAD, 2), the
 # one its worker decrypted and waits to hand over, and the one in the server's buffer for the client.
 LOAD_BUFFERS = READ_AHEAD + 1 + 4
 
@@ -50,8 +43,6 @@ STAGING = ".staging"
 
 _NAME = re.compile(NAME_PATTERN)
 _BUCKET = re.compile(BUCKET_PATTERN)
-# Below this blob length the small part is 30 % of the blob; from it on, exactly SPLIT_SMALL_MAX bytes.
-_SPLIT_FULL = -(-SPLIT_SMALL_MAX * SPLIT_SMALL_DENOMINATOR // SPLIT_SMALL_NUMERATOR)
 
 
 def validate_name(name):
@@ -63,7 +54,8 @@ def validate_name(name):
 
 def validate_folder(folder):
     # S3 also forbids ".." inside a bucket name.
-    if not isinstance(folder, str) or not _NAME.fullmatch(folder) or not _BUCKET.fullmatch(folder) or ".." in folder:
+    if (not isinstance(folder, str) or not _NAME.fullmatch(folder) or not _BUCKET.fullmatch(folder)
+            or ".." in folder):
         raise BadRequest("invalid folder: use 3-63 lowercase letters, digits, '.' or '-' (an S3 bucket name)")
     return folder
 
@@ -94,13 +86,22 @@ class ModelStore:
         self._cdn = None
         self._cdn_lock = threading.Lock()
         # The manifest and the small part are fetched side by side: a load waits for one round trip. As many
-        # threads as loads may prepare at once (main.LOAD_WORKERS): loads stuck on a slow Resource API must
-        # not make the calls of the others queue behind theirs.
+        # threads as loads may prepare at once (operations.LOAD_WORKERS): loads stuck on a slow Resource API
+        # must not make the calls of the others queue behind theirs.
         self._calls = ThreadPoolExecutor(64, thread_name_prefix="api-call")
         self.max_upload = max_upload
         self.require_manifest = require_manifest
         self.block_size = block_size  # of the manifests uploads write (the contract's; tests use less)
         self.format1_loads = 0
+
+    def stats(self):
+        """The store's figures for /metrics (counts since start): its own and its ``trust``'s
+        (``signing.Trust.stats``)::
+
+            {"format1_loads": int,  # loads of resources without a manifest (format 1, unverified)
+             "unsigned_manifest_loads": int, "signed_manifest_loads": int, "signature_refusals": int}
+        """
+        return {"format1_loads": self.format1_loads, **self.trust.stats()}
 
     def cdn(self):
         """The CDN manager for the session's cdn.yaml, rebuilt only when the configuration changes."""
@@ -199,7 +200,8 @@ class ModelStore:
 
     @staticmethod
     def _expect(what, small, sealed, check=None):
-        return Expect(what, sealed.big_size(len(small)), sealed.blocks, sealed.identity, sealed.block_size, check)
+        return Expect(what, sealed.big_size(len(small)), sealed.blocks, sealed.identity, sealed.block_size,
+                      check)
 
     def prefetch(self, folder, name):
         """Stage a resource's big part in the cache ahead of need (contract section 8.4): ``(200, status)``
@@ -332,7 +334,7 @@ def _fsync_file(path):
 
 
 def _plaintext_size(key, small, big_size, tail):
-    return security.plaintext_size(key, len(small) + big_size, (small + tail)[-TAIL:])
+    return security.plaintext_size(key, len(small) + big_size, (small + tail)[-security.TAIL:])
 
 
 def _primed(blocks):
@@ -386,10 +388,13 @@ class StagedUpload:
         self._blob_size += len(data)
         if self._small is None:
             self._head += data
-            if len(self._head) < _SPLIT_FULL:
+            # The blob is at least this long: once that gives the small part its cap, nothing that follows
+            # changes where the split falls.
+            k = small_size(len(self._head))
+            if k < SPLIT_SMALL_MAX:
                 return
-            self._split(SPLIT_SMALL_MAX)
-            data, self._head = self._head[SPLIT_SMALL_MAX:], None
+            self._split(k)
+            data, self._head = self._head[k:], None
         self._put(data)
 
     def _split(self, k):
@@ -456,194 +461,3 @@ class StagedUpload:
             pass
         except OSError as exc:
             log.warning("could not remove the staging file of %s: %s", self.name, exc.strerror)
-
-
-# --- unlock: the encrypted `docker save` archive, decrypted straight into the Docker Engine ---------
-
-class Unlocker:
-    """Runs at most one unlock at a time in a background thread; progress lives in ``status``."""
-
-    def __init__(self, api, status, images_path, unlock_images=(), docker_host=None,
-                 engine_timeout=ENGINE_TIMEOUT, load_timeout=ENGINE_LOAD_TIMEOUT, chunk_size=CHUNK_SIZE):
-        self._api = api
-        self.status = status
-        self._path = images_path
-        self._wanted = tuple(unlock_images)
-        self._docker_host = docker_host
-        self._engine_timeout = engine_timeout  # a question to the Engine
-        self._load_timeout = load_timeout  # loading the archive
-        self._chunk = chunk_size
-
-    def start(self, credentials):
-        """Begin an unlock unless one runs; returns the status either way."""
-        run = self.status.try_begin()
-        if run is not None:
-            threading.Thread(target=self._run, args=(credentials, run), daemon=True, name="unlock").start()
-        return self.status.snapshot()
-
-    def _docker(self):
-        """A client of the Engine. Building one asks the Engine for its API version, so an Engine that
-        does not answer (dockerd stopped, the socket gone) fails here too: told apart from settings the SDK
-        refuses, and named by its address, never by the SDK's text (which may quote a password in it)."""
-        import docker  # heavy: imported only when an unlock runs
-        try:
-            if self._docker_host:
-                return docker.APIClient(base_url=self._docker_host, timeout=self._engine_timeout)
-            return docker.APIClient(timeout=self._engine_timeout, **docker.utils.kwargs_from_env())
-        except (docker.errors.DockerException, ValueError) as exc:  # ValueError: an address urllib refuses
-            if isinstance(exc.__cause__, _engine_errors()):
-                log.debug("connecting to the Docker Engine failed", exc_info=True)
-                raise self._unreachable(exc.__cause__) from exc
-            invalid = f"the Docker Engine's address or TLS settings are invalid ({type(exc).__name__})"
-            raise EngineError(invalid) from exc
-
-    def _unreachable(self, exc):
-        return EngineError(f"the Docker Engine at {_engine_address(self._docker_host)} is unreachable "
-                           f"({type(exc).__name__})")
-
-    def _run(self, credentials, run):
-        """One unlock on its own thread, reporting through ``run`` (see unlock_state.Run)."""
-        try:
-            images = self._unlock(credentials, run)
-        except LoaderError as exc:
-            log.warning("unlock failed: %s", exc.detail)
-            run.fail(exc.detail)
-        except Exception as exc:  # noqa: BLE001 - the state must never stay stuck in a running state
-            log.exception("unlock failed unexpectedly")
-            run.fail(f"unlock failed unexpectedly ({type(exc).__name__})")
-        else:
-            log.info("unlock ready: %s", " ".join(images))
-            run.succeed(images)
-
-    def _unlock(self, credentials, run):
-        client = self._docker()
-        try:
-            return self._unlock_with(client, credentials, run)
-        finally:
-            client.close()
-
-    def _unlock_with(self, client, credentials, run):
-        try:
-            if self._wanted and self._all_present(client):
-                return list(self._wanted)
-        except _engine_errors() as exc:
-            log.debug("asking the Docker Engine for the images failed", exc_info=True)
-            raise self._unreachable(exc) from exc
-        total = self._archive(os.path.getsize)
-        self._api.login(credentials)
-        run.set_state(DOWNLOADING_KEY)
-        key = security.archive_key(self._api.key_fragment())
-        if not self._archive(_archive_decrypts, key):
-            raise DecryptionError("the image archive does not decrypt: wrong key or corrupt archive")
-        run.set_total(total)
-        run.set_state(DECRYPTING)
-        client.timeout = self._load_timeout  # the SDK's timeout for each call from here on
-        try:
-            events = client.load_image(self._plaintext(key, run))
-            run.set_state(LOADING_IMAGES)
-            return self._loaded_tags(events)
-        except DecryptionError as exc:
-            raise DecryptionError("the image archive does not decrypt: wrong key or corrupt archive") from exc
-        except _engine_errors() as exc:
-            # The archive's own read errors come as a StorageError: an OSError here is the Engine's socket.
-            log.debug("loading the images into the Docker Engine failed", exc_info=True)
-            raise EngineError(f"the Docker Engine failed while loading images ({type(exc).__name__})") from exc
-
-    def _archive(self, read, *args):
-        """``read(path, *args)`` of the image archive, its OSError the loader's error."""
-        try:
-            return read(self._path, *args)
-        except FileNotFoundError as exc:
-            raise NotFound(f"the image archive is missing at {self._path}") from exc
-        except OSError as exc:
-            log.debug("reading the image archive failed", exc_info=True)
-            raise StorageError(f"the image archive at {self._path} cannot be read ({exc.strerror})") from exc
-
-    def _all_present(self, client):
-        from docker.errors import ImageNotFound
-
-        for ref in self._wanted:
-            try:
-                client.inspect_image(ref)
-            except ImageNotFound:
-                return False
-        return True
-
-    def _plaintext(self, key, run):
-        """Decrypted chunks of the archive. A second thread reads and decrypts ahead (at most
-        PIPELINE_DEPTH chunks) while this one hands chunks to the Engine, so the two overlap."""
-        with ReadAhead(self._decrypted(key, run), PIPELINE_DEPTH, "unlock-decrypt") as chunks:
-            yield from chunks
-
-    def _decrypted(self, key, run):
-        try:
-            dec = security.Decryptor(key)
-            with open(self._path, "rb") as f:
-                while True:
-                    # A fresh buffer each time: the consumer may still be sending the previous one.
-                    data = f.read(self._chunk)
-                    if not data:
-                        break
-                    out = dec.update(data)
-                    run.add_done(len(data))
-                    if len(out):
-                        yield out
-            last = dec.finalize()
-        except OSError as exc:
-            # Not an OSError on the Engine's side: requests would take it for its socket's.
-            log.debug("reading the image archive failed", exc_info=True)
-            raise StorageError(f"the image archive at {self._path} cannot be read ({exc.strerror})") from exc
-        if last:
-            yield last
-
-    @staticmethod
-    def _loaded_tags(events):
-        tags = []
-        for event in events:
-            if not isinstance(event, dict):
-                continue
-            if event.get("errorDetail") or event.get("error"):
-                detail = event.get("errorDetail") or {}
-                message = detail.get("message") if isinstance(detail, dict) else None
-                raise EngineError(f"the Docker Engine refused the images: {message or event.get('error')}")
-            text = event.get("stream") or ""
-            for line in text.splitlines():
-                if line.startswith("Loaded image: "):
-                    tags.append(line[len("Loaded image: "):].strip())
-                elif line.startswith("Loaded image ID: "):
-                    tags.append(line[len("Loaded image ID: "):].strip())
-        if not tags:
-            raise EngineError("the Docker Engine loaded no image from the archive")
-        return tags
-
-
-def _engine_errors():
-    """What the Docker SDK raises when the Engine fails: its own errors, requests', and urllib3's or the
-    socket's while it reads a streamed answer."""
-    import http.client
-
-    import requests
-    import urllib3
-    from docker.errors import DockerException
-
-    return DockerException, requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError
-
-
-def _engine_address(host):
-    """The Engine's address for a message: ``host`` (DOCKER_HOST), or the SDK's default socket; without the
-    user and password an ssh:// address may hold."""
-    host = host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-    scheme, sep, rest = host.partition("://")
-    netloc, slash, path = rest.partition("/")
-    return f"{scheme}{sep}{netloc.rpartition('@')[2]}{slash}{path}" if sep else host.rpartition("@")[2]
-
-
-def _archive_decrypts(path, key):
-    """The archive is a whole number of blocks and its last block decrypts under ``key``."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            security.plaintext_size(key, size, read_tail(f, size, TAIL))
-            return True
-        except IntegrityError:  # a DecryptionError, or the file shrank under us
-            return False

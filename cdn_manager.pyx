@@ -113,8 +113,8 @@ def _s3_client(**kw):
 def warm_up():
     """Parse botocore's S3 model now (at start-up, off the request path), so that the clients made after a
     login are quick: the first load after a login waited about 150 ms for them. Makes no request."""
-    _s3_client(endpoint_url="http://127.0.0.1:9", aws_access_key_id="warm-up", aws_secret_access_key="warm-up",
-               region_name="us-east-1").close()
+    _s3_client(endpoint_url="http://127.0.0.1:9", aws_access_key_id="warm-up",
+               aws_secret_access_key="warm-up", region_name="us-east-1").close()
 
 
 class CdnConfig:
@@ -365,7 +365,7 @@ class CdnManager:
         except BotoCoreError as exc:
             log.debug("HEAD %s failed", what, exc_info=True)
             raise _unreachable(exc) from exc
-        except ValueError as exc:  # botocore could not parse a header of the answer (a size that is no number)
+        except ValueError as exc:  # botocore could not parse a header of the answer (a size, no number)
             log.debug("HEAD %s failed", what, exc_info=True)
             raise UpstreamError(f"the CDN's answer for {what} is not valid: {type(exc).__name__}") from exc
         return ObjectInfo(r.get("ContentLength"), r.get("ETag"), what)
@@ -374,7 +374,8 @@ class CdnManager:
         """A ranged GET of bytes ``first``..``end`` pinned to ``etag``. botocore has retried a request that
         failed (CDN_ATTEMPTS in all): a failure here is final."""
         try:
-            return self._download.get_object(Bucket=bucket, Key=key, IfMatch=etag, Range=f"bytes={first}-{end - 1}")
+            return self._download.get_object(Bucket=bucket, Key=key, IfMatch=etag,
+                                             Range=f"bytes={first}-{end - 1}")
         except ClientError as exc:
             log.debug("GET %s/%s at %d failed", bucket, key, first, exc_info=True)
             raise _map_client_error(exc, f"{bucket}/{key}") from exc
@@ -383,7 +384,9 @@ class CdnManager:
             raise _unreachable(exc) from exc
         except ValueError as exc:
             log.debug("GET %s/%s at %d failed", bucket, key, first, exc_info=True)
-            raise UpstreamError(f"the CDN's answer for {bucket}/{key} is not valid: {type(exc).__name__}") from exc
+            raise UpstreamError(
+                f"the CDN's answer for {bucket}/{key} is not valid: {type(exc).__name__}"
+            ) from exc
 
     def fill(self, bucket, key, info, buf, start=0, end=None, stop=None):
         """Read bytes ``start``..``end`` of the object into ``buf``, one buffer at a time: each step yields
@@ -643,7 +646,8 @@ class PartUpload:
             try:
                 self._client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._id)
             except (ClientError, BotoCoreError) as exc:
-                log.warning("could not abort the upload of %s/%s (%s)", self.bucket, self.key, type(exc).__name__)
+                log.warning("could not abort the upload of %s/%s (%s)", self.bucket, self.key,
+                            type(exc).__name__)
             self._id = None
         self.close()
 
@@ -689,7 +693,9 @@ def _tcp_received(sock):
     """How many bytes the kernel has received on ``sock``'s TCP connection (read or not); None where it
     does not tell (not Linux, a kernel before 4.1)."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_BYTES_RECEIVED + 8)
-    return struct.unpack_from("=Q", info, TCP_BYTES_RECEIVED)[0] if len(info) >= TCP_BYTES_RECEIVED + 8 else None
+    if len(info) < TCP_BYTES_RECEIVED + 8:
+        return None
+    return struct.unpack_from("=Q", info, TCP_BYTES_RECEIVED)[0]
 
 
 class _Transfer:

@@ -6,7 +6,8 @@ string, the name rules, the role sets and the retries. The configuration (names 
 Settings.
 """
 
-# The binary split: the small part is min(SPLIT_SMALL_MAX, floor(0.3 * len(blob))) bytes.
+# The binary split: the small part is min(SPLIT_SMALL_MAX, floor(0.3 * len(blob))) bytes (the rule is
+# manifest.small_size's, and only there).
 SPLIT_SMALL_MAX = 3072
 SPLIT_SMALL_NUMERATOR = 3
 SPLIT_SMALL_DENOMINATOR = 10
@@ -36,6 +37,9 @@ KEY_SIZE = 32
 
 # Streaming granularity: large enough to amortise per-call overhead, small enough to keep memory flat.
 CHUNK_SIZE = 1024 * 1024
+# Blocks a load's verified reader (aligned_io.read_blocks) reads and hashes ahead of the one it sends (a
+# buffer each, and one for the load): binary_split.LOAD_BUFFERS counts them in a load's share of the budget.
+READ_AHEAD = 2
 
 # Names of resources and folders (contract section 2).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -67,9 +71,21 @@ CDN_ATTEMPTS = 5  # botocore's total_max_attempts: its max_attempts would count 
 CDN_RESUMES = 3
 CDN_RESUME_BACKOFF = 0.25
 
-# --- The Docker Engine (unlock) --------------------------------------------------------------------------
-# How long the Engine may take to answer a question (its API version, an image's inspect): an Engine that
-# accepts the connection and never answers fails the unlock after this, not after the hour a load may take.
+# --- The unlock ----------------------------------------------------------------------------------------
+# The states of GET /unlock/status (docs/contract.md, "Unlock status"), in the order an unlock goes through
+# them; unlock_state.UnlockStatus holds the current one, unlock.Unlocker moves it on.
+IDLE = "idle"
+AUTHENTICATING = "authenticating"
+DOWNLOADING_KEY = "downloading_key"
+DECRYPTING = "decrypting"
+LOADING_IMAGES = "loading_images"
+READY = "ready"
+ERROR = "error"
+UNLOCK_STATES = (IDLE, AUTHENTICATING, DOWNLOADING_KEY, DECRYPTING, LOADING_IMAGES, READY, ERROR)
+
+# How long the Docker Engine may take to answer a question (its API version, an image's inspect): an
+# Engine that accepts the connection and never answers fails the unlock after this, not after the hour a
+# load may take.
 ENGINE_TIMEOUT = 10
 # How long loading the decrypted archive into the Engine may go without an answer.
 ENGINE_LOAD_TIMEOUT = 3600

@@ -113,7 +113,8 @@ class DiskBudget:
         """``{"bytesUsed", "bytesMax" (0: no cap), "bytesFree"}``: bytesFree is what a new download could
         still take without evicting anything."""
         used = self.usage()
-        return {"bytesUsed": used, "bytesMax": self.max_bytes, "bytesFree": self._available(used, self.free())}
+        return {"bytesUsed": used, "bytesMax": self.max_bytes,
+                "bytesFree": self._available(used, self.free())}
 
     def touch(self, data_path):
         """A committed part was loaded: it is now the most recently loaded. A failure is no load's concern
@@ -218,7 +219,8 @@ class DiskBudget:
         leaves data without a sidecar, which reads as not cached. (bytes, bytes on disk) removed; at a failure
         (logged) the unit's other files stay."""
         try:  # the bucket's folder itself, never a link put in its place since the scan
-            folder = os.open(os.path.join(self.root, unit.bucket), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            folder = os.open(os.path.join(self.root, unit.bucket),
+                             os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError as exc:
             log.warning("could not evict %s/%s from the model cache: %s", unit.bucket, unit.key, exc.strerror)
             return 0, 0
@@ -230,7 +232,8 @@ class DiskBudget:
                 except FileNotFoundError:
                     pass  # gone already (a discard meanwhile): its room is free all the same
                 except OSError as exc:
-                    log.warning("could not evict %s/%s from the model cache: %s", unit.bucket, name, exc.strerror)
+                    log.warning("could not evict %s/%s from the model cache: %s", unit.bucket, name,
+                                exc.strerror)
                     return size, disk
                 size += file_size
                 disk += file_disk

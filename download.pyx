@@ -49,6 +49,7 @@ from aligned_io import (DIRECT_ALIGN, aligned_buffer, open_direct, open_reader, 
                         start_writeback, without_direct, write_all)
 from constants import MANIFEST_BLOCK_SIZE, MAX_MANIFEST_BLOCK_SIZE, MAX_RESOURCE_BYTES
 from errors import IntegrityError, LoaderError, UpstreamError, storage_error
+from security import tail_start
 
 log = logging.getLogger("loader.cdn")
 
@@ -59,9 +60,6 @@ FAILED = "failed"
 
 PART_SUFFIX = ".part"
 RECORD_SUFFIX = ".record"
-# Bytes at the end of a big part a load checks before streaming: the last cipher block and the block before
-# it, which is all CBC needs to decrypt the last block alone (its padding gives the plaintext's size).
-TAIL = 32
 MiB = 1024 * 1024
 
 
@@ -108,11 +106,6 @@ class TransferConfig:
     def from_settings(cls, s):
         return cls(memory_bytes=s.load_memory_bytes, max_bytes_per_s=s.cdn_max_bytes_per_s,
                    cache_max_bytes=s.model_cache_max_bytes, cache_min_free=s.model_cache_min_free_bytes)
-
-
-def tail_start(long long size, long long block_size):
-    """Where the object's tail starts: at the block that holds its last TAIL bytes."""
-    return max(0, size - TAIL) // block_size * block_size
 
 
 def segments(size, block_size=MANIFEST_BLOCK_SIZE, missing=None, config=None):
@@ -238,7 +231,7 @@ def _identity(head):
     except (ValueError, RecursionError):
         return None
     if not isinstance(identity, dict) or set(identity) != {"bucket", "key", "etag", "size", "version",
-                                                            "blockSize"}:
+                                                           "blockSize"}:
         return None
     size, block_size = identity["size"], identity["blockSize"]
     if type(size) is not int or not 0 <= size <= MAX_RESOURCE_BYTES or type(block_size) is not int or \

@@ -84,7 +84,7 @@ class MemoryTrim:
             asyncio.get_running_loop().run_in_executor(None, self.trim, 0)
 
 
-# The process's one heap, trimmed by the HTTP edge (main.Edge).
+# The process's one heap, trimmed by the HTTP edge (edge.Edge).
 memory = MemoryTrim()
 
 
@@ -104,6 +104,11 @@ class Budget:
         self._cond = threading.Condition()
         self.total = self.left = int(total)
         self.waiting = 0
+
+    def stats(self):
+        """The budget's figure for /metrics: ``{"buffer_memory_free_bytes": int}`` (the room left now)."""
+        with self._cond:
+            return {"buffer_memory_free_bytes": self.left}
 
     def resize(self, total):
         with self._cond:

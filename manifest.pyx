@@ -27,10 +27,10 @@ cdef enum:
 
 
 def json_nests_deeper(data, int limit=MAX_JSON_DEPTH):
-    """Whether the UTF-8 JSON text ``data`` (bytes-like) opens more than ``limit`` arrays or objects inside one
-    another: one pass over the bytes, counting brackets outside strings, before a parser recurses into them
-    (json.loads of a peer's 100,000 nested arrays is a RecursionError). Not a validation: text that is no JSON
-    may pass, and is then the parser's to refuse."""
+    """Whether the UTF-8 JSON text ``data`` (bytes-like) opens more than ``limit`` arrays or objects inside
+    one another: one pass over the bytes, counting brackets outside strings, before a parser recurses into
+    them (json.loads of a peer's 100,000 nested arrays is a RecursionError). Not a validation: text that is
+    no JSON may pass, and is then the parser's to refuse."""
     cdef const unsigned char[:] text = data
     cdef Py_ssize_t i
     cdef int depth = 0

@@ -38,10 +38,13 @@ from collections import deque
 
 import heap
 from aligned_io import NotRegularFile, aligned_buffer, open_reader, read_blocks, read_hashed, read_tail
-from constants import BIG_SUFFIX, MANIFEST_BLOCK_SIZE, MAX_MANIFEST_BLOCK_SIZE, MAX_RESOURCE_BYTES, MAX_SIDECAR_BYTES
+from constants import (BIG_SUFFIX, MANIFEST_BLOCK_SIZE, MAX_MANIFEST_BLOCK_SIZE, MAX_RESOURCE_BYTES,
+                       MAX_SIDECAR_BYTES)
 from disk_budget import DiskBudget
-from download import CACHED, FAILED, PART_SUFFIX, RECORD_SUFFIX, TAIL, BlockRecord, Download, TransferConfig, tail_start
+from download import (CACHED, FAILED, FETCHING, PART_SUFFIX, RECORD_SUFFIX, VERIFYING, BlockRecord, Download,
+                      TransferConfig)
 from errors import IntegrityError, NotFound, StorageError, UpstreamError, storage_error
+from security import TAIL, tail_start
 
 log = logging.getLogger("loader.cdn")
 
@@ -88,7 +91,8 @@ def _fits(meta, expect, info):
         return False
     if expect.sealed:
         return (meta["version"], meta["size"]) == (expect.version, expect.size)
-    return meta["version"] is None and (info is None or (meta["size"], meta["etag"]) == (info.size, info.etag))
+    return meta["version"] is None and (info is None
+                                        or (meta["size"], meta["etag"]) == (info.size, info.etag))
 
 
 def _unlink_quietly(path):
@@ -271,10 +275,10 @@ class BigPartCache:
     # --- the sidecar ------------------------------------------------------------------------------
 
     def _meta(self, bucket, key, expect):
-        """The sidecar of ``bucket/key`` as a dict (size, etag, version, block_size, blocks), or None: there is
-        none (or the disk would not give it now): not cached. One that cannot be used, or that names another
-        block size than ``expect`` needs for its version, is a damaged part: discarded, sidecar and data, and
-        None."""
+        """The sidecar of ``bucket/key`` as a dict (size, etag, version, block_size, blocks), or None: there
+        is none (or the disk would not give it now): not cached. One that cannot be used, or that names
+        another block size than ``expect`` needs for its version, is a damaged part: discarded, sidecar and
+        data, and None."""
         path = self.path(bucket, key) + META_SUFFIX
         try:
             if self._folder(bucket, create=False) is None:
@@ -416,10 +420,12 @@ class BigPartCache:
             if cached is None:
                 with self._lock:
                     download = self._downloads.get((bucket, key))
-                    following = download is not None and not download.done and download.version == expect.version
+                    following = (download is not None and not download.done
+                                 and download.version == expect.version)
                     reader = download.open_reader() if following else None
                 if reader is not None:
-                    log.info("CDN unreachable: following the download of %s/%s already under way", bucket, key)
+                    log.info("CDN unreachable: following the download of %s/%s already under way",
+                             bucket, key)
                     self.misses += 1
                     return self._follow(download, reader, expect, 0)
                 cached = self._cached(bucket, key, expect, None, cdn)
@@ -582,8 +588,8 @@ class BigPartCache:
             busy.add(leftover[0])  # resumed, not evicted
         try:
             self.disk.make_room(max(0, info.size - held), busy, f"{bucket}/{key}")
-            download = self._download(self, bucket, key, info, expect.blocks, expect.version, expect.block_size,
-                                      memory, leftover)
+            download = self._download(self, bucket, key, info, expect.blocks, expect.version,
+                                      expect.block_size, memory, leftover)
             fd = download.prepare()
         except BaseException:
             memory.release()
@@ -639,7 +645,8 @@ class BigPartCache:
                 continue
             if record is not None:
                 record.close()
-            log.info("discarding the leftover download %s: it is not of the current manifest and object", name)
+            log.info("discarding the leftover download %s: it is not of the current manifest and object",
+                     name)
             _unlink_quietly(record_path)
             _unlink_quietly(part)
         return found
@@ -678,7 +685,8 @@ class BigPartCache:
             buf = aligned_buffer(block_size)
             for i in range(tail_start(size, block_size) // block_size, -(-size // block_size)):
                 pos = i * block_size
-                view, digest = read_hashed(f.fileno(), buf, pos, min(size, pos + block_size) - pos, self.hasher)
+                view, digest = read_hashed(f.fileno(), buf, pos, min(size, pos + block_size) - pos,
+                                           self.hasher)
                 if digest != blocks[i]:
                     raise IntegrityError(f"block {i} of {expect.what} does not match its manifest")
                 tail = (tail + bytes(view[-TAIL:]))[-TAIL:]
@@ -765,11 +773,34 @@ class BigPartCache:
         return out
 
     def usage(self):
-        """The cache's bytes in use, its budget and the room left: ``{"bytesUsed", "bytesMax", "bytesFree"}``."""
+        """The cache's bytes in use, its budget and the room left:
+        ``{"bytesUsed", "bytesMax", "bytesFree"}``."""
         try:
             return self.disk.room()
         except OSError as exc:
             raise storage_error(exc, "the model cache") from exc
+
+    def stats(self):
+        """The cache's figures for /metrics (it reads the disk: never call it on the event loop)::
+
+            {"cache_hits": int, "cache_misses": int, "cdn_downloads": int, "blocks_handed_over": int,
+             "cache_refetches": int, "cache_evictions": int, "cdn_bytes_resumed": int,   # counts since start
+             "cache_bytes_used": int, "cache_bytes_max": int,  # usage(): bytesUsed, bytesMax (0: no cap)
+             "downloads_in_progress": int}                     # downloads fetching or verifying now
+        """
+        usage = self.usage()
+        return {
+            "cache_hits": self.hits,
+            "cache_misses": self.misses,
+            "cdn_downloads": self.downloads,
+            "blocks_handed_over": self.handed,
+            "cache_refetches": self.refetches,
+            "cache_evictions": self.evictions,
+            "cdn_bytes_resumed": self.bytes_resumed,
+            "cache_bytes_used": usage["bytesUsed"],
+            "cache_bytes_max": usage["bytesMax"],
+            "downloads_in_progress": sum(t["state"] in (FETCHING, VERIFYING) for t in self.transfers()),
+        }
 
     def interrupted_prefetches(self):
         """``(bucket, key)`` of each prefetch a restart interrupted (a leftover part whose record says a

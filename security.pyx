@@ -4,7 +4,9 @@
 A blob is ``IV (16 bytes) || AES-256-CBC(key, IV, PKCS#7(plaintext))`` — exactly what
 ``openssl enc -aes-256-cbc -K <key> -iv <iv>`` writes after the IV. Encryption and decryption are
 streams (``Encryptor``/``Decryptor``, ``encrypt_stream``/``decrypt_stream``) so a resource of any size
-passes through in bounded memory; ``encrypt``/``decrypt`` are helpers for small payloads.
+passes through in bounded memory; ``encrypt``/``decrypt`` are helpers for small payloads. A blob's last
+``TAIL`` bytes alone tell its plaintext size (``plaintext_size``); ``tail_start`` is where a reader in blocks
+finds them.
 
 Every way decryption can fail raises the one opaque ``DecryptionError``: a caller cannot tell bad
 padding from a truncated or misaligned input.
@@ -25,9 +27,13 @@ from errors import DecryptionError
 cdef enum:
     BLOCK = 16
 
+# Bytes at the end of a blob that tell its plaintext size: the last cipher block and the block before it,
+# which is all CBC needs to decrypt the last block alone (see ``plaintext_size``).
+TAIL = IV_SIZE + BLOCK
+
 __all__ = ["DecryptionError", "Encryptor", "Decryptor", "encrypt", "decrypt", "encrypt_stream",
-           "decrypt_stream", "plaintext_size", "key_from_string", "hardware_hash", "api_key", "resource_key",
-           "archive_key", "data_key"]
+           "decrypt_stream", "plaintext_size", "TAIL", "tail_start", "key_from_string", "hardware_hash",
+           "api_key", "resource_key", "archive_key", "data_key"]
 
 
 # --- keys -----------------------------------------------------------------------------------------
@@ -217,14 +223,20 @@ def decrypt_stream(key, chunks):
 
 
 def plaintext_size(key, blob_size, tail):
-    """The plaintext length of a blob of ``blob_size`` bytes whose last 32 bytes are ``tail``.
+    """The plaintext length of a blob of ``blob_size`` bytes whose last TAIL (32) bytes are ``tail``.
 
     CBC lets the last block be decrypted alone, with the block before it as its IV: the padding, and
     with it a wrong key or a damaged end, shows without reading the rest of the blob.
     """
-    if blob_size < IV_SIZE + BLOCK or blob_size % BLOCK or len(tail) != IV_SIZE + BLOCK:
+    if blob_size < TAIL or blob_size % BLOCK or len(tail) != TAIL:
         raise DecryptionError()
-    return blob_size - IV_SIZE - BLOCK + len(decrypt(key, tail))
+    return blob_size - TAIL + len(decrypt(key, tail))
+
+
+def tail_start(long long size, long long block_size):
+    """Where the tail of a blob (or of its big part) of ``size`` bytes starts when it is read in blocks of
+    ``block_size``: at the block that holds its last TAIL bytes."""
+    return max(0, size - TAIL) // block_size * block_size
 
 
 def encrypt(key, data, iv=None):

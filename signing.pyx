@@ -1,5 +1,6 @@
 # cython: language_level=3, embedsignature=True
-"""Publisher signatures over manifests (contract section 9): the API may withhold a model, never substitute one.
+"""Publisher signatures over manifests (contract section 9): the API may withhold a model, never substitute
+one.
 
 The Resource API anchors the manifest, and it also hands out ``cdn.yaml``: whoever controls it could point a
 device at a model of their own. A publisher the device trusts signs each manifest (with its ``folder`` and
@@ -119,6 +120,16 @@ class Trust:
         self.signed_loads = 0
         self.refusals = 0
 
+    def stats(self):
+        """What the publishers' check saw, for /metrics (counts since start)::
+
+            {"unsigned_manifest_loads": int,  # loads and prefetches of a manifest no publisher signed
+             "signed_manifest_loads": int,    # ... of one a trusted publisher's signature verified
+             "signature_refusals": int}       # ... refused: no trusted publisher signed it
+        """
+        return {"unsigned_manifest_loads": self.unsigned_loads, "signed_manifest_loads": self.signed_loads,
+                "signature_refusals": self.refusals}
+
     @classmethod
     def from_file(cls, path, require=False):
         """The keys of ``TRUSTED_PUBLISHERS``: one or more PEM public keys in one file (several while a
@@ -131,13 +142,17 @@ class Trust:
             try:
                 key = serialization.load_pem_public_key(block)
             except (ValueError, TypeError):
-                raise ValueError(f"TRUSTED_PUBLISHERS {path!r}: public key {number} is not valid PEM") from None
+                raise ValueError(
+                    f"TRUSTED_PUBLISHERS {path!r}: public key {number} is not valid PEM"
+                ) from None
             if not isinstance(key, Ed25519PublicKey):
                 raise ValueError(f"TRUSTED_PUBLISHERS {path!r}: public key {number} is a "
                                  f"{type(key).__name__}, not an Ed25519 key")
             keys.append(key)
         if not keys:
-            raise ValueError(f"TRUSTED_PUBLISHERS {path!r} holds no PEM public key (-----BEGIN PUBLIC KEY-----)")
+            raise ValueError(
+                f"TRUSTED_PUBLISHERS {path!r} holds no PEM public key (-----BEGIN PUBLIC KEY-----)"
+            )
         return cls(keys, require)
 
     def open(self, envelope, folder, name, what, parse):
@@ -147,7 +162,8 @@ class Trust:
         try:
             document = parse(self._verified(envelope, what))
             if document.get("folder") != folder or document.get("name") != name:
-                # A signed manifest names the resource it was signed for: one copied to another name is refused.
+                # A signed manifest names the resource it was signed for: one copied to another name is
+                # refused.
                 raise SignatureError(
                     f"the manifest of {what} is not signed by a trusted publisher for it: it was signed for "
                     f"{_shown(document.get('folder'))}/{_shown(document.get('name'))}")
@@ -201,8 +217,8 @@ class Trust:
         """An unsigned manifest (or format 1): refused under REQUIRE_SIGNATURE, else loaded with a warning."""
         if self.require:
             self.refusals += 1
-            raise SignatureError(f"{what} is not signed by a trusted publisher ({kind}), and REQUIRE_SIGNATURE "
-                                 "refuses that")
+            raise SignatureError(f"{what} is not signed by a trusted publisher ({kind}), and "
+                                 "REQUIRE_SIGNATURE refuses that")
         self.unsigned_loads += 1
         log.warning("%s: %s by a publisher; loading it because REQUIRE_SIGNATURE is off", what, kind)
 

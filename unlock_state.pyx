@@ -1,5 +1,6 @@
 # cython: language_level=3, embedsignature=True
-"""The unlock state machine's states and a thread-safe snapshot of its progress (contract sections 4, 11).
+"""The unlock state machine (its states are the contract's, in constants.pyx) and a thread-safe snapshot
+of its progress (contract sections 4, 11).
 
 Each running state has a deadline: an unlock that stays in one longer (a key fragment that trickles, an
 Engine that stops reading) is in ``error`` as soon as anyone looks, and a new unlock may start from there.
@@ -10,15 +11,9 @@ speaks only while its run is the current one, so a late word from it never lands
 import threading
 import time
 
-IDLE = "idle"
-AUTHENTICATING = "authenticating"
-DOWNLOADING_KEY = "downloading_key"
-DECRYPTING = "decrypting"
-LOADING_IMAGES = "loading_images"
-READY = "ready"
-ERROR = "error"
+from constants import AUTHENTICATING, DECRYPTING, DOWNLOADING_KEY, ERROR, IDLE, LOADING_IMAGES, READY
+from constants import UNLOCK_STATES as STATES
 
-STATES = (IDLE, AUTHENTICATING, DOWNLOADING_KEY, DECRYPTING, LOADING_IMAGES, READY, ERROR)
 # States in which an unlock is running; a new unlock may start from any other.
 RUNNING_STATES = frozenset((AUTHENTICATING, DOWNLOADING_KEY, DECRYPTING, LOADING_IMAGES))
 
@@ -120,6 +115,15 @@ class UnlockStatus:
         with self._lock:
             self._expire()
             return run == self._run and self._state in RUNNING_STATES
+
+    def stats(self):
+        """The unlock's figures for /metrics::
+
+            {"unlock_state": str,                # the current state, one of constants.UNLOCK_STATES
+             "unlock_duration_seconds": float}   # of the last (or current) unlock; 0.0 before the first
+        """
+        with self._lock:
+            return {"unlock_state": self.state, "unlock_duration_seconds": self.duration or 0.0}
 
     def snapshot(self):
         with self._lock:

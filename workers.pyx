@@ -139,6 +139,17 @@ class Pools:
             ops.extend(pool.operations())
         return [op.to_dict(now) for op in sorted(ops, key=lambda op: op.started)]
 
+    def stats(self):
+        """The operations in progress for /metrics, counted by kind (a pool's name, or ``stream``); a kind
+        with none in progress is left out::
+
+            {"operations_in_progress": {kind: int}}
+        """
+        counts = {}
+        for op in self.operations():
+            counts[op["kind"]] = counts.get(op["kind"], 0) + 1
+        return {"operations_in_progress": counts}
+
     def unhealthy(self):
         """Why the loader cannot serve, or None."""
         reasons = [r for r in (p.unhealthy() for p in self._pools.values()) if r]

@@ -64,8 +64,8 @@ from common import MIB  # noqa: E402
 from constants import CDN_RESUME_BACKOFF, CDN_RESUMES  # noqa: E402
 from devstack import crypto  # noqa: E402
 from devstack.cache_damage import link_folder_outside, snapshot  # noqa: E402
-from devstack.faultproxy import FaultProxy  # noqa: E402
-from devstack.loader import LoaderProcess, proc_field  # noqa: E402
+from devstack.processes.faultproxy import FaultProxy  # noqa: E402
+from devstack.processes.loader import LoaderProcess, proc_field  # noqa: E402
 from devstack.split import ensure_bucket  # noqa: E402
 from devstack.stack import Stack  # noqa: E402
 from devstack.wait import until  # noqa: E402

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import MIB, arguments, awscli, curl_argv, random_file, runs  # noqa: E402
 
-from devstack.loader import LoaderProcess  # noqa: E402
+from devstack.processes.loader import LoaderProcess  # noqa: E402
 from devstack.stack import Stack  # noqa: E402
 
 NAME = "bench.bin"

@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from devstack.dockerd import Dockerd  # noqa: E402
-from devstack.faultproxy import FaultProxy  # noqa: E402
-from devstack.soak import BENCH_SIZES, Soak, SoakConfig  # noqa: E402
+from devstack.processes.dockerd import Dockerd  # noqa: E402
+from devstack.processes.faultproxy import FaultProxy  # noqa: E402
+from devstack.soak.engine import BENCH_SIZES, Soak, SoakConfig  # noqa: E402
 from devstack.stack import Stack  # noqa: E402
 
 

@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from common import MIB, curl_argv, random_file  # noqa: E402
 
-from devstack.faultproxy import FaultProxy  # noqa: E402
-from devstack.loader import LoaderProcess  # noqa: E402
+from devstack.processes.faultproxy import FaultProxy  # noqa: E402
+from devstack.processes.loader import LoaderProcess  # noqa: E402
 from devstack.split import ensure_bucket  # noqa: E402
 from devstack.stack import Stack  # noqa: E402
 from devstack.wait import until  # noqa: E402

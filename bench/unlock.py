@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from devstack import crypto  # noqa: E402
-from devstack.dockerd import Dockerd, import_image, remove_images  # noqa: E402
 from devstack.images import publish_images  # noqa: E402
-from devstack.loader import LoaderProcess  # noqa: E402
+from devstack.processes.dockerd import Dockerd, import_image, remove_images  # noqa: E402
+from devstack.processes.loader import LoaderProcess  # noqa: E402
 from devstack.stack import Stack  # noqa: E402
 
 MIB = 1024 * 1024

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import MIB, arguments, awscli, random_file, runs  # noqa: E402
 
-from devstack.loader import LoaderProcess  # noqa: E402
+from devstack.processes.loader import LoaderProcess  # noqa: E402
 from devstack.stack import Stack  # noqa: E402
 
 NAME = "bench-upload.bin"

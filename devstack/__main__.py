@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_publish_images(args: argparse.Namespace) -> int:
-    from devstack.admin import AdminClient
+    from devstack.api.admin_client import AdminClient
     from devstack.images import publish_images
 
     fragment = args.fragment_file.read_bytes() if args.fragment_file and args.fragment_file.exists() else None

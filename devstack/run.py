@@ -14,8 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from devstack.dockerd import Dockerd, import_image, running_engine
 from devstack.images import publish_images
+from devstack.processes.dockerd import Dockerd, import_image, running_engine
 from devstack.seed import (
     DEMO_FOLDER,
     DEMO_MODEL,

@@ -30,8 +30,8 @@ from typing import BinaryIO
 from botocore.exceptions import ClientError
 
 from devstack import crypto, signing
-from devstack.admin import AdminClient
-from devstack.store import valid_name
+from devstack.api.admin_client import AdminClient
+from devstack.api.store import valid_name
 
 SMALL_MAX = 3072
 BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")

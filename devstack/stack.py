@@ -7,10 +7,10 @@
         stack.publish("models", "s.bin", b"...", signer=stack.publisher)  # a signed manifest (section 9)
         stack.compromise("models", "s.bin", b"evil")  # the API serves an attacker's model (see compromise)
 
-The API runs as its own process (``python -m devstack.resource_api``) so a test can stop and restart it
+The API runs as its own process (``python -m devstack.api.server``) so a test can stop and restart it
 like a real upstream; both servers come back on the same ports and the same data.
 
-    data_dir/api/   the API's state (see devstack.store)
+    data_dir/api/   the API's state (see devstack.api.store)
     data_dir/s3/    SeaweedFS data, its S3 identities and its log
     data_dir/publisher/         the stack's publisher key: publisher.key (PKCS#8 PEM), publisher.pub
     data_dir/attacker-s3/       a second SeaweedFS, the attacker's CDN (started by the first compromise)
@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 
 from devstack import signing
-from devstack.admin import AdminClient
+from devstack.api.admin_client import AdminClient
 from devstack.ports import free_port
-from devstack.seaweed import SeaweedFS
+from devstack.processes.seaweed import SeaweedFS
 from devstack.split import Published, Source, manifest_name, publish_resource
 from devstack.wait import until
 
@@ -98,7 +98,7 @@ class Stack:
         command = [
             sys.executable,
             "-m",
-            "devstack.resource_api",
+            "devstack.api.server",
             "--data-dir",
             str(api_dir),
             "--host",
@@ -339,7 +339,7 @@ class Stack:
 
     def set_trickle(self, route: str, rate: float, **fault) -> None:
         """A fault (see set_fault: status, delay, garbage, count) whose answer's body, the real handler's or
-        the fault's, is sent ``rate`` bytes a second (devstack.faults)."""
+        the fault's, is sent ``rate`` bytes a second (devstack.api.faults)."""
         body = {"route": route, "status": None, "delay": 0.0, "garbage": None, "count": 1, **fault}
         self.admin._call("POST", "/faults", json={**body, "trickle": rate})
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The README's "Reliability" table, generated from the fault tests so that it cannot drift from them.
+"""The Reliability table of docs/reliability.md, generated from the fault tests so that it cannot drift.
 
 Every test in tests/faults/ says what it breaks and what the loader does, in its docstring:
 
@@ -9,9 +9,10 @@ Every test in tests/faults/ says what it breaks and what the loader does, in its
 This script reads those docstrings with ``ast`` (nothing is imported or run) and prints the table:
 
     .venv/bin/python scripts/reliability_table.py            # print the Markdown table
-    .venv/bin/python scripts/reliability_table.py --write    # replace it in README.md between the markers
+    .venv/bin/python scripts/reliability_table.py --write    # replace it in docs/reliability.md (markers)
 
-tests/faults/test_reliability_table.py fails when README.md holds anything else between the markers.
+tests/faults/test_reliability_table.py fails when docs/reliability.md holds anything else between the
+markers.
 """
 
 import argparse
@@ -21,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = ROOT / "tests" / "faults"
-README = ROOT / "README.md"
+DOC = ROOT / "docs" / "reliability.md"
 START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
 TAG = "Reliability:"
 SELF_TEST = "test_reliability_table.py"  # tests this script, not the loader
@@ -89,29 +90,29 @@ def table(rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_section(text: str) -> str | None:
-    """What README.md holds between the markers, or None when they are missing."""
+def doc_section(text: str) -> str | None:
+    """What the document holds between the markers, or None when they are missing."""
     if START not in text or END not in text:
         return None
     return text.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"
 
 
-def write(readme: Path, generated: str) -> None:
-    text = readme.read_text()
-    if readme_section(text) is None:
-        raise SystemExit(f"{readme} has no {START} ... {END} section: add the two markers first")
+def write(doc: Path, generated: str) -> None:
+    text = doc.read_text()
+    if doc_section(text) is None:
+        raise SystemExit(f"{doc} has no {START} ... {END} section: add the two markers first")
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{START}\n{generated}{END}{tail}")
+    doc.write_text(f"{head}{START}\n{generated}{END}{tail}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="replace the table in README.md")
+    parser.add_argument("--write", action="store_true", help="replace the table in docs/reliability.md")
     args = parser.parse_args(argv)
     generated = table(collect())
     if args.write:
-        write(README, generated)
+        write(DOC, generated)
     else:
         sys.stdout.write(generated)
     return 0

@@ -64,6 +64,41 @@ def loader_env(tmp_path, monkeypatch):
     main.use_services()
 
 
+@pytest.fixture
+def client(loader_env):
+    from fastapi.testclient import TestClient
+
+    import main
+    from tests.fakes import LOCAL
+
+    with TestClient(main.app, base_url=LOCAL, raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture
+def prefetching(loader_env):
+    """A client of an app whose store prefetches from PREFETCH_ANSWERS, its cache a BudgetCache."""
+    from fastapi.testclient import TestClient
+
+    import main
+    from tests.fakes import (
+        LOCAL,
+        PREFETCH_ANSWERS,
+        BudgetCache,
+        FakeUnlockStatus,
+        NoSession,
+        PrefetchStore,
+        fake_services,
+    )
+
+    store, cache = PrefetchStore(PREFETCH_ANSWERS, held={"held.bin"}), BudgetCache()
+    main.use_services(
+        lambda s: fake_services(store=store, cache=cache, api=NoSession(), unlock_status=FakeUnlockStatus())
+    )
+    with TestClient(main.app, base_url=LOCAL, raise_server_exceptions=False) as c:
+        yield c, store, cache
+
+
 pytest_plugins = ["tests.support.docker_fixtures"]
 
 # The fixtures that start SeaweedFS, the Resource API, a loader or dockerd. `make unit` runs every test not

@@ -1,5 +1,8 @@
-"""An in-memory Resource API and S3 client wrappers, for ModelStore and the cache against moto's S3."""
+"""An in-memory Resource API and S3 client wrappers, for ModelStore and the cache against moto's S3; a load
+held mid-download, and a hasher that records who hashed each block."""
 
+import hashlib
+import os
 import threading
 
 import heap
@@ -257,3 +260,52 @@ def ended(cache, timeout=10):
     its first buffer back (its thread's ``_end``), which the cache books in ``_finished``."""
     assert cache.settle(timeout)
     until(lambda: not cache._running, timeout, "a download never ended")
+
+
+class RecordingSha256:
+    """hashlib.sha256 that records the name of the thread that hashed each block: injected as the cache's
+    hasher, it shows who took each block's digest, and how often."""
+
+    def __init__(self, calls):
+        self._h, self._calls = hashlib.sha256(), calls
+
+    def update(self, data):
+        self._calls.append(threading.current_thread().name)
+        self._h.update(data)
+
+    def digest(self):
+        return self._h.digest()
+
+
+def recording_store(tmp_path, s3, download_client=None):
+    calls = []
+    hashing = {"hasher": lambda: RecordingSha256(calls)}
+    store, api, cache = make_store(tmp_path, s3, download_client=download_client, cache_options=hashing)
+    return store, api, cache, calls
+
+
+def block_digests(big, block_size=64 * 1024):
+    return [hashlib.sha256(big[i : i + block_size]).hexdigest() for i in range(0, len(big), block_size)]
+
+
+def fetchers_of(key="models/m.bin.big"):
+    """The name prefix of the fetcher threads of a download of ``key``."""
+    return f"cdn-{key}-"
+
+
+def _streaming(tmp_path, s3, size=3 * MIB):
+    """A download held in flight while a load streams it: the segment from the object's start holds back its
+    last block until ``release`` is set (the object's end comes first, in a segment of its own, for the
+    check before the answer), and the load has taken its first block. Returns (store, api, cache, chunks,
+    big, data, first, calls, release) once every block but that last one is in."""
+    release = threading.Event()
+    store, api, cache, calls = recording_store(tmp_path, s3, EndAfter(s3, release, "bytes=0-"))
+    data = os.urandom(size)
+    big = publish(s3, api, data)
+    plaintext = store.load("models", "m.bin")
+    chunks = iter(plaintext)
+    first = bytes(next(chunks))
+    download = cache.downloading("models", "m.bin.big")
+    until(lambda: download.bytes_done == len(big) - BLOCK)
+    assert not download.done
+    return store, api, cache, chunks, big, data, first, calls, release

@@ -1,3 +1,7 @@
+"""api_client: the Resource API client (contract section 3) against a fake API on a loopback port: login and
+its claims, the statuses mapped to the error hierarchy, token renewal, retries and their bounds, the
+deadline of a whole call, and the caps on what an answer may hold."""
+
 import base64
 import json
 import logging

@@ -1,5 +1,5 @@
-"""The local boundary (contract section 10): a request the device's own apps would not send - a Host that
-is not the loader's, or any Origin - is refused before anything else runs; the Unix socket is made 0660;
+"""boundary: the local boundary (contract section 10): a request the device's own apps would not send - a Host
+that is not the loader's, or any Origin - is refused before anything else runs; the Unix socket is made 0660;
 the container's health check finds the loader in either mode."""
 
 import asyncio
@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 import boundary
 import main
-from tests.test_main import fake_services
+from tests.fakes import fake_services
 
 ROOT = Path(__file__).resolve().parent.parent
 

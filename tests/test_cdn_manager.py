@@ -1,5 +1,7 @@
 """cdn_manager's liveness: the progress rule of fill (a CDN that trickles), the bandwidth cap (Throttle, on
-a clock of the test's), the range checks of what the CDN answers, and the checks of cdn.yaml.
+a clock of the test's), the range checks of what the CDN answers, and the checks of cdn.yaml; a body that
+breaks off resumed a bounded number of times (pinned to the ETag), botocore's retries the only ones, and
+uploads sent unhashed.
 
 The trickles go through devstack's FaultProxy in front of a fake S3 on a loopback port (the real botocore
 clients, a real socket for the watchdog to shut down); bodies that are no socket come from moto's S3."""
@@ -12,11 +14,25 @@ import time
 import pytest
 
 from cdn_manager import THROTTLE_POLL, CdnConfig, CdnManager, ObjectInfo, Throttle
-from constants import MAX_RESOURCE_BYTES
-from devstack.faultproxy import FaultProxy
-from errors import UpstreamError, UpstreamTimeout
-from tests.fakes import STALL, ApiServer
-from tests.store_fakes import WrappedClient
+from constants import CDN_ATTEMPTS, CDN_RESUMES, MAX_RESOURCE_BYTES
+from devstack.processes.faultproxy import FaultProxy
+from errors import (
+    IntegrityError,
+    StorageError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from security import tail_start
+from tests.fakes import DROP, STALL, ApiServer
+from tests.store_fakes import (
+    BLOCK,
+    YAML,
+    FlakyClient,
+    WrappedClient,
+    load,
+    make_store,
+    publish,
+)
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -578,3 +594,127 @@ def test_the_progress_rule_takes_only_sensible_settings(s3):
         with pytest.raises(ValueError):
             CdnManager(download_client=s3, upload_client=s3, speed_limit=limit, speed_time=seconds)
     assert CdnManager(download_client=s3, upload_client=s3, speed_limit=0, speed_time=0).speed_limit == 0
+
+
+def test_config_from_yaml_hides_secrets():
+    cfg = CdnConfig.from_yaml(YAML)
+    assert cfg.downloader == ("dk", "ds-secret") and cfg.uploader == ("uk", "us-secret")
+    assert "secret" not in repr(cfg)
+    with pytest.raises(UpstreamError):
+        CdnConfig.from_yaml("host: x\n")
+    with pytest.raises(UpstreamError):
+        CdnConfig.from_yaml(": : [")
+
+
+def test_a_ranged_get_answered_with_the_wrong_length_is_refused(s3):
+    s3.put_object(Bucket="models", Key="x.big", Body=os.urandom(100_000))
+
+    class WholeObject:  # a CDN that ignores Range and sends the whole object
+        def __getattr__(self, name):
+            return getattr(s3, name)
+
+        def get_object(self, **kw):
+            kw.pop("Range")
+            return s3.get_object(**kw)
+
+    cdn = CdnManager(download_client=WholeObject(), upload_client=s3)
+    info = cdn.head("models", "x.big")
+    with pytest.raises(IntegrityError):
+        list(cdn.fill("models", "x.big", info, memoryview(bytearray(cdn.chunk_size)), 1000, 2000))
+
+
+def test_interrupted_download_resumes_pinned_to_the_etag(tmp_path, s3):
+    flaky = FlakyClient(s3, failures=2, after=70_000, ranges=("bytes=0-", "bytes=70000-"))
+    store, api, _ = make_store(tmp_path, s3, download_client=flaky)
+    data = os.urandom(300_000)
+    big = publish(s3, api, data)
+    assert load(store) == data
+    tail, last = tail_start(len(big), BLOCK), len(big) - 1
+    # the object's end first, then the rest from its start, resumed twice where it broke off
+    assert sorted(flaky.gets) == sorted(
+        [f"bytes={tail}-{last}", f"bytes=0-{tail - 1}", f"bytes=70000-{tail - 1}", f"bytes=140000-{tail - 1}"]
+    )
+
+
+def test_a_body_that_ends_early_is_resumed_not_returned_short(tmp_path, s3):
+    flaky = FlakyClient(s3, failures=1, after=1000, end_early=True, ranges="bytes=0-")
+    store, api, _ = make_store(tmp_path, s3, download_client=flaky)
+    data = os.urandom(100_000)
+    big = publish(s3, api, data)
+    assert load(store) == data
+    tail, last = tail_start(len(big), BLOCK), len(big) - 1
+    assert sorted(flaky.gets) == sorted(
+        [f"bytes={tail}-{last}", f"bytes=0-{tail - 1}", f"bytes=1000-{tail - 1}"]
+    )
+
+
+def test_a_body_that_keeps_breaking_is_resumed_a_bounded_number_of_times(s3):
+    flaky = FlakyClient(s3, failures=100, after=10)
+    s3.put_object(Bucket="models", Key="x.big", Body=os.urandom(1000))
+    cdn = CdnManager(download_client=flaky, upload_client=s3, resume_backoff=0)
+    info = cdn.head("models", "x.big")
+    with pytest.raises(UpstreamError, match="kept breaking off") as caught:
+        list(cdn.fill("models", "x.big", info, memoryview(bytearray(cdn.chunk_size))))
+    # each resume from where the body before broke off, CDN_RESUMES of them; the last break is the cause
+    assert flaky.gets == [f"bytes={10 * i}-999" for i in range(1 + CDN_RESUMES)]
+    assert isinstance(caught.value.__cause__, ConnectionResetError)
+
+
+@pytest.fixture
+def fake_s3():
+    """``fake_s3(route)``: a CdnManager (the real botocore clients) against an ApiServer answering
+    ``route``, and the server."""
+    servers = []
+
+    def make(route):
+        servers.append(ApiServer(route))
+        config = CdnConfig(servers[-1].url, ("dk", "ds-secret"), ("uk", "us-secret"))
+        return CdnManager(config), servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def test_a_cdn_request_is_retried_by_botocore_alone(fake_s3):
+    """botocore's standard mode retries a request that fails, CDN_ATTEMPTS times in all; nothing retries on
+    top of it (a GET refused for good, or whose connection drops every time, is not asked again)."""
+    answers = iter([(503, b""), (500, b""), (200, b"", {"ETag": '"e1"'})])
+    cdn, server = fake_s3(lambda m, p, b, h: next(answers))
+    assert cdn.head("models", "x.big").etag == '"e1"'
+    assert len(server.calls) == 3
+
+    for answer, error in (((503, b""), "answered 503"), (DROP, "unreachable")):
+        cdn, server = fake_s3(lambda m, p, b, h, answer=answer: answer)
+        buf = memoryview(bytearray(cdn.chunk_size))
+        with pytest.raises(UpstreamError, match=error) as caught:
+            list(cdn.fill("models", "x.big", ObjectInfo(1000, '"e1"'), buf))
+        assert [c[:2] for c in server.calls] == [("GET", "/models/x.big")] * CDN_ATTEMPTS
+        assert caught.value.__cause__ is not None
+
+
+def test_cdn_uploads_are_not_hashed_for_their_signature(tmp_path, fake_s3):
+    """Parts and PUTs go out as UNSIGNED-PAYLOAD: botocore takes no SHA-256 of the body (the manifest's
+    digests cover every byte); everything else of the request is still signed."""
+    seen = []
+
+    def route(method, path, body, headers):
+        seen.append((method, headers.get("x-amz-content-sha256"), len(body)))
+        return 200, b"", {"ETag": '"e1"'}
+
+    cdn, server = fake_s3(route)
+    staged = tmp_path / "m.bin.big"
+    staged.write_bytes(os.urandom(100_000))
+    assert cdn.upload_file("models", "m.bin.big", str(staged)) == '"e1"'
+    assert ("PUT", "UNSIGNED-PAYLOAD", 100_000) in seen
+    assert {content for _, content, _ in seen} == {"UNSIGNED-PAYLOAD"}
+    assert "SignedHeaders=" in server.calls[0][2] and "x-amz-content-sha256" in server.calls[0][2]
+
+
+def test_a_cdn_upload_of_a_staged_file_that_cannot_be_read_is_a_storage_error(tmp_path, s3):
+    cdn = CdnManager(download_client=s3, upload_client=s3)
+    gone = str(tmp_path / "gone.part")
+    with pytest.raises(StorageError):
+        cdn.upload_file("models", "m.bin.big", gone)
+    with pytest.raises(StorageError):
+        cdn.part_upload("models", "m.bin.big", gone).finish(0)

@@ -20,6 +20,7 @@ def test_design_card_modules_exist():
         "api_client",
         "cdn_manager",
         "binary_split",
+        "unlock",
     }
     assert expected <= set(MODULES)
 

@@ -21,8 +21,8 @@ from botocore.exceptions import ClientError, ResponseStreamingError
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from devstack import crypto, signing
-from devstack.faultproxy import FaultProxy
-from devstack.seaweed import SeaweedFS
+from devstack.processes.faultproxy import FaultProxy
+from devstack.processes.seaweed import SeaweedFS
 from devstack.seed import (
     DEMO_FOLDER,
     DEMO_MODEL,

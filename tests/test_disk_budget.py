@@ -1,6 +1,6 @@
-"""The cache's disk budget (contract section 8.3): parts are evicted least recently loaded first until a
-download fits MODEL_CACHE_MAX_BYTES and MODEL_CACHE_MIN_FREE_BYTES; a busy part, the uploads' staging and
-whatever lies behind a symbolic link are never touched; when no eviction can make room, nothing is evicted
+"""disk_budget: the cache's disk budget (contract section 8.3): parts are evicted least recently loaded first
+until a download fits MODEL_CACHE_MAX_BYTES and MODEL_CACHE_MIN_FREE_BYTES; a busy part, the uploads' staging
+and whatever lies behind a symbolic link are never touched; when no eviction can make room, nothing is evicted
 and the error says why. Real files in tmp_path; the filesystem's free space is a fake statvfs."""
 
 import logging

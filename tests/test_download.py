@@ -1,7 +1,9 @@
 """download: a download whose fetcher gives up (a CDN that trickles) fails at once, every wait of its readers
 ended, and a later load starts a fresh one; the block record, the resume of a download a restart cut off,
-and prefetches (contract section 8)."""
+and prefetches (contract section 8); the fetchers hash each block once and hand it to the load in memory,
+within the one memory budget; the segments a download fetches, and TransferConfig."""
 
+import errno
 import json
 import os
 import stat
@@ -12,23 +14,39 @@ from pathlib import Path
 import pytest
 
 import download
+from binary_split import LOAD_BUFFERS
 from cdn_manager import CdnManager, ObjectInfo
 from devstack import wait
 from devstack.wait import until
-from download import FAILED, BlockRecord, Download, Handover, TransferConfig, segments, tail_start
-from errors import BadRequest, IntegrityError, NotFound, NotLoggedIn, UpstreamError, UpstreamTimeout
+from download import FAILED, BlockRecord, Download, Handover, TransferConfig, segments
+from errors import (
+    BadRequest,
+    IntegrityError,
+    NotFound,
+    NotLoggedIn,
+    StorageError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from heap import Budget
 from model_cache import BigPartCache, Expect
+from security import TAIL, tail_start
 from tests.store_fakes import (
     BLOCK,
+    MIB,
     CutAfter,
     EndAfter,
+    FlakyClient,
     RecordingClient,
     WrappedClient,
+    _streaming,
+    block_digests,
     ended,
+    fetchers_of,
     load,
     make_store,
     publish,
+    recording_store,
 )
 
 ETAG = '"e"'
@@ -832,3 +850,351 @@ def test_a_prefetch_whose_download_failed_before_its_answer_is_that_error(tmp_pa
     with pytest.raises(UpstreamError):
         store.prefetch("models", "m.bin")
     assert [d["state"] for d in cache.transfers()] == ["failed"]
+
+
+def test_a_cold_load_hashes_no_block_itself_the_fetchers_hash_each_block_once(tmp_path, s3):
+    """The fetchers hash each block as it comes and hand it to the load with its digest: the load (its own
+    thread or its read-ahead) hashes none a second time, and the download none after the load (no
+    hash_grace, no hashing of the rest: this replaces the tests of the download hashing what its loads
+    left)."""
+    store, api, cache, calls = recording_store(tmp_path, s3)
+    data = os.urandom(300_000)
+    big = publish(s3, api, data)
+    assert load(store) == data
+    assert cache.settle(10)
+    assert len(calls) == len(block_digests(big))
+    assert all(name.startswith(fetchers_of()) for name in calls), calls
+    assert cache.handed == len(block_digests(big))
+    meta = json.load(open(cache.path("models", "m.bin.big.meta")))
+    assert meta["blocks"] == block_digests(big) and meta["version"] is None
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+    assert not list((tmp_path / "cache").rglob("*.part"))
+    assert not list((tmp_path / "cache").rglob("*.record"))
+
+
+def test_a_load_that_leaves_early_leaves_nothing_to_hash(tmp_path, s3):
+    """A load gone after its first block: the download hashed each block as it came, so its commit hashes
+    nothing more, and every block was hashed exactly once."""
+    store, api, cache, chunks, big, data, first, calls, release = _streaming(tmp_path, s3)
+    chunks.close()
+    release.set()
+    assert cache.settle(10)
+    assert len(calls) == len(block_digests(big)) and all(n.startswith(fetchers_of()) for n in calls)
+    assert json.load(open(cache.path("models", "m.bin.big.meta")))["blocks"] == block_digests(big)
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+
+
+def test_the_commit_does_not_wait_for_a_load_that_stalls(tmp_path, s3):
+    """A load whose client stopped reading holds no commit back (nor any hashing: there is none left to
+    do); what it reads after the commit is still whole and right."""
+    store, api, cache, chunks, big, data, first, calls, release = _streaming(tmp_path, s3)
+    release.set()
+    assert cache.settle(10) and os.path.exists(cache.path("models", "m.bin.big.meta"))
+    assert first + b"".join(bytes(c) for c in chunks) == data
+    # the fetchers hashed each block once; the load hashed only the blocks it read back from the disk (those
+    # not handed over to it in memory, the fetchers having gone on without it)
+    fetched = [n for n in calls if n.startswith(fetchers_of())]
+    assert len(fetched) == len(block_digests(big))
+    assert len(calls) - len(fetched) == len(block_digests(big)) - cache.handed
+
+
+def test_a_block_changed_on_the_disk_under_a_download_is_never_served_nor_committed(tmp_path, s3):
+    """A load that reads a block of a download back from the disk (none is handed over here) checks it
+    against the digest the fetcher took as it came: a block changed on the disk meanwhile stops the load
+    short of it, and fails the download, which is never committed."""
+    release = threading.Event()
+    store, api, cache = make_store(
+        tmp_path,
+        s3,
+        download_client=EndAfter(s3, release, "bytes=0-"),
+        cache_options={"config": TransferConfig(handoff_blocks=0)},
+    )
+    data = os.urandom(MIB)
+    big = publish(s3, api, data)
+    plaintext = store.load("models", "m.bin")
+    chunks = iter(plaintext)
+    got = bytes(next(chunks))
+    download = cache.downloading("models", "m.bin.big")
+    until(lambda: download.bytes_done == len(big) - BLOCK)
+    with open(download.part, "r+b") as f:
+        f.seek(10 * BLOCK + 7)
+        f.write(b"\x00\xff")
+    with pytest.raises(IntegrityError, match="block 10 of models/m.bin.big does not match"):
+        for chunk in chunks:
+            got += bytes(chunk)
+    assert data.startswith(got) and len(got) <= 3072 - 16 + 10 * BLOCK  # nothing that depends on block 10
+    release.set()
+    ended(cache)
+    assert cache.handed == 0 and not os.path.exists(cache.path("models", "m.bin.big.meta"))
+    (status,) = cache.transfers()
+    assert status["state"] == "failed" and "block 10" in status["error"]
+    assert load(store) == data and cache.downloads == 2
+
+
+def _open_flags(path_part):
+    """The open flags of this process's descriptors whose path contains ``path_part``."""
+    flags = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if path_part in os.readlink(f"/proc/self/fd/{fd}"):
+                with open(f"/proc/self/fdinfo/{fd}") as f:
+                    flags.append(int(next(x for x in f if x.startswith("flags:")).split()[1], 8))
+        except (OSError, StopIteration):
+            pass
+    return flags
+
+
+def test_a_download_writes_its_part_past_the_page_cache(tmp_path, s3):
+    store, api, cache, chunks, big, data, first, calls, release = _streaming(tmp_path, s3)
+    # The download (held in flight) has the .part open: one descriptor bypasses the page cache.
+    assert any(f & os.O_DIRECT for f in _open_flags(".part"))
+    chunks.close()
+    release.set()
+    assert cache.settle(10)
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+    assert load(store) == data and cache.hits == 1
+
+
+def test_a_cold_load_takes_every_block_from_memory_and_the_budget_comes_back(tmp_path, s3):
+    """The blocks a download fetches reach the load that follows it in memory: none is read back from the
+    disk (a cold GiB read the disk for a GiB while writing one, and was 20 % slower). The one memory budget
+    (the load's buffers, the download's first buffer, its other fetchers' and the hand-over's) is whole
+    again once both have ended."""
+    budget = Budget(64 * BLOCK)
+    # A lead of every block: however late the load asks on a busy machine, no block goes past the hand-over.
+    config = TransferConfig(handoff_blocks=64)
+    store, api, cache = make_store(tmp_path, s3, memory=budget, cache_options={"config": config})
+    data = os.urandom(3 * MIB + 5)
+    big = publish(s3, api, data)
+    assert load(store) == data
+    ended(cache)
+    assert cache.handed == -(-len(big) // BLOCK)
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+    assert budget.left == budget.total and budget.waiting == 0
+
+
+def test_a_download_holds_its_first_buffer_until_it_ends(tmp_path, s3):
+    """A download's first fetcher buffer comes from a reservation taken before it starts (waited for, so a
+    download always moves) and released at its end; the load's buffers are the load's own, released with
+    its stream."""
+    budget = Budget(64 * BLOCK)
+    release = threading.Event()
+    store, api, cache = make_store(
+        tmp_path, s3, memory=budget, download_client=EndAfter(s3, release, "bytes=0-")
+    )
+    data = os.urandom(MIB)
+    publish(s3, api, data)
+    plaintext = store.load("models", "m.bin")  # kept: the load's own reservation lives with it
+    chunks = iter(plaintext)
+    next(chunks)
+    assert budget.left <= budget.total - (LOAD_BUFFERS + 1) * BLOCK  # the load's, and the download's first
+    chunks.close()
+    assert budget.left <= budget.total - BLOCK
+    del plaintext, chunks
+    download = cache.downloading("models", "m.bin.big")
+    assert not download.done
+    assert budget.left <= budget.total - BLOCK  # the load is gone: the download still holds its own
+    release.set()
+    assert cache.settle(10)
+    until(lambda: budget.left == budget.total, what="the download's buffers never came back")
+
+
+def test_a_load_that_stalls_does_not_hold_its_download_back(tmp_path, s3):
+    """The fetchers keep near a load only while it moves on: one whose client stopped reading leaves them
+    free within pace_stall, and the download commits."""
+    budget = Budget(16 * BLOCK)  # the load's 7 blocks, the download's first; the hand-over gets what is left
+    store, api, cache = make_store(tmp_path, s3, memory=budget)
+    data = os.urandom(3 * MIB)  # 48 blocks
+    big = publish(s3, api, data)
+    chunks = iter(store.load("models", "m.bin"))
+    first = bytes(next(chunks))  # and no more for now
+    assert cache.settle(10)
+    assert first + b"".join(bytes(c) for c in chunks) == data
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+    ended(cache)
+    assert budget.left == budget.total
+
+
+def test_a_failed_download_gives_its_budget_back(tmp_path, s3):
+    budget = Budget(16 * BLOCK)
+    flaky = FlakyClient(s3, failures=100, after=3 * BLOCK)  # each GET breaks off after 3 blocks
+    store, api, cache = make_store(tmp_path, s3, download_client=flaky, memory=budget)
+    publish(s3, api, os.urandom(MIB))
+    with pytest.raises(UpstreamError):
+        load(store)
+    ended(cache)
+    assert budget.left == budget.total
+    # a format-1 part is never resumed: nothing of it is kept
+    assert not list((tmp_path / "cache").rglob("*.part")) and not list((tmp_path / "cache").rglob("*.record"))
+
+
+class BrokenCdn:
+    """A CDN whose every transfer breaks off for good."""
+
+    chunk_size = 4096
+
+    def fill(self, bucket, key, info, buf, start=0, end=None, stop=None):
+        raise UpstreamError("the CDN transfer kept breaking off")
+
+
+def test_a_load_joining_a_download_as_it_fails_gets_its_error(tmp_path):
+    """The soak found a 500 (FileNotFoundError): a load joined a download in the moment it failed, after
+    its .part file was deleted but before the failure was told, and opened the missing file. The load
+    must get the download's failure, a clear status: the failure is set before the part goes."""
+    joined = []
+
+    def join():
+        try:
+            joined.append(failing.open_reader())
+        except Exception as exc:  # noqa: BLE001 - what the load would have met
+            joined.append(exc)
+
+    class JoinedAsItsPartGoes(Download):
+        def _remove(self):
+            """Lets a load join right before the .part file goes, and removes it right after."""
+            reader = threading.Thread(target=join)
+            reader.start()
+            reader.join(0.5)
+            super()._remove()
+
+    cache = BigPartCache(str(tmp_path))
+    info = ObjectInfo(10_000, '"e"')
+    failing = JoinedAsItsPartGoes(cache, "models", "m.bin.big", info, None, None, 4096)
+    failing.run(failing.prepare(), BrokenCdn())
+    until(lambda: joined)
+    assert isinstance(joined[0], UpstreamError), joined
+    assert failing.failure is joined[0] and not os.path.exists(failing.part)
+
+
+def test_a_download_whose_file_cannot_be_opened_for_a_load_is_a_storage_error(tmp_path):
+    """A disk error as a load opens the download's file (out of descriptors, say) is the loader's 507,
+    never a raw OSError (a 500)."""
+
+    def out_of_descriptors_for_reads(path, flags, mode=0o777):
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return os.open(path, flags, mode)
+
+    cache = BigPartCache(str(tmp_path), opener=out_of_descriptors_for_reads)
+    download = Download(cache, "models", "m.bin.big", ObjectInfo(10_000, '"e"'), None, None, 4096)
+    fd = download.prepare()
+    with pytest.raises(StorageError, match=r"the model cache failed on models/m.bin.big \(EMFILE\)"):
+        download.open_reader()
+    download.run(fd, BrokenCdn())  # fails, and cleans up
+    assert not os.path.exists(download.part)
+
+
+def test_large_objects_are_fetched_as_segments_in_parallel(tmp_path, s3):
+    flaky = FlakyClient(s3, failures=1, after=5_000_000, ranges="bytes=0-")
+    store, api, cache = make_store(tmp_path, s3, download_client=flaky)
+    data = os.urandom(40 * MIB + 12_345)
+    big = publish(s3, api, data)
+    assert load(store) == data
+    tail = tail_start(len(big), BLOCK)
+    # the block with the last bytes, a 16 MiB segment, then 8 MiB segments near the end; the first segment
+    # broke off after 5 MB and was resumed inside that segment only
+    assert sorted(flaky.gets, key=lambda r: int(r.split("=")[1].split("-")[0])) == [
+        f"bytes=0-{16 * MIB - 1}",
+        f"bytes=5000000-{16 * MIB - 1}",
+        f"bytes={16 * MIB}-{24 * MIB - 1}",
+        f"bytes={24 * MIB}-{32 * MIB - 1}",
+        f"bytes={32 * MIB}-{tail - 1}",
+        f"bytes={tail}-{len(big) - 1}",
+    ]
+    assert cache.settle(10)  # the commit follows the load
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, 31, 32, 33, MIB, MIB + 31, MIB + 32, MIB + 33, 40 * MIB + 5, 113 * MIB, 1024 * MIB - 3040]
+)
+@pytest.mark.parametrize("block", [MIB, 4 * MIB])
+def test_segments_cover_the_object_once_its_end_first(size, block):
+    config = TransferConfig()
+    big, small = config.segment, config.small_segment
+    order = segments(size, block)
+    covered = sorted(order)
+    assert [s for s, _ in covered] == [0, *[e for _, e in covered[:-1]]] or not covered
+    assert (covered[-1][1] if covered else 0) == size
+    if size - TAIL >= block:
+        # the end first: whole blocks, from the one that holds the last TAIL bytes
+        start, end = order[0]
+        assert end == size and start % block == 0 and start <= size - TAIL < start + block
+        assert order[1:] == covered[:-1]
+        # then from the start: large segments, the last few small
+        lengths = [e - s for s, e in order[1:]]
+        assert all(x == big or x <= small for x in lengths)
+        large = [x == big for x in lengths]
+        assert large == sorted(large, reverse=True)
+        assert sum(x for x in lengths if x <= small) >= min(sum(lengths), config.fetchers * small)
+        assert any(large) or sum(lengths) < big + config.fetchers * small
+    elif size:
+        assert order == [(0, size)]
+
+
+def test_segments_of_the_missing_blocks_only_in_runs_of_whole_blocks_the_tail_first():
+    b = BLOCK
+    size = 20 * b + 5  # 21 blocks; the last TAIL bytes lie in blocks 19 and 20
+    config = TransferConfig(fetchers=1, segment=2 * b, small_segment=b)
+    order = segments(size, b, {20, 0, 1, 2, 5, 6, 19}, config)
+    # the tail's blocks, then runs of consecutive blocks, each cut into segments of whole blocks: large ones
+    # while enough is left for the fetchers' small ones at the end
+    assert order == [(19 * b, size), (0, 2 * b), (2 * b, 3 * b), (5 * b, 6 * b), (6 * b, 7 * b)]
+    assert segments(size, b, {3}, config) == [(3 * b, 4 * b)]
+    assert segments(size, b, {20}, config) == [(20 * b, size)]
+    assert segments(size, b, set(), config) == []
+    assert segments(size, b, None, config) == segments(size, b, range(21), config)
+
+
+def test_segment_sizes_come_from_the_transfer_config():
+    size = 100 * BLOCK + 1
+    config = TransferConfig(fetchers=2, segment=10 * BLOCK, small_segment=3 * BLOCK)
+    lengths = [e - s for s, e in segments(size, BLOCK, config=config)[1:]]
+    assert sum(lengths) == tail_start(size, BLOCK)
+    assert lengths[0] == 10 * BLOCK and set(lengths) <= {10 * BLOCK, 3 * BLOCK, BLOCK, 2 * BLOCK}
+    # segments of less than a block are whole blocks all the same
+    tiny = TransferConfig(segment=1, small_segment=1)
+    assert all(e - s == BLOCK for s, e in segments(size, BLOCK, config=tiny)[1:])
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("fetchers", 0),
+        ("fetchers", True),
+        ("segment", 0),
+        ("small_segment", -1),
+        ("segment", 1.5),
+        ("memory_bytes", -1),
+        ("handoff_blocks", "12"),
+        ("max_bytes_per_s", -1),
+        ("cache_max_bytes", None),
+        ("cache_min_free", -1),
+        ("checkpoint_bytes", -1),
+    ],
+)
+def test_a_transfer_config_refuses_what_is_no_count(option, value):
+    with pytest.raises(ValueError, match=option):
+        TransferConfig(**{option: value})
+
+
+def test_a_transfer_config_from_the_settings():
+    class Settings:
+        load_memory_bytes, cdn_max_bytes_per_s = 64 * MIB, 1000
+        model_cache_max_bytes, model_cache_min_free_bytes = 5 * MIB, 7
+
+    config = TransferConfig.from_settings(Settings())
+    assert (config.memory_bytes, config.max_bytes_per_s) == (64 * MIB, 1000)
+    assert (config.cache_max_bytes, config.cache_min_free) == (5 * MIB, 7)
+    assert config.fetchers == TransferConfig().fetchers
+
+
+def test_a_transfer_that_keeps_breaking_fails_and_leaves_no_partial_file(tmp_path, s3):
+    flaky = FlakyClient(s3, failures=100, after=10)
+    store, api, cache = make_store(tmp_path, s3, download_client=flaky)
+    publish(s3, api, os.urandom(100_000))
+    with pytest.raises(UpstreamError):
+        load(store)
+    ended(cache)  # the load is told at once; the part goes once the fetchers have ended
+    assert not list((tmp_path / "cache").rglob("*.part"))
+    assert not os.path.exists(cache.path("models", "m.bin.big"))

@@ -1,4 +1,5 @@
-"""The hardware line (contract section 1) from fixture trees, built trees and this machine."""
+"""hardware_service: the hardware line (contract section 1) from fixture trees, built trees and this
+machine."""
 
 import base64
 import hashlib

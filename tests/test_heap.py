@@ -1,4 +1,4 @@
-"""The process heap: two malloc arenas, and the heap trimmed once the loader is idle after a load."""
+"""heap: the process heap: two malloc arenas, and the heap trimmed once the loader is idle after a load."""
 
 import os
 import subprocess

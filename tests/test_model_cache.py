@@ -1,7 +1,10 @@
-"""The cache is the loader's own: whatever it meets on its disk that it cannot use (a damaged sidecar, a
-symbolic link, a FIFO, a folder where a file goes) costs at most a download, never a failed or hung load, and
-nothing outside the cache root is ever written or deleted. Against moto's S3 and the in-memory API."""
+"""model_cache: the cache is the loader's own: whatever it meets on its disk that it cannot use (a damaged
+sidecar, a symbolic link, a FIFO, a folder where a file goes) costs at most a download, never a failed or hung
+load, and nothing outside the cache root is ever written or deleted; hits and misses, a changed or stale part
+fetched again, concurrent and offline loads, a download joined only while it is under way, and the disk
+budget. Against moto's S3 and the in-memory API."""
 
+import errno
 import hashlib
 import json
 import logging
@@ -15,11 +18,27 @@ import pytest
 
 import heap
 import main
+import model_cache
+from cdn_manager import ObjectInfo
 from constants import MAX_SIDECAR_BYTES
 from devstack import wait
-from download import TransferConfig
-from errors import StorageError
-from tests.store_fakes import BLOCK, EndAfter, ended, load, make_store, publish
+from devstack.wait import until
+from download import Download, TransferConfig
+from errors import (
+    StorageError,
+    UpstreamError,
+)
+from model_cache import BigPartCache, Expect
+from tests.store_fakes import (
+    BLOCK,
+    EndAfter,
+    _streaming,
+    ended,
+    go_offline,
+    load,
+    make_store,
+    publish,
+)
 
 SIZE = 5 * BLOCK + 5000  # a big part of six blocks, the last one short
 BOUND = 20  # seconds a load may take here before it counts as hung
@@ -471,3 +490,264 @@ def test_an_upload_larger_than_the_budget_is_not_kept_in_the_cache(tmp_path, s3)
     assert cached(cache, "a.bin") == (True, True)  # nothing evicted for a part that can never fit
     with pytest.raises(StorageError, match="no room"):  # and a load of it is the clear 507
         store.load("models", "d.bin")
+
+
+def test_load_fills_the_cache_then_hits_it(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(200_000)
+    publish(s3, api, data)
+    assert load(store) == data
+    assert cache.settle(10)  # the load ends with its last byte; the commit follows
+    assert (cache.misses, cache.hits, cache.downloads) == (1, 0, 1)
+    assert load(store) == data
+    assert (cache.misses, cache.hits, cache.downloads) == (1, 1, 1)
+
+
+def listed_after_it_ends(release):
+    """A Download class whose thread lingers after its commit until ``release``: the moment a download that
+    has ended is still listed, held open."""
+
+    class ListedAfterItEnds(Download):
+        def run(self, fd, cdn):
+            super().run(fd, cdn)
+            assert release.wait(30)
+
+    return ListedAfterItEnds
+
+
+def deleted_after_its_commit(tmp_path, s3, release):
+    """(store, api, cache, data) after a load whose download committed and stays listed until ``release``
+    is set, with the cached part and its sidecar deleted since (an operator clearing the cache)."""
+    store, api, cache = make_store(tmp_path, s3, cache_options={"download": listed_after_it_ends(release)})
+    data = os.urandom(200_000)
+    publish(s3, api, data)
+    assert load(store) == data
+    committed = cache.downloading("models", "m.bin.big")
+    until(lambda: committed.done)
+    assert committed.failure is None and cache.downloading("models", "m.bin.big") is committed
+    for name in ("m.bin.big.meta", "m.bin.big"):
+        os.unlink(cache.path("models", name))
+    return store, api, cache, data
+
+
+def test_a_cache_file_deleted_just_after_its_download_committed_is_fetched_again(tmp_path, s3):
+    """The soak found a 500 (FileNotFoundError): a load after the cached part was deleted (an operator
+    clearing the cache; the soak's cold loads) found the download that had just committed it still listed,
+    joined it, and opened the deleted file. A download that has ended is never joined: the load fetches
+    afresh."""
+    release = threading.Event()
+    store, api, cache, data = deleted_after_its_commit(tmp_path, s3, release)
+    assert load(store) == data
+    assert cache.downloads == 2
+    release.set()
+    assert cache.settle(10)
+
+
+@pytest.mark.parametrize("where", ["last", "middle"])
+def test_a_changed_cache_byte_is_detected_and_refetched(tmp_path, s3, where):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(100_000)
+    publish(s3, api, data)
+    load(store)
+    assert cache.settle(10)
+    path = cache.path("models", "m.bin.big")
+    raw = bytearray(open(path, "rb").read())
+    i = len(raw) - 1 if where == "last" else len(raw) // 2
+    raw[i] ^= 0x55
+    open(path, "wb").write(raw)
+    assert load(store) == data
+    assert cache.downloads == 2
+
+
+def test_stale_cache_is_refreshed(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    publish(s3, api, b"old" * 5000)
+    assert load(store) == b"old" * 5000
+    publish(s3, api, b"new" * 6000)
+    assert load(store) == b"new" * 6000
+    assert cache.downloads == 2
+
+
+def test_offline_uses_the_verified_cache_only(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(50_000)
+    publish(s3, api, data)
+    load(store)
+    assert cache.settle(10)
+    go_offline(api)
+    assert load(store) == data
+    cache.discard("models", "m.bin.big")
+    with pytest.raises(UpstreamError):
+        store.load("models", "m.bin")
+
+
+def test_the_downloads_listed_are_those_under_way_and_the_last_that_ended(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    names = [f"m{i}.bin" for i in range(model_cache.ENDED_KEPT + 2)]
+    for name in names:
+        size = len(publish(s3, api, os.urandom(1000), name))
+        load(store, name)
+        ended(cache)
+    listed = cache.transfers()
+    assert [s["name"] for s in listed] == names[-model_cache.ENDED_KEPT :]
+    assert {(s["state"], s["bytesDone"], s["bytesTotal"]) for s in listed} == {("cached", size, size)}
+
+
+def test_the_cache_works_where_the_filesystem_refuses_o_direct(tmp_path, s3):
+    refused = []
+
+    def no_direct(path, flags, *args):
+        """os.open on a filesystem that refuses O_DIRECT."""
+        if flags & os.O_DIRECT:
+            refused.append(path)
+            raise OSError(errno.EINVAL, "O_DIRECT refused")
+        return os.open(path, flags, *args)
+
+    store, api, cache = make_store(tmp_path, s3, cache_options={"opener": no_direct})
+    data = os.urandom(300_000)
+    big = publish(s3, api, data)
+    assert load(store) == data
+    assert cache.settle(10)
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+    assert load(store) == data and (cache.hits, cache.downloads) == (1, 1)
+    assert refused  # the cache and its download asked for O_DIRECT, and went on without it
+
+
+def test_a_download_that_commits_as_a_load_opens_it_with_its_part_deleted_is_fetched_again(tmp_path, s3):
+    """A load opens the download it found under way; if that commits in the very moment and the cached
+    part is deleted right after (the cache cleared), the load fetches it afresh, as one a moment later
+    would, instead of failing on the missing file."""
+    opened = []
+
+    class CommitsAsItIsOpened(Download):
+        def open_reader(self):
+            if not opened:  # the first download only: it commits, then its part is deleted
+                opened.append(self)
+                until(lambda: self.done)
+                for name in ("m.bin.big.meta", "m.bin.big"):
+                    os.unlink(self.cache.path("models", name))
+            return super().open_reader()
+
+    store, api, cache = make_store(tmp_path, s3, cache_options={"download": CommitsAsItIsOpened})
+    data = os.urandom(200_000)
+    publish(s3, api, data)
+    assert load(store) == data
+    assert opened[0].failure is None and cache.downloads == 2
+    assert cache.settle(10)
+
+
+def test_a_commit_goes_through_when_the_old_sidecar_goes_away_as_it_commits(tmp_path):
+    """A commit removes the old sidecar first; a discard (a load that found a bad block, an upload) or
+    another commit of the part may remove it in that very moment. The commit looked whether it existed,
+    then met FileNotFoundError unlinking it and failed: a download failed for nothing (fetched again
+    later), or an upload warned that it could not keep its part in the cache."""
+
+    def discard_first(path):
+        cache.discard("models", "m.bin.big")  # lands between the commit's look and its unlink
+        os.unlink(path)
+
+    cache = BigPartCache(str(tmp_path), block_size=4, unlink=discard_first)
+    for version, data in enumerate((b"old!", b"new!")):
+        part = cache.new_part("models", "m.bin.big")
+        open(part, "wb").write(data)
+        cache.commit(
+            "models", "m.bin.big", part, ObjectInfo(4, f'"{version}"'), None, [hashlib.sha256(data).digest()]
+        )
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == b"new!"
+    assert json.load(open(cache.path("models", "m.bin.big.meta")))["etag"] == '"1"'
+
+
+def test_a_chunk_kept_past_the_next_one_fails_loudly(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    big = publish(s3, api, os.urandom(300_000))
+    for _ in range(2):  # while it downloads, then from the cache
+        _, chunks = cache.open("models", "m.bin.big", store.cdn(), Expect("models/m.bin"))
+        first = next(chunks)
+        n = len(first)
+        assert bytes(first) == big[:n]
+        second = next(chunks)
+        with pytest.raises(ValueError):
+            bytes(first)  # its buffer now holds the second chunk: the old view is released
+        assert bytes(second) == big[n : n + len(second)]
+        chunks.close()
+        assert cache.settle(10)
+    assert cache.hits == 1
+
+
+def in_background(call):
+    """``call`` on a thread of its own; the list it leaves its result (or exception) in."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(call())
+        except Exception as exc:  # noqa: BLE001 - what the caller met
+            outcome.append(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return outcome
+
+
+def test_offline_follows_a_download_still_in_flight(tmp_path, s3):
+    store, api, cache, chunks, big, data, first, calls, release = _streaming(tmp_path, s3)
+    go_offline(api)
+    offline = in_background(lambda: load(store))
+    until(lambda: cache.misses == 2)  # it follows the download, not committed yet
+    assert not offline
+    release.set()
+    until(lambda: offline)
+    assert offline == [data]
+    chunks.close()
+    assert cache.settle(10) and cache.downloads == 1
+    assert load(store) == data and cache.hits == 1
+
+
+def test_offline_a_download_that_has_ended_is_not_followed(tmp_path, s3):
+    """Offline, a load followed the listed download even once it had ended, as _fetch no longer does: with
+    the cached part deleted since its commit it opened the missing file (a 507 for a CDN that is down)."""
+    release = threading.Event()
+    store, api, cache, _ = deleted_after_its_commit(tmp_path, s3, release)
+    go_offline(api)
+    with pytest.raises(UpstreamError):
+        store.load("models", "m.bin")
+    release.set()
+    assert cache.settle(10)
+
+
+def test_a_part_discarded_in_flight_is_never_committed(tmp_path, s3):
+    store, api, cache, chunks, big, data, first, calls, release = _streaming(tmp_path, s3)
+    cache.discard("models", "m.bin.big")
+    release.set()
+    assert first + b"".join(bytes(c) for c in chunks) == data  # it finishes for its load
+    assert cache.settle(10)
+    assert not list((tmp_path / "cache").rglob("m.bin.big*"))  # no part, no record, no cache file, no sidecar
+
+
+def test_a_newer_version_is_not_overwritten_by_an_older_download(tmp_path, s3):
+    # the older download is held in flight until the newer one has committed
+    store, api, cache, chunks, old_big, old, first, calls, release = _streaming(tmp_path, s3)
+    big = publish(s3, api, b"new" * 60_000)
+    assert load(store) == b"new" * 60_000
+    assert cache.settle(0.1) is False  # the older one is still in flight
+    release.set()
+    assert first + b"".join(bytes(c) for c in chunks) == old  # it finishes for its load...
+    assert cache.settle(10) and cache.downloads == 2
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big  # ...and never lands
+    assert load(store) == b"new" * 60_000 and cache.hits == 1
+
+
+def test_concurrent_loads_share_one_download(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(2_000_000)
+    publish(s3, api, data)
+    results, gate = [], threading.Barrier(8)
+
+    def worker():
+        gate.wait()
+        results.append(load(store))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert results == [data] * 8
+    assert cache.downloads == 1

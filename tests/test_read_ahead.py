@@ -1,4 +1,5 @@
-"""ReadAhead: a producer on its own thread, a bounded number of chunks ahead, for `for` and `async for`."""
+"""read_ahead: ReadAhead, a producer on its own thread, a bounded number of chunks ahead, for `for` and
+`async for`."""
 
 import asyncio
 import threading

@@ -1,3 +1,6 @@
+"""security: key derivation and the blob format of contract section 1, against openssl and known answers;
+any chunking gives the same output, and every failure is one opaque error."""
+
 import base64
 import hashlib
 import os

@@ -1,4 +1,4 @@
-"""binary_split's Unlocker against a fake Docker Engine (tests.fakes.ApiServer) and a fake Resource API:
+"""unlock's Unlocker against a fake Docker Engine (tests.fakes.ApiServer) and a fake Resource API:
 what an unlock reports when the archive or the Engine fails."""
 
 import os
@@ -6,10 +6,10 @@ import os
 import pytest
 
 import security
-from binary_split import Unlocker, _engine_address
 from credentials import Credentials
 from devstack.wait import until
 from tests.fakes import DROP, STALL, ApiServer
+from unlock import Unlocker, _engine_address
 from unlock_state import UnlockStatus
 
 CREDS = Credentials("up@azaion.local", "pw")

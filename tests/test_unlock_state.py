@@ -1,7 +1,10 @@
-"""unlock_state: a running state held past its deadline is an error that a new unlock starts again from,
-and a run that overran can no longer change the status of a newer one."""
+"""unlock_state: the contract's seven states, one unlock at a time (restarted from error); a running state
+held past its deadline is an error that a new unlock starts again from, and a run that overran can no longer
+change the status of a newer one."""
 
 import time
+
+import pytest
 
 import unlock_state
 from unlock_state import AUTHENTICATING, DECRYPTING, DOWNLOADING_KEY, UnlockStatus
@@ -57,3 +60,40 @@ def test_without_deadlines_a_state_never_expires():
     status.try_begin().set_state(unlock_state.LOADING_IMAGES)
     time.sleep(0.05)
     assert status.state == unlock_state.LOADING_IMAGES
+
+
+def test_unlock_states_are_the_contracts_seven():
+    assert unlock_state.STATES == (
+        "idle",
+        "authenticating",
+        "downloading_key",
+        "decrypting",
+        "loading_images",
+        "ready",
+        "error",
+    )
+
+
+def test_unlock_status_runs_one_at_a_time_and_restarts_from_error():
+    s = unlock_state.UnlockStatus()
+    assert s.snapshot() == {"state": "idle", "error": None, "bytesDone": 0, "bytesTotal": 0, "images": []}
+    assert s.try_begin()
+    assert not s.try_begin()
+    s.set_state(unlock_state.DECRYPTING)
+    s.set_total(100)
+    s.add_done(40)
+    assert s.snapshot()["bytesDone"] == 40
+    s.fail("archive missing")
+    assert s.snapshot()["state"] == "error" and s.snapshot()["error"] == "archive missing"
+    assert s.try_begin()
+    assert s.snapshot() == {
+        "state": "authenticating",
+        "error": None,
+        "bytesDone": 0,
+        "bytesTotal": 0,
+        "images": [],
+    }
+    s.succeed(["a:1", "b:2"])
+    assert s.snapshot()["images"] == ["a:1", "b:2"] and s.state == "ready"
+    with pytest.raises(ValueError):
+        s.set_state("bogus")

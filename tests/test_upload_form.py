@@ -1,4 +1,5 @@
-"""The upload form parsed as it streams: which store calls it makes, in which order, and its refusals."""
+"""upload_form: the upload form parsed as it streams: which store calls it makes, in which order, and its
+refusals."""
 
 import asyncio
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack.loader import LoaderProcess
+from devstack.processes.loader import LoaderProcess
 from devstack.wait import until
 from tests.integration import conftest as integration
 from tests.support.docker_fixtures import unavailable

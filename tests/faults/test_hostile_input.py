@@ -13,7 +13,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from devstack.loader import proc_field
+from devstack.processes.loader import proc_field
 from tests.faults.conftest import PASSWORD, MiB, files_under, start_loader
 
 pytestmark = pytest.mark.integration

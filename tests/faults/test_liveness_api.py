@@ -1,6 +1,6 @@
 """Liveness (contract section 11): a Resource API that misbehaves never hangs nor crashes the loader.
 
-The reference API itself misbehaves (devstack.faults): it trickles an answer a byte a second, or answers a
+The reference API itself misbehaves (devstack.api.faults): it trickles an answer a byte a second, or answers a
 sign-in with 300 MB, with JSON nested 100,000 deep, or with a JWT whose exp is 1e999 or NaN.
 """
 
@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from devstack.loader import proc_field
+from devstack.processes.loader import proc_field
 from tests.faults.conftest import PASSWORD, model_name, start_loader
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ import requests
 
 import hardware_service
 import security
-from devstack.dockerd import import_image
 from devstack.images import publish_images
+from devstack.processes.dockerd import import_image
 from tests.faults.conftest import MiB, model_name, start_loader
 from tests.integration.conftest import wait_out_the_tokens
 

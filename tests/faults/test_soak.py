@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from devstack.soak import SMALL_SIZES, Soak, SoakConfig
+from devstack.soak.engine import SMALL_SIZES, Soak, SoakConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 

@@ -22,7 +22,7 @@ import requests
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from devstack import crypto
-from devstack.loader import LoaderProcess
+from devstack.processes.loader import LoaderProcess
 from devstack.wait import until
 from tests.faults.conftest import PASSWORD
 

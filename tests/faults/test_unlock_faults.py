@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from devstack.dockerd import import_image, remove_images
 from devstack.images import publish_images
+from devstack.processes.dockerd import import_image, remove_images
 from devstack.wait import until
 from tests.faults.conftest import PASSWORD, MiB, start_loader
 

@@ -6,8 +6,8 @@ import uuid
 import pytest
 import requests
 
-from devstack.faultproxy import FaultProxy
-from devstack.loader import LoaderProcess
+from devstack.processes.faultproxy import FaultProxy
+from devstack.processes.loader import LoaderProcess
 from devstack.split import ensure_bucket
 from devstack.stack import Stack
 from devstack.wait import until

@@ -12,8 +12,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from devstack.loader import LoaderProcess, proc_field
 from devstack.ports import free_port
+from devstack.processes.loader import LoaderProcess, proc_field
 from devstack.wait import until
 from download import segments
 from tests.integration.conftest import PASSWORD, wait_out_the_tokens

@@ -6,9 +6,9 @@ import time
 import pytest
 
 from devstack import crypto
-from devstack.dockerd import import_image, remove_images
 from devstack.images import publish_images
-from devstack.loader import LoaderProcess, proc_field
+from devstack.processes.dockerd import import_image, remove_images
+from devstack.processes.loader import LoaderProcess, proc_field
 from tests.integration.conftest import PASSWORD
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]

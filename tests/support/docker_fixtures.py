@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from devstack.dockerd import Dockerd, DockerdError, ExternalEngine, running_engine
+from devstack.processes.dockerd import Dockerd, DockerdError, ExternalEngine, running_engine
 
 
 def in_ci() -> bool:

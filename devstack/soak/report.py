@@ -6,7 +6,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 
-from devstack.soak_rules import REACH
+from devstack.soak.rules import REACH
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -39,7 +39,7 @@ class Growth:
 
 @dataclass
 class Report:
-    soak: object  # the devstack.soak.Soak that ran
+    soak: object  # the devstack.soak.engine.Soak that ran
     seconds: float
     fault_kinds: list[str]
 

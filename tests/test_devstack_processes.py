@@ -1,4 +1,4 @@
-"""The test suite's Docker Engine helper (devstack/dockerd.py) does what the unlock tests rely on."""
+"""The suite's Docker Engine helper (devstack/processes/dockerd.py) does what the unlock tests rely on."""
 
 import io
 import tarfile
@@ -7,7 +7,7 @@ import uuid
 import pytest
 from docker.errors import DockerException
 
-from devstack.dockerd import import_image
+from devstack.processes.dockerd import import_image
 
 pytestmark = pytest.mark.docker
 

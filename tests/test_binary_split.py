@@ -1,11 +1,13 @@
-"""The sealed split (format 2) through ModelStore and the cache, against moto's S3 and the in-memory API:
-no byte leaves a load that its manifest does not vouch for, on every path a load can take."""
+"""binary_split: ModelStore's loads and uploads against moto's S3 and an in-memory Resource API: names and
+folders, the split, format 1, and the sealed split (format 2): no byte leaves a load that its manifest does
+not vouch for, on every path a load can take."""
 
 import base64
 import errno
 import gc
 import hashlib
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -14,13 +16,129 @@ import pytest
 
 import heap
 import security
-from aligned_io import READ_AHEAD
-from binary_split import LOAD_BUFFERS
+from binary_split import LOAD_BUFFERS, validate_folder, validate_name
+from constants import READ_AHEAD
 from devstack.wait import until
 from download import BlockRecord
-from errors import IntegrityError, PayloadTooLarge, StorageError, UpstreamError
+from errors import (
+    BadRequest,
+    DecryptionError,
+    Forbidden,
+    IntegrityError,
+    NotFound,
+    PayloadTooLarge,
+    StorageError,
+    UpstreamError,
+)
 from manifest import ManifestError, blob_size, small_size
-from tests.store_fakes import BLOCK, PART, WrappedClient, ended, go_offline, load, make_store
+from tests.store_fakes import (
+    BLOCK,
+    PART,
+    YAML,
+    WrappedClient,
+    block_digests,
+    ended,
+    go_offline,
+    load,
+    make_store,
+    publish,
+)
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", ".hidden", "", "x" * 129, "-a", "a\n", "a b"])
+def test_invalid_names_refused(name):
+    with pytest.raises(BadRequest):
+        validate_name(name)
+
+
+@pytest.mark.parametrize("folder", ["Models", "ab", "a_b", "../x", "a" * 64, "-ab", "models\n"])
+def test_invalid_folders_refused(folder):
+    with pytest.raises(BadRequest):
+        validate_folder(folder)
+
+
+def test_split_size_rule():
+    assert [small_size(n) for n in (0, 32, 100, 10239, 10240, 10**9)] == [0, 9, 30, 3071, 3072, 3072]
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 10_000, 10_223, 10_224, 300_001])
+def test_upload_then_load_round_trip_and_split(tmp_path, s3, size):
+    store, api, cache = make_store(tmp_path, s3)
+    data = os.urandom(size)
+    up = store.begin_upload("m.bin")
+    for i in range(0, len(data), 4099):
+        up.write(data[i : i + 4099])
+    assert up.finish("models") == size
+    small = api.store[("models", "m.bin.small")]
+    big = s3.get_object(Bucket="models", Key="m.bin.big")["Body"].read()
+    manifest = json.loads(api.store[("models", "m.bin.manifest")])
+    blob_len = 16 + (size // 16 + 1) * 16
+    assert len(small) == small_size(blob_len) and len(small) + len(big) == blob_len
+    # Sealed: under the upload's own data key, never the compiled-in resource key.
+    key = base64.b64decode(manifest["key"])
+    assert len(key) == 32 and key != security.resource_key()
+    assert security.decrypt(key, small + big) == data
+    assert manifest["format"] == 2 and (manifest["size"], manifest["blobSize"]) == (size, blob_len)
+    assert manifest["small"] == hashlib.sha256(small).hexdigest()
+    assert manifest["big"] == hashlib.sha256(big).hexdigest()
+    assert manifest["blocks"] == block_digests(big, manifest["blockSize"])
+    assert open(cache.path("models", "m.bin.big"), "rb").read() == big
+    assert not [p for p in (tmp_path / "cache").rglob("*.part")]
+    assert load(store) == data
+
+
+def test_a_big_part_with_a_bad_end_fails_before_streaming(tmp_path, s3):
+    store, api, cache = make_store(tmp_path, s3)
+    big = publish(s3, api, os.urandom(100_000))
+    s3.put_object(Bucket="models", Key="m.bin.big", Body=big[:-17] + bytes([big[-17] ^ 0x55]) + big[-16:])
+    with pytest.raises(DecryptionError):
+        store.load("models", "m.bin")  # the cold path: the end of the blob is checked before a byte streams
+    assert cache.settle(10)  # the download itself goes on into the cache
+    assert os.path.exists(cache.path("models", "m.bin.big.meta"))
+    with pytest.raises(DecryptionError):
+        store.load("models", "m.bin")  # the cached part fails its check, is discarded and fetched once more
+    assert cache.downloads == 2
+
+
+def test_prepare_builds_the_cdn_clients_once_ahead_of_the_first_load(tmp_path, s3):
+    built = []
+    store, api, cache = make_store(tmp_path, s3, built=built)
+    data = os.urandom(50_000)
+    publish(s3, api, data)
+    store.prepare()
+    assert built == [YAML]
+    assert load(store) == data and built == [YAML]  # the first load found the clients built
+
+
+def test_prepare_only_logs_a_failure_the_load_then_reports(tmp_path, s3, caplog):
+    store, api, cache = make_store(tmp_path, s3)
+    api.cdn_yaml = lambda: (_ for _ in ()).throw(UpstreamError("the Resource API is unreachable"))
+    caplog.set_level(logging.INFO, logger="loader.split")
+    store.prepare()  # no exception: a login does not fail for it
+    assert "could not prepare the CDN clients yet (UpstreamError)" in caplog.text
+    publish(s3, api, os.urandom(1000))
+    with pytest.raises(UpstreamError):
+        store.load("models", "m.bin")
+
+
+def test_missing_resource_is_not_found(tmp_path, s3):
+    store, _, _ = make_store(tmp_path, s3)
+    with pytest.raises(NotFound):
+        store.load("models", "nope.bin")
+
+
+def test_operator_may_not_upload_and_limit_is_enforced(tmp_path, s3):
+    store, _, _ = make_store(tmp_path, s3, roles=("Operator",))
+    with pytest.raises(Forbidden):
+        store.begin_upload("m.bin")
+    store, _, _ = make_store(tmp_path, s3, max_upload=1000)
+    up = store.begin_upload("m.bin")
+    with pytest.raises(PayloadTooLarge):
+        up.write(b"x" * 1001)
+    assert not list((tmp_path / "cache").rglob("*.part"))
+
+
+# --- the sealed split (format 2) ----------------------------------------------------------------------
 
 SIZE = 5 * BLOCK + 5000  # a big part of six blocks, the last one short
 

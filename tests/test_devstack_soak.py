@@ -1,11 +1,11 @@
-"""The soak's rules (devstack.soak_rules): what each answer may be, with and without faults. Each rule is
+"""The soak's rules (devstack.soak.rules): what each answer may be, with and without faults. Each rule is
 shown to pass what the contract allows and to fail what it does not, so the soak's "0 violations" means
 something."""
 
 import pytest
 
-from devstack.soak_client import big_size, content, digest_of
-from devstack.soak_rules import (
+from devstack.soak.client import big_size, content, digest_of
+from devstack.soak.rules import (
     GRACE,
     RESUME_SETTLE,
     Answer,

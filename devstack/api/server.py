@@ -1,11 +1,11 @@
 """The reference Resource API: contract section 3, and nothing the contract leaves out.
 
-    python -m devstack.resource_api --data-dir D --host 127.0.0.1 --port P
+    python -m devstack.api.server --data-dir D --host 127.0.0.1 --port P
 
 The admin secret for ``/_devstack/`` comes from ``--admin-secret``, else ``$DEVSTACK_ADMIN_SECRET``, else
 ``config.json``. Passwords and tokens are never logged: uvicorn's access log has no bodies or headers.
 
-``/_devstack/compromise`` (devstack.admin_routes) plays an attacker who controls this API: the files it
+``/_devstack/compromise`` (devstack.api.admin_routes) plays an attacker who controls this API: the files it
 installs are served by ``POST /resources/get`` in place of the real ones, encrypted for the caller alike.
 """
 
@@ -27,9 +27,9 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
 from devstack import crypto
-from devstack.admin_routes import admin_router
-from devstack.faults import FaultMiddleware, Faults
-from devstack.store import InvalidName, Store, valid_name
+from devstack.api.admin_routes import admin_router
+from devstack.api.faults import FaultMiddleware, Faults
+from devstack.api.store import InvalidName, Store, valid_name
 
 UPLOAD_ROLES = {"Admin", "ResourceUploader", "ApiAdmin"}
 CLAIM_NAMES = {
@@ -186,7 +186,7 @@ def create_app(data_dir: Path | str, admin_secret: str | None = None) -> FastAPI
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m devstack.resource_api", description=__doc__.splitlines()[0]
+        prog="python -m devstack.api.server", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")

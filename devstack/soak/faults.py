@@ -24,16 +24,16 @@ of operations drawn with it, so a seed replays the same faults at the same point
 After a heal of the CDN, the API or a kill, and once stalled clients are let go, a recovery check runs on a
 thread of its own: /health, then a load of a model nothing else touches (the probe model; the stall model
 after a stall), again until one succeeds, within the loader's deadline for what the fault held and a margin
-(``Liveness.bound``; judged by soak_rules.judge_recovery).
+(``Liveness.bound``; judged by rules.judge_recovery).
 """
 
 import os
 import time
 from dataclasses import dataclass
 
-from devstack.faults import GARBAGE
-from devstack.soak_client import BLOCK, FOLDER, KiB, MiB
-from devstack.soak_rules import (
+from devstack.api.faults import GARBAGE
+from devstack.soak.client import BLOCK, FOLDER, KiB, MiB
+from devstack.soak.rules import (
     RESUME_SETTLE,
     RUNNING_STATES,
     Busy,
@@ -95,7 +95,7 @@ class Interrupted:
     """A prefetch a loader kill interrupts: its model (held from eviction until the resumption ends), the
     bytes its download had written when the soak last looked before the kill, and when."""
 
-    model: object  # soak_rules.Model
+    model: object  # rules.Model
     busy: Busy
     seen: int = 0
     seen_at: float = 0.0
@@ -104,7 +104,7 @@ class Interrupted:
 
     @property
     def due(self) -> int:
-        """The bytes the resumed download must hold again (see soak_rules.judge_resumed)."""
+        """The bytes the resumed download must hold again (see rules.judge_resumed)."""
         return self.seen if self.killed_at - self.seen_at >= RESUME_SETTLE else 0
 
 
@@ -132,7 +132,7 @@ class Liveness:
 
 
 class Faults:
-    """Mixed into devstack.soak.Soak, whose state (the stack, proxy, engine, loader, rng) it uses."""
+    """Mixed into devstack.soak.engine.Soak, whose state (the stack, proxy, engine, loader, rng) it uses."""
 
     def _active(self, channel: str) -> Episode | None:
         with self.lock:
@@ -330,7 +330,7 @@ class Faults:
 
     def _resumed(self, episode: Episode, interrupted: Interrupted) -> None:
         """After the restart (on a watch thread): the first download of the interrupted model /downloads
-        lists, followed to its end, judged (soak_rules.judge_resumed); once cached, a load of the model."""
+        lists, followed to its end, judged (rules.judge_resumed); once cached, a load of the model."""
         model = interrupted.model
         login = self.session.login_after(interrupted.killed_at)
         status = None

@@ -16,7 +16,7 @@ from requests.adapters import HTTPAdapter
 from devstack.ports import free_port
 from devstack.wait import until
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # devstack/processes/loader.py -> the repository
 
 
 def proc_field(pid, name, file="status"):

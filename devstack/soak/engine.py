@@ -6,7 +6,7 @@ short run in ``make test``.
     report = soak.run()            # sets up, runs, heals, checks every model, stops the loader
     print("\\n".join(report.lines()))
 
-The stack: the loader as a process (devstack.loader), the reference Resource API and SeaweedFS
+The stack: the loader as a process (devstack.processes.loader), the reference Resource API and SeaweedFS
 (devstack.stack) with a FaultProxy in front of SeaweedFS (cdn.yaml names the proxy), and a private
 dockerd that unlock loads its images into and that the soak stops and starts.
 
@@ -33,7 +33,7 @@ second (a 503 is a violation: nothing the soak does may hold the loader's worker
 after a heal, and once stalled clients are let go, a recovery check on a thread of its own asks /health
 and loads a model nothing else touches until it succeeds, within the loader's deadline and a margin.
 
-Every answer is judged by devstack.soak_rules. Loader kills are drawn in the first half of the run only,
+Every answer is judged by devstack.soak.rules. Loader kills are drawn in the first half of the run only,
 so its last incarnation lives through the whole second half: RSS and open descriptors, sampled at quiet
 checkpoints (every operation finished), are compared between that incarnation's first and last quarter.
 After the run every fault is healed, a model left refused by a failed upload is mended by one upload (the
@@ -55,13 +55,13 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devstack.dockerd import import_image, remove_images
 from devstack.images import publish_images
-from devstack.loader import LoaderProcess, proc_field
-from devstack.soak_client import BLOCK, FOLDER, Client, KiB, MiB, big_size, content, digest_of
-from devstack.soak_faults import FAULTS, FOLLOW_EVERY, Faults, Liveness
-from devstack.soak_report import Report
-from devstack.soak_rules import (
+from devstack.processes.dockerd import import_image, remove_images
+from devstack.processes.loader import LoaderProcess, proc_field
+from devstack.soak.client import BLOCK, FOLDER, Client, KiB, MiB, big_size, content, digest_of
+from devstack.soak.faults import FAULTS, FOLLOW_EVERY, Faults, Liveness
+from devstack.soak.report import Report
+from devstack.soak.rules import (
     OK,
     RUNNING_STATES,
     Busy,
@@ -237,10 +237,10 @@ class Soak(Faults):
         self.loader_errors: list[str] = []  # the loader's log lines about a 500 or a traceback
         self.health: Counter = Counter()  # /health answers by status (None: no answer)
         self.let_go: list[float] = []  # seconds from a stalled client's head until the loader let it go
-        self.busy: list[Busy] = []  # operations that keep a model's part from eviction (soak_rules.pinned)
+        self.busy: list[Busy] = []  # operations that keep a model's part from eviction (rules.pinned)
         self.budget = 0  # MODEL_CACHE_MAX_BYTES
         self.sizes: dict[str, int] = {}  # big-part bytes by model name
-        self.slack = 0  # sidecars and records (soak_rules.Room)
+        self.slack = 0  # sidecars and records (rules.Room)
         self.oversize: Model | None = None
         self.prefetches: Counter = Counter()  # POST /prefetch answers by status (None: no answer)
         self.downloads_ended: Counter = Counter()  # the downloads the prefetches started, by how they ended
@@ -373,7 +373,7 @@ class Soak(Faults):
 
     @contextlib.contextmanager
     def _busy(self, model: Model, kind: str = "read"):
-        """While the block runs, ``model``'s part is held from eviction (soak_rules.pinned)."""
+        """While the block runs, ``model``'s part is held from eviction (rules.pinned)."""
         busy = self._hold(model, kind)
         try:
             yield busy

@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
-from devstack.faults import Fault
-from devstack.store import InvalidName, Store
+from devstack.api.faults import Fault
+from devstack.api.store import InvalidName, Store
 
 
 def _require_admin(request: Request, x_devstack_admin: Annotated[str | None, Header()] = None) -> None:
@@ -49,7 +49,7 @@ class FaultSpec(BaseModel):
         description="html, truncated_json, not_jwt, empty, random, deep_json, huge, jwt_exp_inf, jwt_exp_nan",
     )
     trickle: float | None = Field(
-        default=None, gt=0, description="bytes a second of the body (see devstack.faults)"
+        default=None, gt=0, description="bytes a second of the body (see devstack.api.faults)"
     )
 
 

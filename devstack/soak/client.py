@@ -1,5 +1,5 @@
 """The soak's client side (devstack.soak): the models' plaintexts, and the loader's routes called the way
-an on-device app would, every answer an ``Answer`` (soak_rules), never an exception; and the size of a
+an on-device app would, every answer an ``Answer`` (rules), never an exception; and the size of a
 model's big part, which the cache budget and /downloads speak in.
 
 Bodies stream both ways: a load is hashed as it arrives, an upload is generated as it is sent, so a
@@ -16,7 +16,7 @@ import requests
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from devstack.crypto import encrypted_size
-from devstack.soak_rules import Answer
+from devstack.soak.rules import Answer
 from devstack.split import MANIFEST_BLOCK_SIZE, small_size
 
 KiB, MiB = 1024, 1024 * 1024

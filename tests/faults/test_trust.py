@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from devstack import signing
+from devstack.wait import until
 from tests.faults.conftest import PASSWORD, files_under, model_name, start_loader
 from tests.faults.test_tampering import metric
 
@@ -52,6 +53,19 @@ def assert_refused(loader, name, why=REFUSED):
     """A 502 in JSON naming the refusal, for the load and the prefetch; the loader's cache and downloads
     are as they were: nothing of the model was fetched."""
     cache = Path(loader.env["MODEL_CACHE_DIR"])
+
+    def settled():
+        # An earlier load's download still commits after its answer ended (its sidecar, its record): the
+        # snapshot is taken once nothing is in flight.
+        busy = [
+            d for d in loader.get("/downloads").json()["downloads"] if d["state"] in ("fetching", "verifying")
+        ]
+        in_flight = [
+            p for p in (files_under(cache) if cache.exists() else []) if p.endswith((".part", ".record"))
+        ]
+        return not busy and not in_flight
+
+    until(settled, 30, "an earlier download never finished committing")
     before = files_under(cache) if cache.exists() else []
     downloads = loader.get("/downloads").json()["downloads"]
     for path in (f"/load/{name}", f"/prefetch/{name}"):

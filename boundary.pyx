@@ -10,7 +10,8 @@ that could change something. ``HostGuard`` refuses both before any other work.
 ``unix_socket`` and ``serve_unix`` serve the loader on a Unix socket instead of TCP: its permissions (0660,
 the process's group) say who may call. ``health_check`` is the container's HEALTHCHECK, in either mode.
 
-Only the standard library is imported here: the health check runs every 30 s on small boards.
+Only the standard library (and ``logs``, which imports nothing else) is imported here: the health check
+runs every 30 s on small boards.
 """
 
 import contextlib
@@ -19,6 +20,8 @@ import logging
 import os
 import socket
 import stat
+
+from logs import printable
 
 log = logging.getLogger("loader.boundary")
 
@@ -35,7 +38,7 @@ def shown(value) -> str:
     """A header value (bytes or text) fit for a detail or a log line: printable, quoted, cut short."""
     if isinstance(value, bytes):
         value = value.decode("latin-1")
-    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value)
+    text = printable(value)
     return repr(text[:SHOWN] + ("..." if len(text) > SHOWN else ""))
 
 

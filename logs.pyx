@@ -17,6 +17,7 @@ def configure_logging(level):
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
-def printable(path):
-    """A request path for the log: percent-decoded, it may hold a newline that would forge a log line."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in path)
+def printable(text):
+    """Text from outside (a percent-decoded request path, a header, a peer's value) fit for a log line or a
+    message: each character that is not printable escaped, so a newline cannot forge a log line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

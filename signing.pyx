@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from errors import IntegrityError
+from logs import printable
 
 log = logging.getLogger("loader.signing")
 
@@ -238,5 +239,4 @@ def _base64(value):
 def _shown(value):
     """A value from a peer, fit for a message: short, printable."""
     text = value if isinstance(value, str) else repr(value)
-    text = "".join(c if c.isprintable() else "?" for c in text[:80])
-    return text or "''"
+    return printable(text[:80]) or "''"
